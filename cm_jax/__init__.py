@@ -1,0 +1,1 @@
+"""cm_jax: consistency models in JAX."""

@@ -1,0 +1,69 @@
+"""Random access to a prepared TFDS image set (cifar10, imagenet_resized...).
+
+Records are read and decoded per batch with `tfds.data_source`, so large sets
+are never loaded into memory. The split must already be prepared in a
+random-access format (ArrayRecord): nothing is downloaded from a training job.
+"""
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from cm_jax.data import source
+
+
+class TfdsSource:
+  """A source over one split of a TFDS data set with a uint8 'image' feature."""
+
+  def __init__(self, name: str, records):
+    features = records.dataset_info.features
+    if 'image' not in features:
+      raise ValueError(f'TFDS data set {name!r} has no "image" feature.')
+    image = features['image']
+    if None in image.shape or image.np_dtype != np.uint8:
+      raise ValueError(
+          f'TFDS data set {name!r} must store fixed-size uint8 images; its'
+          f' "image" feature has shape {image.shape} and dtype'
+          f' {image.np_dtype}.'
+      )
+    label = features['label'] if 'label' in features else None
+    self._records = records
+    self.shape = tuple(image.shape)
+    self.num_classes = (
+        label.num_classes if isinstance(label, tfds.features.ClassLabel) else 0
+    )
+
+  def __len__(self) -> int:
+    """Returns the number of records in the split."""
+    return len(self._records)
+
+  def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Reads and decodes the records at `indices`, in that order."""
+    examples = self._records.__getitems__(indices.tolist())
+    labels = [ex['label'] if self.num_classes else 0 for ex in examples]
+    return {
+        'image': source.scale_uint8(np.stack([ex['image'] for ex in examples])),
+        'label': np.array(labels, np.int32),
+    }
+
+
+def tfds_source(
+    name: str, split: str, data_dir: str, image_size: int
+) -> TfdsSource:
+  """Opens `split` of the prepared TFDS set `name` ('' data_dir: default)."""
+  try:
+    records = tfds.data_source(
+        name,
+        split=split,
+        data_dir=data_dir or None,
+        download=False,
+        builder_kwargs={'file_format': 'array_record'},
+    )
+  except KeyError as err:  # TFDS's error for a split that is not prepared.
+    raise ValueError(
+        f'Split {split!r} of TFDS data set {name!r} is not prepared in data_dir'
+        f' {data_dir or "(TFDS default)"}; prepare it in ArrayRecord format'
+        f' first. TFDS said: {err}'
+    ) from err
+  result = TfdsSource(name, records)
+  source.check_stored_size(name, result.shape, image_size)
+  return result

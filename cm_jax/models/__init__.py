@@ -1,0 +1,34 @@
+"""Noise-conditional networks F(x, c_noise, cond) and their config factory."""
+
+import dataclasses
+
+import flax.linen as nn
+
+from cm_jax.models.mlp import MLP
+from cm_jax.models.unet import UNet
+
+MODELS = {'unet': UNet, 'mlp': MLP}
+
+
+def build_model(model_config) -> nn.Module:
+  """Builds MODELS[config.name] from the remaining config fields, strictly.
+
+  Args:
+    model_config: a mapping (dict or ml_collections.ConfigDict) with `name`
+      and any of the chosen network's attributes.
+
+  Raises:
+    ValueError: on an unknown name or a field the network does not have.
+  """
+  fields = dict(model_config)
+  name = fields.pop('name', None)
+  if name not in MODELS:
+    raise ValueError(f'Unknown model name {name!r}; known: {sorted(MODELS)}.')
+  cls = MODELS[name]
+  known = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f'Unknown field(s) {unknown} for model {name!r}; '
+                     f'known: {sorted(known)}.')
+  return cls(**{k: tuple(v) if isinstance(v, list) else v
+                for k, v in fields.items()})

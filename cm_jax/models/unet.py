@@ -1,0 +1,179 @@
+"""A DDPM++/ADM-style UNet for images [B, H, W, C]."""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cm_jax.models.layers import TimeEmbedding
+
+
+def group_norm(channels, name):
+  """GroupNorm with min(32, channels // 4) groups, lowered until it divides."""
+  groups = max(1, min(32, channels // 4))
+  while channels % groups:
+    groups -= 1
+  return nn.GroupNorm(num_groups=groups, name=name)
+
+
+class ResBlock(nn.Module):
+  """Residual block with FiLM noise conditioning: (skip(x) + F(x, emb)) / sqrt(2).
+
+  F = Conv(Dropout(SiLU(GN(h) * (1 + scale) + shift))),
+  h = Conv(SiLU(GN(x))),  (scale, shift) = Dense(SiLU(emb)).
+  """
+  features: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, emb, train):
+    """Maps x [B, H, W, C_in] and emb [B, E] to [B, H, W, features]."""
+    h = nn.silu(group_norm(x.shape[-1], 'norm_0')(x))
+    h = nn.Conv(self.features, (3, 3), name='conv_0')(h)
+    scale, shift = jnp.split(
+        nn.Dense(2 * self.features, name='film')(nn.silu(emb)), 2, axis=-1)
+    h = group_norm(self.features, 'norm_1')(h)
+    h = h * (1 + scale[:, None, None]) + shift[:, None, None]
+    h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
+    h = nn.Conv(self.features, (3, 3), name='conv_1')(h)
+    if x.shape[-1] != self.features:
+      x = nn.Conv(self.features, (1, 1), name='skip')(x)
+    return (x + h) / np.sqrt(2)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention over pixels: (x + Proj(Attn(GN(x)))) / sqrt(2)."""
+  head_dim: int = 64
+
+  @nn.compact
+  def __call__(self, x):
+    """softmax(q k^T / sqrt(d)) v over the H*W positions of x [B, H, W, C]."""
+    b, hgt, wid, c = x.shape
+    heads = max(1, c // self.head_dim)
+    h = group_norm(c, 'norm')(x).reshape(b, hgt * wid, c)
+    q, k, v = jnp.split(nn.Dense(3 * c, name='qkv')(h), 3, axis=-1)
+    q, k, v = (t.reshape(b, hgt * wid, heads, c // heads) for t in (q, k, v))
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(c // heads)
+    h = jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(logits, axis=-1), v)
+    h = nn.Dense(c, name='proj')(h.reshape(b, hgt, wid, c))
+    return (x + h) / np.sqrt(2)
+
+
+class DownLevel(nn.Module):
+  """One encoder resolution: residual (+attention) blocks, then downsampling."""
+  features: int
+  num_res_blocks: int
+  attention: bool
+  downsample: bool
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, h, emb, train):
+    """Returns the level's output and the activations its decoder twin reuses."""
+    skips = []
+    for i in range(self.num_res_blocks):
+      h = ResBlock(self.features, self.dropout, name=f'res_{i}')(h, emb, train)
+      if self.attention:
+        h = SelfAttention(name=f'attn_{i}')(h)
+      skips.append(h)
+    if self.downsample:
+      h = nn.Conv(self.features, (3, 3), strides=(2, 2), name='downsample')(h)
+      skips.append(h)
+    return h, skips
+
+
+class UpLevel(nn.Module):
+  """One decoder resolution: residual (+attention) blocks on [h, skip] concats,
+  then nearest-neighbour upsampling and a conv."""
+  features: int
+  attention: bool
+  upsample: bool
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, h, skips, emb, train):
+    """Concatenates the encoder's skips, latest first, one per residual block."""
+    for i, skip in enumerate(reversed(skips)):
+      h = jnp.concatenate([h, skip], axis=-1)
+      h = ResBlock(self.features, self.dropout, name=f'res_{i}')(h, emb, train)
+      if self.attention:
+        h = SelfAttention(name=f'attn_{i}')(h)
+    if self.upsample:
+      b, hgt, wid, c = h.shape
+      h = jax.image.resize(h, (b, 2 * hgt, 2 * wid, c), method='nearest')
+      h = nn.Conv(self.features, (3, 3), name='upsample')(h)
+    return h
+
+
+class MidBlock(nn.Module):
+  """Bottleneck: residual block, self-attention, residual block."""
+  features: int
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, h, emb, train):
+    """res_0 -> attn -> res_1 at the lowest resolution."""
+    h = ResBlock(self.features, self.dropout, name='res_0')(h, emb, train)
+    h = SelfAttention(name='attn')(h)
+    return ResBlock(self.features, self.dropout, name='res_1')(h, emb, train)
+
+
+class UNet(nn.Module):
+  """Noise-conditional UNet: F(x, c_noise, cond) with the shape of x.
+
+  Attributes:
+    channels: base width; level i has channels * channel_mult[i] channels.
+    channel_mult: width multiplier per resolution level (one level each).
+    num_res_blocks: residual blocks per encoder level (decoder has one more).
+    attn_resolutions: spatial sizes (e.g. 16 for 16x16) with self-attention.
+    dropout: dropout rate inside the residual blocks.
+    num_classes: number of class labels; 0 for an unconditional model.
+    time_embedding: 'fourier' or 'positional' embedding of c_noise.
+    time_scale: Fourier frequency std, or positional multiplier of c_noise.
+  """
+  channels: int = 64
+  channel_mult: Sequence[int] = (1, 2, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: Sequence[int] = (16,)
+  dropout: float = 0.0
+  num_classes: int = 0
+  time_embedding: str = 'positional'
+  time_scale: float = 1000.0
+
+  @nn.compact
+  def __call__(self, x, c_noise, cond=None, train=False):
+    """Maps x [B, H, W, C], c_noise [B], cond [B] int or None to [B, H, W, C]."""
+    levels = len(self.channel_mult)
+    if x.shape[1] % 2 ** (levels - 1) or x.shape[2] % 2 ** (levels - 1):
+      raise ValueError(f'Spatial size {x.shape[1:3]} is not divisible by '
+                       f'2^{levels - 1} for channel_mult {self.channel_mult}.')
+    emb = TimeEmbedding(4 * self.channels, self.time_embedding,
+                        self.time_scale, self.num_classes,
+                        name='time_embed')(c_noise, cond)
+
+    h = nn.Conv(self.channels, (3, 3), name='conv_in')(x)
+    skips = [h]
+    for i, mult in enumerate(self.channel_mult):
+      h, level_skips = DownLevel(
+          self.channels * mult, self.num_res_blocks,
+          attention=h.shape[1] in self.attn_resolutions,
+          downsample=i < levels - 1, dropout=self.dropout,
+          name=f'down_{i}')(h, emb, train)
+      skips += level_skips
+
+    h = MidBlock(h.shape[-1], self.dropout, name='mid')(h, emb, train)
+
+    for i, mult in reversed(list(enumerate(self.channel_mult))):
+      skips, level_skips = (skips[:-self.num_res_blocks - 1],
+                            skips[-self.num_res_blocks - 1:])
+      h = UpLevel(
+          self.channels * mult,
+          attention=h.shape[1] in self.attn_resolutions,
+          upsample=i > 0, dropout=self.dropout,
+          name=f'up_{i}')(h, tuple(level_skips), emb, train)
+
+    h = nn.silu(group_norm(h.shape[-1], 'norm_out')(h))
+    return nn.Conv(x.shape[-1], (3, 3), kernel_init=nn.initializers.zeros,
+                   name='conv_out')(h)

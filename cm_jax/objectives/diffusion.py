@@ -1,0 +1,27 @@
+"""Diffusion teachers: the EDM denoising loss."""
+
+import jax
+import jax.numpy as jnp
+
+from cm_jax import distances
+from cm_jax import schedules
+from cm_jax.objectives.base import Objective, labels, network
+from cm_jax.parameterization import EDM
+
+
+def make_edm(config, model, edm: EDM) -> Objective:
+  """E_{sigma, z} lambda(sigma) ||D(x0 + sigma z, sigma) - x0||^2, ln sigma ~ N(P_mean, P_std^2)."""
+  obj = config.objective
+
+  def loss(params, extra, frozen, batch, rng, step):
+    del extra, frozen, step
+    x0 = batch['image']
+    rng_sigma, rng_z, rng_drop = jax.random.split(rng, 3)
+    sigma = schedules.sample_lognormal_sigma(rng_sigma, (x0.shape[0],), obj.p_mean, obj.p_std)
+    x_noisy = x0 + sigma.reshape((-1,) + (1,) * (x0.ndim - 1)) * jax.random.normal(rng_z, x0.shape)
+    net = network(model, params, labels(batch, config.model), rng_drop)
+    per_sample = edm.diffusion_weight(sigma) * distances.squared_l2(edm.denoise(net, x_noisy, sigma), x0)
+    loss = jnp.mean(per_sample)
+    return loss, {'loss': loss}
+
+  return Objective(loss=loss, kind='diffusion')

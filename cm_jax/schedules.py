@@ -1,0 +1,72 @@
+"""Discretisations, curricula and samplers of noise levels.
+
+Every function is pure and takes the (possibly traced) training step, so a curriculum that changes the
+number of discretisation steps N(k) never changes a shape and never recompiles the train step.
+Grid indices are 0-based here: sigma_0 = sigma_min < sigma_1 < ... < sigma_{N-1} = sigma_max.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def karras_sigma(i, num_scales, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+  """sigma_i = (eps^(1/rho) + i/(N-1) (T^(1/rho) - eps^(1/rho)))^rho for i = 0..N-1 (traced i and N allowed)."""
+  lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+  frac = jnp.asarray(i, jnp.float32) / (jnp.asarray(num_scales, jnp.float32) - 1.0)
+  return (lo + frac * (hi - lo)) ** rho
+
+
+def karras_sigmas(num_scales: int, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+  """The whole Karras grid [sigma_0, ..., sigma_{N-1}] for a static N, increasing."""
+  return karras_sigma(jnp.arange(num_scales), num_scales, sigma_min, sigma_max, rho)
+
+
+def ict_num_scales(step, total_steps: int, s0: int = 10, s1: int = 1280):
+  """iCT doubling curriculum N(k) = min(s0 2^floor(k/K'), s1) + 1, K' = floor(K / (log2 floor(s1/s0) + 1))."""
+  k_prime = int(np.floor(total_steps / (np.log2(np.floor(s1 / s0)) + 1)))
+  doublings = jnp.floor_divide(jnp.asarray(step, jnp.int32), max(k_prime, 1))
+  n = jnp.minimum(s0 * 2.0 ** doublings.astype(jnp.float32), float(s1))
+  return n.astype(jnp.int32) + 1
+
+
+def ct_num_scales(step, total_steps: int, s0: int = 2, s1: int = 150):
+  """CM-paper CT curriculum N(k) = ceil(sqrt(k/K ((s1+1)^2 - s0^2) + s0^2) - 1) + 1."""
+  k = jnp.asarray(step, jnp.float32)
+  n = jnp.ceil(jnp.sqrt(k / total_steps * ((s1 + 1) ** 2 - s0**2) + s0**2) - 1.0) + 1.0
+  return n.astype(jnp.int32)
+
+
+def ct_target_ema(num_scales, s0: int = 2, mu0: float = 0.9, convention: str = 'paper'):
+  """CT target EMA mu(k) = exp(s0 ln(mu0) / N(k)) ('paper') or / (N(k) - 1) ('code', the official JAX code)."""
+  n = jnp.asarray(num_scales, jnp.float32)
+  if convention == 'paper':
+    return jnp.exp(s0 * np.log(mu0) / n)
+  if convention == 'code':
+    return jnp.exp(s0 * np.log(mu0) / (n - 1.0))
+  raise ValueError(f"Unknown CT mu convention {convention!r}; expected 'paper' or 'code'.")
+
+
+def lognormal_index_logits(num_scales, max_scales: int, p_mean=-1.1, p_std=2.0,
+                           sigma_min=0.002, sigma_max=80.0, rho=7.0):
+  """iCT index distribution: log p(i) = log[erf((ln s_{i+1} - Pm)/(sqrt2 Ps)) - erf((ln s_i - Pm)/(sqrt2 Ps))].
+
+  Returns logits over i = 0..max_scales-2 (a static length); entries with i >= N-1 are -inf.
+  """
+  i = jnp.arange(max_scales - 1)
+  lo = karras_sigma(i, num_scales, sigma_min, sigma_max, rho)
+  hi = karras_sigma(i + 1, num_scales, sigma_min, sigma_max, rho)
+  cdf = lambda s: jax.scipy.special.erf((jnp.log(s) - p_mean) / (np.sqrt(2.0) * p_std))
+  mass = cdf(hi) - cdf(lo)
+  valid = i < num_scales - 1
+  return jnp.where(valid, jnp.log(jnp.maximum(mass, 1e-30)), -jnp.inf)
+
+
+def sample_lognormal_sigma(rng, shape, p_mean=-1.2, p_std=1.2):
+  """ln sigma ~ N(P_mean, P_std^2): the EDM training noise distribution."""
+  return jnp.exp(p_mean + p_std * jax.random.normal(rng, shape))
+
+
+def ema_rate_from_halflife(halflife_images: float, batch_size: int) -> float:
+  """Per-step EMA decay beta = 0.5^(batch / half-life in images)."""
+  return float(0.5 ** (batch_size / halflife_images))

@@ -1,0 +1,49 @@
+"""Defaults shared by every experiment; each experiment config starts from `get_config()` and changes fields.
+
+Not an experiment itself. Every field is read somewhere; a misspelt override (--config.tran.num_steps=1) fails.
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict(dict(
+      name='digits', split='train', data_dir='', path='', image_size=0, num_records=0, seed=0))
+
+  # A residual MLP on the flattened 8x8 digits: on a 2-core CPU a UNet of useful width runs at ~5 steps/s,
+  # this at ~30 (BUILD_NOTES.md). Image experiments set a UNet (models/unet.py).
+  c.model = ml_collections.ConfigDict(dict(
+      name='mlp', hidden=256, depth=4, dropout=0.0, num_classes=0, time_embedding='fourier', time_scale=16.0))
+
+  c.parameterization = ml_collections.ConfigDict(dict(
+      name='edm', sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, rho=7.0))  # rho: Karras grids
+
+  c.objective = ml_collections.ConfigDict(dict(name='edm', p_mean=-1.2, p_std=1.2))
+
+  # A distillation teacher, or the diffusion run whose row heads the quality table: an earlier run's workdir.
+  # init=True starts this run's network (and its EMAs and target) from the teacher's EMA parameters.
+  c.teacher = ml_collections.ConfigDict(dict(workdir='', init=False))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name='adam', learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=0, grad_clip=0.0))
+  c.ema = ml_collections.ConfigDict(dict(rates=(0.999,)))  # sampling EMAs; the first one is sampled
+
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=128, num_steps=10_000, log_every=100,
+      nonfinite='stop'))  # 'stop': a NaN/Inf loss ends the run; 'skip': the step is dropped and counted
+
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, max_to_keep=3, async_save=True))
+
+  # mid_sigmas: the noise levels after sigma_max used by 2-, 3-, ... step consistency sampling.
+  c.sampling = ml_collections.ConfigDict(dict(
+      teacher_steps=18, mid_sigmas=(0.821,), grid_every=0, num_grid=64))
+
+  # The digits proxy table printed at the end of training (and by --mode=eval).
+  c.eval = ml_collections.ConfigDict(dict(proxy=False, num_samples=1000, steps=(1, 2)))
+
+  # Device mesh: axis name -> size (-1: the rest); rules: (regex on the state path, partition spec).
+  c.mesh = ml_collections.ConfigDict(dict(shape=dict(data=-1, fsdp=1), rules=(), min_size=2**14))
+  return c

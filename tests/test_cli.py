@@ -1,0 +1,95 @@
+"""`python -m cm_jax.main` end to end, and bad input stopping with one clear message and a non-zero exit."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_main(*args, devices=1, timeout=600):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-m', 'cm_jax.main', *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+TINY = ['--config.train.log_every=5', '--config.checkpoint.every_steps=10', '--config.sampling.grid_every=10',
+        '--config.sampling.num_grid=16', '--config.eval.num_samples=64', '--config.model.hidden=32',
+        '--config.model.depth=1']
+
+
+@pytest.mark.slow
+def test_default_experiment_end_to_end(tmp_path):
+  """Teacher then iCT with the teacher row in the table; then --mode=sample on the iCT run."""
+  teacher = run_main('--config=configs/digits_edm.py', f'--workdir={tmp_path / "edm"}',
+                     '--config.train.num_steps=10', *TINY)
+  assert teacher.returncode == 0, teacher.stderr[-3000:]
+  run = run_main('--config=configs/digits_ict.py', f'--workdir={tmp_path / "ict"}', '--config.train.num_steps=20',
+                 f'--config.teacher.workdir={tmp_path / "edm"}', *TINY)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert 'steps/s' in run.stdout and 'ETA' in run.stdout
+  for row in ('teacher (EDM Heun) | 35 |', 'ict (1-step) | 1 |', 'ict (2-step) | 2 |'):
+    assert row in run.stdout, run.stdout
+  workdir = tmp_path / 'ict'
+  assert (workdir / 'config.json').exists()
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['10', '20']
+  assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
+  assert (workdir / 'samples' / 'step_00000010.png').exists()
+
+  sample = run_main('--config=configs/digits_ict.py', f'--workdir={workdir}', '--mode=sample', *TINY)
+  assert sample.returncode == 0, sample.stderr[-3000:]
+  assert (workdir / 'samples' / 'final_2_step.png').exists()
+
+
+def _assert_one_clear_error(result, *fragments):
+  assert result.returncode != 0
+  lines = [l for l in result.stderr.splitlines() if l.startswith(('cm_jax: error:', 'FATAL Flags parsing error'))]
+  assert len(lines) == 1, result.stderr[-3000:]
+  for fragment in fragments:
+    assert fragment in lines[0], lines[0]
+
+
+def test_unknown_config_key(tmp_path):
+  result = run_main('--config=configs/digits_ict.py', f'--workdir={tmp_path}', '--config.train.num_stepz=3')
+  _assert_one_clear_error(result, 'num_stepz')
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_batch_that_does_not_divide_across_devices(tmp_path):
+  result = run_main('--config=configs/digits_ict.py', f'--workdir={tmp_path}', '--config.train.batch_size=12',
+                    devices=8)
+  _assert_one_clear_error(result, 'batch_size=12', '8 devices')
+
+
+def test_unknown_data_set_name(tmp_path):
+  result = run_main('--config=configs/digits_ict.py', f'--workdir={tmp_path}', '--config.data.name=not_a_dataset')
+  _assert_one_clear_error(result, 'not_a_dataset')
+
+
+def test_sample_without_checkpoint(tmp_path):
+  result = run_main('--config=configs/digits_ict.py', f'--workdir={tmp_path}', '--mode=sample')
+  _assert_one_clear_error(result, 'No checkpoint', str(tmp_path))
+
+
+def test_unreadable_checkpoint_stops_and_is_left_intact(tmp_path):
+  """A step directory whose files are corrupt: the run names it and stops; nothing is deleted."""
+  train_args = ['--config=configs/digits_edm.py', f'--workdir={tmp_path}', '--config.train.num_steps=10', *TINY,
+                '--config.eval.proxy=False', '--config.sampling.grid_every=0']
+  assert run_main(*train_args).returncode == 0
+  step_dir = tmp_path / 'checkpoints' / '10'
+  for f in step_dir.rglob('*'):
+    if f.is_file() and f.name != 'commit_success.txt' and f.parent.name != 'data':
+      f.write_bytes(b'garbage')
+  before = sorted(str(p) for p in step_dir.rglob('*'))
+  result = run_main(*train_args[:2], '--config.train.num_steps=20', *train_args[3:])
+  _assert_one_clear_error(result, 'No readable checkpoint', 'checkpoints')
+  assert sorted(str(p) for p in step_dir.rglob('*')) == before
+
+
+def test_missing_teacher_workdir(tmp_path):
+  result = run_main('--config=configs/digits_ict.py', f'--workdir={tmp_path / "run"}',
+                    f'--config.teacher.workdir={tmp_path / "nowhere"}')
+  _assert_one_clear_error(result, 'nowhere')

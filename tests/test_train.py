@@ -1,0 +1,113 @@
+"""The trainer: exact resume, device-count invariance, compile-once, skipping non-finite steps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cm_jax import checkpoint
+from cm_jax import train
+from helpers import tiny_config
+
+
+def _leaves_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _losses(config, devices, num_steps):
+  exp = train.Experiment(config, devices)
+  state, step_fn, losses = exp.init_state(), exp.train_step(), []
+  with exp.batches(0) as batches:
+    for _ in range(num_steps):
+      state, metrics = step_fn(state, next(batches), None)
+      losses.append(float(metrics['loss']))
+  return np.array(losses), state
+
+
+def test_resume_is_bitwise_exact(tmp_path):
+  """2N steps straight == N steps, a new process-like restart from the checkpoint, N more steps."""
+  devices = jax.devices()[:1]
+  straight = train.train_and_evaluate(tiny_config(num_steps=12), tmp_path / 'straight', devices)
+
+  config = tiny_config(num_steps=12)
+  exp = train.Experiment(config, devices)
+  state, step_fn = exp.init_state(), exp.train_step()
+  ckpt = checkpoint.Checkpointer(tmp_path / 'resumed', save_every=6)
+  with exp.batches(0) as batches:
+    for step in range(1, 7):
+      state, _ = step_fn(state, next(batches), None)
+  ckpt.save(6, state, {'position': 6, 'seed': config.seed})
+  ckpt.wait()
+  ckpt.close()
+  train.write_config(config, tmp_path / 'resumed')
+  resumed = train.train_and_evaluate(config, tmp_path / 'resumed', devices)
+
+  assert int(resumed.step) == int(straight.step) == 12
+  _leaves_equal(straight, resumed)
+
+
+def test_eight_devices_match_one_device():
+  config = tiny_config(num_steps=8, batch_size=16)
+  losses_1, state_1 = _losses(config, jax.devices()[:1], 8)
+  losses_8, state_8 = _losses(config, jax.devices()[:8], 8)
+  assert len(state_8.params['dense_in']['kernel'].sharding.device_set) == 8
+  np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(state_1.params), jax.tree.leaves(state_8.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert losses_1[0] != losses_1[-1]
+
+
+def test_train_step_compiles_once_across_curriculum_stages():
+  config = tiny_config(num_steps=8)
+  config.objective.s0, config.objective.s1 = 2, 16  # N(k) = 3, 5, 9, 17 over 8 steps
+  exp = train.Experiment(config, jax.devices()[:1])
+  state, step_fn = exp.init_state(), exp.train_step()
+  scales = []
+  with exp.batches(0) as batches:
+    for _ in range(8):
+      state, metrics = step_fn(state, next(batches), None)
+      scales.append(int(metrics['num_scales']))
+  assert scales == [3, 3, 5, 5, 9, 9, 17, 17]
+  assert step_fn._cache_size() == 1
+
+
+def test_ema_and_optimizer_are_applied():
+  """Warm-up: the first update is zero (lr = 0 at step 0); EMA(rate r) after k steps follows its recursion."""
+  config = tiny_config(num_steps=3)
+  exp = train.Experiment(config, jax.devices()[:1])
+  init = exp.init_state()
+  params0 = jax.tree.map(np.asarray, init.params)
+  step_fn = exp.train_step()
+  with exp.batches(0) as batches:
+    s1, _ = step_fn(init, next(batches), None)
+    _leaves_equal(params0, s1.params)  # linear warm-up starts at learning rate 0
+    s2, _ = step_fn(s1, next(batches), None)
+  leaf = lambda t: np.asarray(t['dense_out']['kernel'])  # zero-initialised: only it moves first
+  assert not np.allclose(leaf(s2.params), leaf(params0))
+  for rate, ema in zip(config.ema.rates, s2.ema):
+    expected = rate * (rate * leaf(params0) + (1 - rate) * leaf(params0)) + (1 - rate) * leaf(s2.params)
+    np.testing.assert_allclose(leaf(ema), expected, rtol=1e-6)
+
+
+def test_nonfinite_loss_stops_naming_step_and_checkpoint(tmp_path):
+  config = tiny_config(num_steps=12)
+  config.optim.learning_rate = 1e30  # the update at step 2 makes the loss at step 3 infinite or NaN
+  config.optim.grad_clip = 0.0
+  config.optim.warmup_steps = 0
+  with pytest.raises(FloatingPointError, match=r'Non-finite loss or gradient at step \d+.*Last good checkpoint'):
+    train.train_and_evaluate(config, tmp_path, jax.devices()[:1])
+
+
+def test_nonfinite_steps_can_be_skipped():
+  config = tiny_config(num_steps=6)
+  config.train.nonfinite = 'skip'
+  exp = train.Experiment(config, jax.devices()[:1])
+  state, step_fn = exp.init_state(), exp.train_step()
+  with exp.batches(0) as batches:
+    batch = next(batches)
+  bad = dict(batch, image=batch['image'].at[0, 0].set(jnp.nan))
+  before = jax.tree.map(np.asarray, state)  # the step donates its input state
+  new, metrics = step_fn(state, bad, None)
+  assert float(metrics['nonfinite']) == 1.0 and int(new.step) == 1
+  _leaves_equal(before.replace(step=new.step), new)
