@@ -3,13 +3,19 @@
 Each step directory holds two items: 'state' (the TrainState pytree, restored onto the CURRENT mesh's
 shardings, so a run may resume on another topology) and 'data' (JSON: the data position, i.e. the next
 batch number, and the data seed). Saves are asynchronous; Orbax writes into a temporary directory and
-renames it when complete, so an interrupted save is never listed as a step. A step whose files are
-unreadable is skipped with a warning naming it, and the newest readable one is used.
+renames it when complete, so a save interrupted by a killed process is never listed as a step (the run
+that writes the directory deletes such leftovers when it starts). A step whose files are unreadable is
+skipped with a warning naming it, and the newest readable one is used; the writing run then moves the
+skipped steps aside (`<step>.unreadable-<time>`) so that it can save those steps again.
 """
 
+import time
+
 from absl import logging
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 
 class CheckpointError(RuntimeError):
@@ -17,14 +23,23 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpointer:
-  """A CheckpointManager with the cm_jax items, created under `workdir/checkpoints`."""
+  """A CheckpointManager with the cm_jax items, created under `workdir/checkpoints`.
 
-  def __init__(self, workdir, max_to_keep: int = 3, save_every: int = 1000, async_save: bool = True):
-    self.directory = epath.Path(workdir) / 'checkpoints'
+  `writer=True` for the one run that saves here (the trainer): it deletes the leftovers of interrupted
+  saves and moves unreadable steps aside. Readers (a teacher, --mode=sample) leave the directory as it is.
+  Every process of a multi-process run must create, save to and restore from its Checkpointer together.
+  """
+
+  def __init__(self, workdir, max_to_keep: int = 3, save_every: int = 1000, async_save: bool = True,
+               writer: bool = False):
+    workdir = epath.Path(workdir)
+    # Orbax needs absolute paths; bucket paths (gs://...) already are.
+    self.directory = (workdir if workdir.is_absolute() else workdir.absolute()) / 'checkpoints'
     self.save_every = save_every
+    self._writer = writer
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=save_every,
-        enable_async_checkpointing=async_save, create=True)
+        enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=writer)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'data'))
 
   def steps(self) -> list[int]:
@@ -34,11 +49,8 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def should_save(self, step: int) -> bool:
-    """True at save intervals and when a preemption signal has reached this step on every process."""
-    return step % self.save_every == 0 or self._manager.reached_preemption(step)
-
-  def reached_preemption(self, step: int) -> bool:
-    return self._manager.reached_preemption(step)
+    """True at the save interval (preemption saves are decided by distributed.PreemptionWatch)."""
+    return step % self.save_every == 0
 
   def save(self, step: int, state, data_position: dict, force: bool = False) -> bool:
     """Starts an (async) save of the state and data position at `step`."""
@@ -56,12 +68,26 @@ class Checkpointer:
       try:
         restored = self._manager.restore(s, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        return restored.state, restored.data
       except Exception as e:  # pylint: disable=broad-except
         logging.warning('Skipping unreadable checkpoint %s: %s', self.directory / str(s), e)
         errors.append(f'step {s}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}')
+        continue
+      if self._writer and errors:
+        self._set_aside([t for t in candidates if t > s])
+      return restored.state, restored.data
     raise CheckpointError(f'No readable checkpoint in {self.directory} (tried {"; ".join(errors)}). '
                           'Remove the directory to start afresh, or point --workdir elsewhere.')
+
+  def _set_aside(self, steps):
+    """Renames unreadable step directories to `<step>.unreadable-<time>` (process 0), so they can be saved anew."""
+    if jax.process_index() == 0:
+      stamp = time.strftime('%Y%m%d-%H%M%S')
+      for s in steps:
+        target = self.directory / f'{s}.unreadable-{stamp}'
+        (self.directory / str(s)).rename(target)
+        logging.warning('Moved the unreadable checkpoint %s to %s.', self.directory / str(s), target)
+    multihost_utils.sync_global_devices('cm_jax: unreadable checkpoints set aside')
+    self._manager.reload()
 
   def wait(self):
     self._manager.wait_until_finished()

@@ -4,6 +4,8 @@ import math
 
 import jax.numpy as jnp
 
+from cm_jax import lpips
+
 
 def _flat(x):
   return jnp.reshape(x, (x.shape[0], -1))
@@ -44,8 +46,10 @@ def cauchy(x, y, c):
 DISTANCES = {'l2': squared_l2, 'l1': l1, 'l2_norm': l2_norm, 'pseudo_huber': pseudo_huber}
 
 
-def get_distance(name: str):
-  """Looks up a distance by its config name."""
+def get_distance(name: str, lpips_weights: str = ''):
+  """Looks up a distance by its config name; 'lpips' reads its weights from `lpips_weights` on first use."""
+  if name == 'lpips':
+    return lpips.lpips_distance(lpips_weights)
   if name not in DISTANCES:
-    raise ValueError(f'Unknown distance {name!r}; expected one of {sorted(DISTANCES)}.')
+    raise ValueError(f'Unknown distance {name!r}; expected one of {sorted(DISTANCES) + ["lpips"]}.')
   return DISTANCES[name]

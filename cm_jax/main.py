@@ -1,7 +1,9 @@
 """Command line: python -m cm_jax.main --config=configs/NAME.py[:arg] --workdir=DIR --mode=train|sample|eval.
 
 Config fields are overridden with --config.key=value; an unknown key stops the run before any work.
-Multi-host runs call jax.distributed.initialize() first (see cm_jax/distributed.py).
+A multi-process run joins its processes first (cm_jax/distributed.py: the --coordinator_address,
+--num_processes and --process_id flags, CM_JAX_* variables, or the TPU VM / Slurm cluster). A SIGTERM saves
+a checkpoint at a step all processes agree on and exits 0; rerunning the command resumes there.
 """
 
 import sys
@@ -12,30 +14,54 @@ from absl import logging
 from ml_collections import config_flags
 
 from cm_jax import checkpoint
+from cm_jax import distributed
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, event files, samples, config.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to do.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None,
+    f'host:port of process 0 of a multi-process run (else ${distributed.ENV_COORDINATOR}; detected on TPU VMs, Slurm).')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, f'Processes in the run (else ${distributed.ENV_NUM_PROCESSES}).')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, f'This process: 0 .. num_processes - 1 (else ${distributed.ENV_PROCESS_ID}).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 # Errors caused by the user's input: reported in one line, exit status 1.
 _USER_ERRORS = (ValueError, FileNotFoundError, checkpoint.CheckpointError, FloatingPointError)
 
 
+def _run(mode, config, workdir):
+  """Joins the run's processes (before devices start), then trains, samples or evaluates."""
+  distributed.initialize(distributed.plan(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
+  from cm_jax import train  # pylint: disable=g-import-not-at-top
+  logging.info('Config:\n%s', config)
+  {'train': train.train_and_evaluate, 'sample': train.sample, 'eval': train.evaluate}[mode](config, workdir)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  from cm_jax import train  # pylint: disable=g-import-not-at-top  (after flags: JAX starts here)
-  config, workdir = _CONFIG.value, _WORKDIR.value
-  logging.info('Config:\n%s', config)
-  run = {'train': train.train_and_evaluate, 'sample': train.sample, 'eval': train.evaluate}[_MODE.value]
   try:
-    run(config, workdir)
+    _run(_MODE.value, _CONFIG.value, _WORKDIR.value)
+  except distributed.Preempted as e:
+    logging.warning('%s', e)
+    print(f'cm_jax: {e}', flush=True)
   except _USER_ERRORS as e:
     logging.exception('Stopped.')
     print(f'cm_jax: error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)
 
 
+def parse_flags(argv):
+  """absl flag parsing that reports a bad flag or config override in one line (exit status 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    print(f'cm_jax: error: bad flag or config override: {" ".join(str(e).split())}', file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

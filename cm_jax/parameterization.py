@@ -7,8 +7,10 @@ Per-sample noise levels `sigma` / `t` have shape [B]; they broadcast against x o
 """
 
 import dataclasses
+import math
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 
 Net = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
@@ -66,18 +68,39 @@ class EDM:
 
 @dataclasses.dataclass(frozen=True)
 class TrigFlow:
-  """x_t = cos(t) x0 + sin(t) z, z ~ N(0, sd^2 I), t in [0, pi/2] (Lu and Song 2024)."""
+  """x_t = cos(t) x0 + sin(t) z, z ~ N(0, sd^2 I), t in [0, pi/2] (Lu and Song 2024).
+
+  sigma_min / sigma_max bound the equivalent EDM levels sigma = sd tan(t) (sigma_min: the teacher sampler's last level).
+  """
   sigma_data: float = 0.5
+  sigma_min: float = 0.002
   sigma_max: float = 80.0
 
   @property
   def t_max(self):
     """t_max = arctan(sigma_max / sd)."""
-    return float(jnp.arctan(self.sigma_max / self.sigma_data))
+    return math.atan(self.sigma_max / self.sigma_data)
 
   def t_from_sigma(self, sigma):
     """t = arctan(sigma / sd): the change of variables from EDM noise levels."""
     return jnp.arctan(sigma / self.sigma_data)
+
+  def sample_t(self, rng, shape, p_mean, p_std):
+    """tau ~ N(P_mean, P_std^2), t = arctan(e^tau / sd): sCM's training-time distribution."""
+    return jnp.arctan(jnp.exp(p_mean + p_std * jax.random.normal(rng, shape)) / self.sigma_data)
+
+  def noise(self, x0, z, t):
+    """x_t = cos(t) x0 + sin(t) z for z ~ N(0, sd^2 I)."""
+    return bcast(jnp.cos(t), x0) * x0 + bcast(jnp.sin(t), x0) * z
+
+  def velocity_from_denoiser(self, x, t, x0_hat):
+    """dx_t/dt = (cos(t) x_t - E[x0 | x_t]) / sin(t): the PF-ODE velocity from any x0 estimate (t > 0)."""
+    return (bcast(jnp.cos(t), x) * x - x0_hat) / bcast(jnp.sin(t), x)
+
+  def edm_velocity(self, edm: EDM, net: Net, x, t):
+    """dx_t/dt of an EDM denoiser via x_sigma = x_t / cos(t), sigma = sd tan(t)."""
+    sigma = self.sigma_data * jnp.tan(t)
+    return self.velocity_from_denoiser(x, t, edm.denoise(net, x / bcast(jnp.cos(t), x), sigma))
 
   def velocity(self, net: Net, x, t):
     """sd F(x / sd, t): the network's estimate of dx_t/dt = cos(t) z - sin(t) x0."""
@@ -98,5 +121,5 @@ def make_parameterization(config):
   if p.name == 'edm':
     return EDM(sigma_data=p.sigma_data, sigma_min=p.sigma_min, sigma_max=p.sigma_max)
   if p.name == 'trigflow':
-    return TrigFlow(sigma_data=p.sigma_data, sigma_max=p.sigma_max)
+    return TrigFlow(sigma_data=p.sigma_data, sigma_min=p.sigma_min, sigma_max=p.sigma_max)
   raise ValueError(f"Unknown parameterization.name {p.name!r}; expected 'edm' or 'trigflow'.")

@@ -70,3 +70,14 @@ def sample_lognormal_sigma(rng, shape, p_mean=-1.2, p_std=1.2):
 def ema_rate_from_halflife(halflife_images: float, batch_size: int) -> float:
   """Per-step EMA decay beta = 0.5^(batch / half-life in images)."""
   return float(0.5 ** (batch_size / halflife_images))
+
+
+def ect_stage(step, stage_steps: int):
+  """ECT stage = floor(k / stage_steps): the stage advances every `stage_steps` iterations."""
+  return jnp.floor_divide(jnp.asarray(step, jnp.int32), stage_steps)
+
+
+def ect_r(t, step, stage_steps: int, q: float):
+  """ECT mapping r = max(t (1 - q^-(stage+1) (1 + 8 sigmoid(-t))), 0): r -> t as the stages advance."""
+  shrink = q ** -(ect_stage(step, stage_steps).astype(jnp.float32) + 1.0) * (1.0 + 8.0 * jax.nn.sigmoid(-t))
+  return jnp.maximum(t * (1.0 - shrink), 0.0)

@@ -6,6 +6,7 @@ Every method is an `Objective`; this file knows nothing else about it.
 """
 
 import functools
+import re
 
 from absl import logging
 from clu import metrics as clu_metrics
@@ -19,6 +20,7 @@ from jax.experimental import multihost_utils
 
 from cm_jax import checkpoint
 from cm_jax import data as data_lib
+from cm_jax import distributed
 from cm_jax import models
 from cm_jax import objectives
 from cm_jax import sampling
@@ -99,6 +101,7 @@ class Experiment:
                        'has no labels.')
     self.model = models.build_model(config.model)
     self.param = make_parameterization(config)
+    sampling.mid_sigmas(config, self.param)  # an inconsistent sampling config fails now, not after training
     self.objective = objectives.make_objective(config, self.model)
     self.tx = make_optimizer(config.optim)
     shape = (1,) + tuple(self.source.shape)
@@ -170,13 +173,16 @@ def write_config(config, workdir) -> None:
 # train
 # ----------------------------------------------------------------------------------------------------------
 def train_and_evaluate(config, workdir: str, devices=None):
-  """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final state."""
+  """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final state.
+
+  Raises distributed.Preempted after saving a checkpoint when a SIGTERM reached any process.
+  """
   exp = Experiment(config, devices)
   workdir = epath.Path(workdir)
   write_config(config, workdir)
   teacher = load_teacher(config, exp)
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.max_to_keep, config.checkpoint.every_steps,
-                                 config.checkpoint.async_save)
+                                 config.checkpoint.async_save, writer=True)
 
   # State: restored onto this mesh if a checkpoint exists, else born sharded.
   start = 0
@@ -194,44 +200,52 @@ def train_and_evaluate(config, workdir: str, devices=None):
         raise ValueError('teacher.init=True needs teacher.workdir.')
       logging.warning('Initialising the network from the teacher in %s (teacher.init=True).', config.teacher.workdir)
     state = exp.init_state(teacher if config.teacher.init else None)
-    if jax.process_index() == 0:
-      parameter_overview.log_parameter_overview(state.params)
+    parameter_overview.log_parameter_overview(state.params, include_stats='global', jax_logging_process=0)
 
   step_fn = exp.train_step()
 
   writer = writers.MetricWriter(workdir / 'tensorboard')
   progress = writers.Progress(config.train.num_steps, config.train.log_every, start)
   batches = exp.batches(start)
-  collection, accumulated, previous = None, None, None
+  collection, accumulated, previous, preempted = None, None, None, False
   try:
-    for step in range(start + 1, config.train.num_steps + 1):
-      state, metrics = step_fn(state, next(batches), teacher)
-      if previous is not None:
-        _check_finite(config, *previous, ckpt)
-      previous = (step, metrics)
-      collection = collection or _collection_for(tuple(metrics))
-      update = collection.single_from_model_output(**metrics)
-      accumulated = update if accumulated is None else accumulated.merge(update)
+    with distributed.PreemptionWatch() as preemption:
+      for step in range(start + 1, config.train.num_steps + 1):
+        state, metrics = step_fn(state, next(batches), teacher)
+        if previous is not None:
+          _check_finite(config, *previous, ckpt)
+        previous = (step, metrics)
+        collection = collection or _collection_for(tuple(metrics))
+        update = collection.single_from_model_output(**metrics)
+        accumulated = update if accumulated is None else accumulated.merge(update)
 
-      if step % config.train.log_every == 0 or step == config.train.num_steps:
-        writer.write_scalars(step, {k: v for k, v in accumulated.compute().items()})
-        accumulated = None
-      progress(step, writer)
-      if config.sampling.grid_every and (step % config.sampling.grid_every == 0):
-        write_samples(exp, state, writer, workdir, step)
-      if ckpt.should_save(step) or step == config.train.num_steps:
-        _check_finite(config, *previous, ckpt)
-        ckpt.save(step, state, {'position': step, 'seed': config.seed}, force=True)
+        if step % config.train.log_every == 0 or step == config.train.num_steps:
+          writer.write_scalars(step, {k: v for k, v in accumulated.compute().items()})
+          accumulated = None
+        progress(step, writer)
+        if config.sampling.grid_every and (step % config.sampling.grid_every == 0):
+          write_samples(exp, state, writer, workdir, step)
+        preempted = preemption.reached(step)
+        if preempted or ckpt.should_save(step) or step == config.train.num_steps:
+          _check_finite(config, *previous, ckpt)
+          ckpt.save(step, state, {'position': step, 'seed': config.seed}, force=True)
+        if preempted:
+          break
   finally:
     batches.close()
     ckpt.wait()
     ckpt.close()
     writer.flush()
 
+  if preempted:
+    writer.close()
+    raise distributed.Preempted(f'Preempted: saved step {step} to {ckpt.directory / str(step)}; '
+                                'run the same command again to resume from it.')
   write_samples(exp, state, writer, workdir, int(state.step))
   if config.eval.proxy:
     report = quality_report(exp, state, teacher, workdir)
-    writer.write_scalars(int(state.step), {f'proxy/{k}': v for k, v in report.items()})
+    tag = lambda name: 'proxy/' + re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')  # 'ict (1-step)' -> 'ict_1_step'
+    writer.write_scalars(int(state.step), {tag(k): v for k, v in report.items()})
   writer.close()
   return state
 

@@ -37,13 +37,21 @@ def get_config():
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, max_to_keep=3, async_save=True))
 
-  # mid_sigmas: the noise levels after sigma_max used by 2-, 3-, ... step consistency sampling.
+  # mid_sigmas: the noise levels after sigma_max used by 2-, 3-, ... step consistency sampling; or instead
+  # mid_indices: indices counted from sigma_max on the index_grid_size-point Karras grid (the CM code's ts = [0, 11, 17]
+  # is mid_indices=(11,) with index_grid_size=18; set mid_sigmas=() then).
   c.sampling = ml_collections.ConfigDict(dict(
-      teacher_steps=18, mid_sigmas=(0.821,), grid_every=0, num_grid=64))
+      teacher_steps=18, mid_sigmas=(0.821,), mid_indices=(), index_grid_size=18, grid_every=0, num_grid=64))
 
   # The digits proxy table printed at the end of training (and by --mode=eval).
   c.eval = ml_collections.ConfigDict(dict(proxy=False, num_samples=1000, steps=(1, 2)))
 
-  # Device mesh: axis name -> size (-1: the rest); rules: (regex on the state path, partition spec).
-  c.mesh = ml_collections.ConfigDict(dict(shape=dict(data=-1, fsdp=1), rules=(), min_size=2**14))
+  # Device mesh: axis name -> size (-1: the rest). Every device takes a slice of the batch. `rules` shard the
+  # parameters, their EMAs, the target and the optimiser state alike: (regex searched in the leaf's
+  # '/'-joined state path, spec of its trailing dimensions); leaves under `min_size` elements are replicated.
+  # The default splits the input-feature axis of every kernel (dense [in, out], conv [h, w, in, out]) over
+  # `fsdp`; with fsdp=1 that changes nothing. Fully sharded data parallel over 8 devices:
+  #   --config.mesh.shape.data=1 --config.mesh.shape.fsdp=8     (or data=2 fsdp=4: 2 replicas of 4 shards)
+  c.mesh = ml_collections.ConfigDict(dict(
+      shape=dict(data=-1, fsdp=1), rules=((r'kernel$', ('fsdp', None)),), min_size=2**14))
   return c

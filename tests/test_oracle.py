@@ -14,32 +14,8 @@ import pytest
 from cm_jax import schedules
 from cm_jax import solvers
 from cm_jax.objectives.discrete import make_ict
-from cm_jax.parameterization import EDM, TrigFlow
-
-SD, EPS, T = 0.5, 0.002, 80.0
-EDM_ = EDM(sigma_data=SD, sigma_min=EPS, sigma_max=T)
-
-
-def exact_denoiser(x, sigma):
-  return SD**2 / (sigma[:, None] ** 2 + SD**2) * x
-
-
-def exact_consistency(x, sigma):
-  return x * np.sqrt(EPS**2 + SD**2) / jnp.sqrt(sigma[:, None] ** 2 + SD**2)
-
-
-class OracleNet(nn.Module):
-  """F such that EDM's consistency parameterisation gives f* + a x (a: the one trainable parameter)."""
-
-  @nn.compact
-  def __call__(self, x_in, c_noise, cond=None, train=False):
-    a = self.param('a', nn.initializers.zeros, ())
-    sigma = jnp.exp(4.0 * c_noise)[:, None]  # c_noise = 0.25 ln sigma
-    x = x_in * jnp.sqrt(sigma**2 + SD**2)       # undo c_in
-    c_skip, c_out = EDM_.consistency_scalings(sigma)
-    target = exact_consistency(x, sigma[:, 0]) + a * x
-    safe = jnp.abs(c_out) > 1e-6
-    return jnp.where(safe, (target - c_skip * x) / jnp.where(safe, c_out, 1.0), 0.0)
+from cm_jax.parameterization import TrigFlow
+from oracle import EDM_, EPS, SD, T, OracleNet, exact_consistency, exact_denoiser
 
 
 class RandomNet(nn.Module):
@@ -117,7 +93,8 @@ def test_ict_gradient_vanishes_at_exact_consistency_function(distance):
   model = OracleNet()
   objective = make_ict(config, model, EDM_)
   batch = {'image': SD * jax.random.normal(jax.random.PRNGKey(0), (8192, 4)), 'label': jnp.zeros(8192, jnp.int32)}
-  grad = jax.jit(jax.grad(lambda a: objective.loss({'a': a}, {}, {}, batch, jax.random.PRNGKey(1), 0)[0]))
+  grad = jax.jit(jax.grad(lambda a: objective.loss({'a': a, 'gate': 1.0}, {}, {}, batch, jax.random.PRNGKey(1),
+                                                   0)[0]))
   g0, g_plus, g_minus = float(grad(0.0)), float(grad(0.05)), float(grad(-0.05))
   assert g_plus > 0 and g_minus < 0
   stationary_a = -g0 / ((g_plus - g_minus) / 0.1)  # where the (locally linear) gradient crosses zero

@@ -4,10 +4,12 @@ import dataclasses
 
 import flax.linen as nn
 
+from cm_jax.models.adm import ADM
 from cm_jax.models.mlp import MLP
+from cm_jax.models.ncsnpp import NCSNpp
 from cm_jax.models.unet import UNet
 
-MODELS = {'unet': UNet, 'mlp': MLP}
+MODELS = {'unet': UNet, 'mlp': MLP, 'ncsnpp': NCSNpp, 'adm': ADM}
 
 
 def build_model(model_config) -> nn.Module:

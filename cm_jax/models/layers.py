@@ -1,6 +1,7 @@
-"""Noise and class-label embeddings shared by all networks."""
+"""Noise and class-label embeddings, and the pixel norm, shared by all networks."""
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -48,8 +49,8 @@ class TimeEmbedding(nn.Module):
   emb = Dense(SiLU(Dense(sinusoids(c_noise)))) + Embed(cond)   (as in ADM).
   """
   features: int
-  kind: str = 'positional'
-  scale: float = 1.0
+  kind: str  # 'fourier' or 'positional'.
+  scale: float  # Fourier frequency std, or positional multiplier of c_noise.
   num_classes: int = 0
 
   @nn.compact
@@ -69,3 +70,8 @@ class TimeEmbedding(nn.Module):
     if self.num_classes:
       emb = emb + nn.Embed(self.num_classes, self.features, name='label')(cond)
     return emb
+
+
+def pixel_norm(x, eps=1e-8):
+  """x / RMS(x) over the last (channel) axis: sCM's pnorm, unit mean square per position."""
+  return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)

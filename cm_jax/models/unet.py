@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cm_jax.models.layers import TimeEmbedding
+from cm_jax.models.layers import TimeEmbedding, pixel_norm
 
 
 def group_norm(channels, name):
@@ -21,11 +21,12 @@ def group_norm(channels, name):
 class ResBlock(nn.Module):
   """Residual block with FiLM noise conditioning: (skip(x) + F(x, emb)) / sqrt(2).
 
-  F = Conv(Dropout(SiLU(GN(h) * (1 + scale) + shift))),
-  h = Conv(SiLU(GN(x))),  (scale, shift) = Dense(SiLU(emb)).
+  F = Conv(Dropout(SiLU(ada(GN(h))))),  h = Conv(SiLU(GN(x))),  (scale, shift) = Dense(SiLU(emb)),
+  ada = 'film': GN(h) (1 + scale) + shift;  'double': GN(h) pnorm(scale) + pnorm(shift) (sCM's adaptive double norm).
   """
   features: int
   dropout: float = 0.0
+  adaptive_norm: str = 'film'
 
   @nn.compact
   def __call__(self, x, emb, train):
@@ -35,7 +36,10 @@ class ResBlock(nn.Module):
     scale, shift = jnp.split(
         nn.Dense(2 * self.features, name='film')(nn.silu(emb)), 2, axis=-1)
     h = group_norm(self.features, 'norm_1')(h)
-    h = h * (1 + scale[:, None, None]) + shift[:, None, None]
+    if self.adaptive_norm == 'double':
+      h = h * pixel_norm(scale)[:, None, None] + pixel_norm(shift)[:, None, None]
+    else:
+      h = h * (1 + scale[:, None, None]) + shift[:, None, None]
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
     h = nn.Conv(self.features, (3, 3), name='conv_1')(h)
     if x.shape[-1] != self.features:
@@ -69,12 +73,14 @@ class DownLevel(nn.Module):
   downsample: bool
   dropout: float = 0.0
 
+  adaptive_norm: str = 'film'
+
   @nn.compact
   def __call__(self, h, emb, train):
     """Returns the level's output and the activations its decoder twin reuses."""
     skips = []
     for i in range(self.num_res_blocks):
-      h = ResBlock(self.features, self.dropout, name=f'res_{i}')(h, emb, train)
+      h = ResBlock(self.features, self.dropout, self.adaptive_norm, name=f'res_{i}')(h, emb, train)
       if self.attention:
         h = SelfAttention(name=f'attn_{i}')(h)
       skips.append(h)
@@ -85,19 +91,24 @@ class DownLevel(nn.Module):
 
 
 class UpLevel(nn.Module):
-  """One decoder resolution: residual (+attention) blocks on [h, skip] concats,
-  then nearest-neighbour upsampling and a conv."""
+  """One decoder resolution: residual (+attention) blocks, then upsampling.
+
+  Each residual block sees [h, skip] concatenated along channels; upsampling is
+  nearest-neighbour followed by a 3x3 conv.
+  """
   features: int
   attention: bool
   upsample: bool
   dropout: float = 0.0
+
+  adaptive_norm: str = 'film'
 
   @nn.compact
   def __call__(self, h, skips, emb, train):
     """Concatenates the encoder's skips, latest first, one per residual block."""
     for i, skip in enumerate(reversed(skips)):
       h = jnp.concatenate([h, skip], axis=-1)
-      h = ResBlock(self.features, self.dropout, name=f'res_{i}')(h, emb, train)
+      h = ResBlock(self.features, self.dropout, self.adaptive_norm, name=f'res_{i}')(h, emb, train)
       if self.attention:
         h = SelfAttention(name=f'attn_{i}')(h)
     if self.upsample:
@@ -112,12 +123,14 @@ class MidBlock(nn.Module):
   features: int
   dropout: float = 0.0
 
+  adaptive_norm: str = 'film'
+
   @nn.compact
   def __call__(self, h, emb, train):
     """res_0 -> attn -> res_1 at the lowest resolution."""
-    h = ResBlock(self.features, self.dropout, name='res_0')(h, emb, train)
+    h = ResBlock(self.features, self.dropout, self.adaptive_norm, name='res_0')(h, emb, train)
     h = SelfAttention(name='attn')(h)
-    return ResBlock(self.features, self.dropout, name='res_1')(h, emb, train)
+    return ResBlock(self.features, self.dropout, self.adaptive_norm, name='res_1')(h, emb, train)
 
 
 class UNet(nn.Module):
@@ -132,6 +145,7 @@ class UNet(nn.Module):
     num_classes: number of class labels; 0 for an unconditional model.
     time_embedding: 'fourier' or 'positional' embedding of c_noise.
     time_scale: Fourier frequency std, or positional multiplier of c_noise.
+    adaptive_norm: 'film' (GN(h) (1 + s(t)) + b(t)) or 'double' (GN(h) pnorm(s(t)) + pnorm(b(t)), sCM).
   """
   channels: int = 64
   channel_mult: Sequence[int] = (1, 2, 2)
@@ -141,10 +155,13 @@ class UNet(nn.Module):
   num_classes: int = 0
   time_embedding: str = 'positional'
   time_scale: float = 1000.0
+  adaptive_norm: str = 'film'
 
   @nn.compact
   def __call__(self, x, c_noise, cond=None, train=False):
     """Maps x [B, H, W, C], c_noise [B], cond [B] int or None to [B, H, W, C]."""
+    if self.adaptive_norm not in ('film', 'double'):
+      raise ValueError(f"Unknown adaptive_norm {self.adaptive_norm!r}; known: ['double', 'film'].")
     levels = len(self.channel_mult)
     if x.shape[1] % 2 ** (levels - 1) or x.shape[2] % 2 ** (levels - 1):
       raise ValueError(f'Spatial size {x.shape[1:3]} is not divisible by '
@@ -159,11 +176,11 @@ class UNet(nn.Module):
       h, level_skips = DownLevel(
           self.channels * mult, self.num_res_blocks,
           attention=h.shape[1] in self.attn_resolutions,
-          downsample=i < levels - 1, dropout=self.dropout,
+          downsample=i < levels - 1, dropout=self.dropout, adaptive_norm=self.adaptive_norm,
           name=f'down_{i}')(h, emb, train)
       skips += level_skips
 
-    h = MidBlock(h.shape[-1], self.dropout, name='mid')(h, emb, train)
+    h = MidBlock(h.shape[-1], self.dropout, self.adaptive_norm, name='mid')(h, emb, train)
 
     for i, mult in reversed(list(enumerate(self.channel_mult))):
       skips, level_skips = (skips[:-self.num_res_blocks - 1],
@@ -171,7 +188,7 @@ class UNet(nn.Module):
       h = UpLevel(
           self.channels * mult,
           attention=h.shape[1] in self.attn_resolutions,
-          upsample=i > 0, dropout=self.dropout,
+          upsample=i > 0, dropout=self.dropout, adaptive_norm=self.adaptive_norm,
           name=f'up_{i}')(h, tuple(level_skips), emb, train)
 
     h = nn.silu(group_norm(h.shape[-1], 'norm_out')(h))

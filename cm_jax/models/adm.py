@@ -1,0 +1,54 @@
+"""The ADM UNet (Dhariwal and Nichol 2021) as retrained in EDM: the class-conditional ImageNet-64 network of EDM,
+CM and iCT (and of ECT and sCD's teachers at 64x64)."""
+
+import functools
+from collections.abc import Sequence
+
+import flax.linen as nn
+
+from cm_jax.models.blocks import NoiseLabelEmbedding, UNetBlock, unet
+
+
+class ADM(nn.Module):
+  """ADM: F(x, c_noise, cond) with the shape of x. The defaults are EDM's ImageNet-64 configuration.
+
+  Attributes:
+    channels: base width; level i has channels * channel_mult[i] channels.
+    channel_mult: width multiplier per resolution level.
+    num_res_blocks: residual blocks per encoder level (decoder levels have one more).
+    attn_resolutions: spatial sizes whose blocks (all of them) have self-attention.
+    head_dim: channels per attention head.
+    dropout: dropout rate inside the residual blocks.
+    num_classes: number of class labels (1000 for ImageNet); 0 for an unconditional model.
+    label_dropout: probability of dropping a training label, so the network also learns the unconditional
+      F(x, c_noise, -1) that classifier-free guidance needs.
+    time_embedding: 'positional' or 'fourier' embedding of c_noise (channels sinusoids).
+    time_scale: positional multiplier of c_noise, or Fourier frequency std.
+    emb_mult: embedding width = channels * emb_mult.
+    adaptive_norm: 'scale_shift' (ADM), 'shift' or 'double' (sCM) conditioning of the blocks' second norm.
+    dtype: compute dtype ('float32' or 'bfloat16'); parameters stay float32, the output is float32.
+  """
+  channels: int = 192
+  channel_mult: Sequence[int] = (1, 2, 3, 4)
+  num_res_blocks: int = 3
+  attn_resolutions: Sequence[int] = (32, 16, 8)
+  head_dim: int = 64
+  dropout: float = 0.1
+  num_classes: int = 1000
+  label_dropout: float = 0.0
+  time_embedding: str = 'positional'
+  time_scale: float = 1.0
+  emb_mult: int = 4
+  adaptive_norm: str = 'scale_shift'
+  dtype: str = 'float32'
+
+  @nn.compact
+  def __call__(self, x, c_noise, cond=None, train=False):
+    """Maps x [B, H, W, C], c_noise [B], cond [B] int (< 0: no label) or None to [B, H, W, C] (float32)."""
+    block = functools.partial(UNetBlock, head_dim=self.head_dim, dropout=self.dropout,
+                              adaptive_norm=self.adaptive_norm, dtype=self.dtype)
+    embed = NoiseLabelEmbedding(self.channels, self.channels * self.emb_mult, self.time_embedding,
+                                self.time_scale, self.num_classes, self.label_dropout, dtype=self.dtype,
+                                name='embed')
+    return unet(x, c_noise, cond, train, net=self, block=block, embed=embed,
+                attention_blocks=lambda res: range(self.num_res_blocks + 1) if res in self.attn_resolutions else ())

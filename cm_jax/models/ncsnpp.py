@@ -1,0 +1,65 @@
+"""DDPM++ and NCSN++ (Song et al. 2021), the CIFAR-10 networks of EDM, CM, iCT, ECT and sCM, as configured in EDM.
+
+DDPM++: positional embedding of c_noise (128 sinusoids), (1, 1) resampling filter, plain encoder.
+NCSN++: Fourier embedding (256 features, scale 16), (1, 3, 3, 1) filter, residual image-pyramid encoder.
+Both: BigGAN-style residual up/down blocks, attention at 16x16, skip rescaling by 1/sqrt(2), dropout.
+"""
+
+import functools
+from collections.abc import Sequence
+
+import flax.linen as nn
+import numpy as np
+
+from cm_jax.models.blocks import NoiseLabelEmbedding, UNetBlock, unet
+
+
+class NCSNpp(nn.Module):
+  """DDPM++ / NCSN++: F(x, c_noise, cond) with the shape of x. The defaults are CIFAR-10 DDPM++ (55.7M parameters).
+
+  Attributes:
+    channels: base width; level i has channels * channel_mult[i] channels.
+    channel_mult: width multiplier per resolution level.
+    num_res_blocks: residual blocks per encoder level (decoder levels have one more).
+    attn_resolutions: spatial sizes with self-attention (encoder blocks, last decoder block of the level).
+    dropout: dropout rate inside the residual blocks.
+    num_classes: number of class labels; 0 for an unconditional model.
+    label_dropout: probability of dropping a training label (classifier-free guidance).
+    time_embedding: 'positional' (DDPM++) or 'fourier' (NCSN++) embedding of c_noise.
+    time_scale: positional multiplier of c_noise, or Fourier frequency std (16 in NCSN++).
+    noise_mult: sinusoid features = channels * noise_mult (1 in DDPM++, 2 in NCSN++).
+    emb_mult: embedding width = channels * emb_mult.
+    residual_input: NCSN++'s progressive 'residual' input pyramid in the encoder.
+    resample_filter: FIR filter of the up/down blocks ((1, 1) DDPM++, (1, 3, 3, 1) NCSN++).
+    adaptive_norm: 'shift' (DDPM++), 'scale_shift' or 'double' (sCM) conditioning of the blocks' second norm.
+    dtype: compute dtype ('float32' or 'bfloat16'); parameters stay float32, the output is float32.
+  """
+  channels: int = 128
+  channel_mult: Sequence[int] = (2, 2, 2)
+  num_res_blocks: int = 4
+  attn_resolutions: Sequence[int] = (16,)
+  dropout: float = 0.1
+  num_classes: int = 0
+  label_dropout: float = 0.0
+  time_embedding: str = 'positional'
+  time_scale: float = 1.0
+  noise_mult: int = 1
+  emb_mult: int = 4
+  residual_input: bool = False
+  resample_filter: Sequence[int] = (1, 1)
+  adaptive_norm: str = 'shift'
+  dtype: str = 'float32'
+
+  @nn.compact
+  def __call__(self, x, c_noise, cond=None, train=False):
+    """Maps x [B, H, W, C], c_noise [B], cond [B] int or None to [B, H, W, C] (float32)."""
+    eps = 1e-6
+    block = functools.partial(
+        UNetBlock, dropout=self.dropout, skip_scale=np.sqrt(0.5), adaptive_norm=self.adaptive_norm,
+        resample_filter=tuple(self.resample_filter), resample_proj=True, eps=eps, dtype=self.dtype)
+    embed = NoiseLabelEmbedding(self.channels * self.noise_mult, self.channels * self.emb_mult,
+                                self.time_embedding, self.time_scale, self.num_classes, self.label_dropout,
+                                dtype=self.dtype, name='embed')
+    return unet(x, c_noise, cond, train, net=self, block=block, embed=embed,
+                attention_blocks=lambda res: (self.num_res_blocks,) if res in self.attn_resolutions else (),
+                residual_input=self.residual_input, resample_filter=tuple(self.resample_filter), eps=eps)

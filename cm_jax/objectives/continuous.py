@@ -1,0 +1,257 @@
+"""Continuous-time consistency objectives with forward-mode JVP.
+
+  sCT / sCD (Lu and Song 2024) on TrigFlow: the tangent cos(t) sin(t) dF-/dt from ONE jax.jvp, tangent warm-up and
+  normalisation, the adaptive weighting network w_phi(t) (trained jointly: its parameters are the objective's
+  `extra`), optional prior weighting 1/sigma; theta- = sg(theta).
+  CT / CD in continuous time with stop-gradient (Song et al. 2023, Appendix B) on EDM: a pseudo-loss whose gradient is
+  the N -> infinity limit of the (scaled) discrete CT/CD gradient.
+
+A finite-difference fallback (objective.jvp='finite_difference') replaces jax.jvp for kernels without forward-mode
+rules. Mixed precision: when the network computes in bfloat16 (model.dtype, paper networks), only the trained
+forward/backward does; the JVP, the teacher (float32 clones of the network: same parameters), the tangent g and the
+loss are float32.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cm_jax import distances
+from cm_jax import solvers
+from cm_jax.models.layers import PositionalEmbedding
+from cm_jax.objectives.base import Objective, labels, network
+from cm_jax.parameterization import EDM, TrigFlow, bcast
+
+NULL_LABEL = -1  # the unconditional label of the paper networks (a label < 0 embeds as zero)
+_COMMON_KEYS = {'name', 'jvp', 'fd_eps'}
+_SCM_KEYS = _COMMON_KEYS | {'p_mean', 'p_std', 'tangent_warmup_steps', 'tangent_norm', 'tangent_norm_c',
+                            'adaptive_weighting', 'prior_weighting'}
+_SCD_KEYS = _SCM_KEYS | {'teacher', 'guidance_scale'}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pieces shared by the objectives (pure functions; tested one by one).
+# ----------------------------------------------------------------------------------------------------------
+def directional_derivative(fn, x, t, dx, dt, method='jvp', fd_eps=1e-3):
+  """(fn(x, t), d/dh fn(x + h dx, t + h dt) at h = 0) with per-sample t, dt [B].
+
+  'jvp': one forward-mode jax.jvp. 'finite_difference': (fn(x + h dx, t + h dt) - fn(x - h dx, t - h dt)) / 2h with
+  the per-sample h chosen so that the time moves by fd_eps |t| (three forward passes).
+  """
+  if method == 'jvp':
+    return jax.jvp(fn, (x, t), (dx, dt))
+  h = fd_eps * jnp.abs(t) / jnp.maximum(jnp.abs(dt), 1e-20)
+  plus, minus = fn(x + bcast(h, x) * dx, t + h * dt), fn(x - bcast(h, x) * dx, t - h * dt)
+  return fn(x, t), (plus - minus) / bcast(2.0 * h, plus)
+
+
+def tangent_warmup(step, warmup_steps: int):
+  """r = min(1, step / H); r = 1 from the start when H = 0."""
+  if warmup_steps <= 0:
+    return jnp.ones((), jnp.float32)
+  return jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / warmup_steps)
+
+
+def tangent_norm(g, norm: str):
+  """Per-sample ||g||: 'l2' = sqrt(sum g^2), 'rms' = sqrt(mean g^2)."""
+  sq = jnp.reshape(g, (g.shape[0], -1)) ** 2
+  return jnp.sqrt(jnp.sum(sq, -1) if norm == 'l2' else jnp.mean(sq, -1))
+
+
+def normalize_tangent(g, norm: str, c: float):
+  """g <- g / (||g|| + c), per sample."""
+  return g / bcast(tangent_norm(g, norm) + c, g)
+
+
+class AdaptiveWeight(nn.Module):
+  """w_phi(t) = Linear(PositionalEmbedding(1000 t)) with 128 features, zero-initialised (w = 0 at the start)."""
+
+  @nn.compact
+  def __call__(self, t):
+    emb = PositionalEmbedding(128, scale=1000.0)(t)
+    return nn.Dense(1, kernel_init=nn.initializers.zeros, name='dense')(emb)[:, 0]
+
+
+def float32_model(model):
+  """The same network computing in float32 (a network without a `dtype` field always does)."""
+  return model.clone(dtype='float32') if hasattr(model, 'dtype') else model
+
+
+def karras_continuous(u, sigma_min, sigma_max, rho):
+  """sigma(u) = (eps^(1/rho) + u (T^(1/rho) - eps^(1/rho)))^rho and d sigma/du, u in [0, 1]: the Karras grid's limit."""
+  lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+  base = lo + u * (hi - lo)
+  return base**rho, rho * (hi - lo) * base ** (rho - 1.0)
+
+
+def scm_tangent(tf: TrigFlow, target_net, x_t, t, dxdt, r, method='jvp', fd_eps=1e-3):
+  """g = -cos^2(t) (sd F- - dx_t/dt) - r (cos(t) sin(t) x_t + sd cos(t) sin(t) dF-/dt), un-normalised.
+
+  sd cos(t) sin(t) dF-/dt is ONE JVP of F- at (x_t / sd, t) along (cos(t) sin(t) dx_t/dt, cos(t) sin(t) sd).
+  """
+  sd = tf.sigma_data
+  cs = jnp.cos(t) * jnp.sin(t)
+  f_minus, sd_cs_df = directional_derivative(target_net, x_t / sd, t, bcast(cs, x_t) * dxdt, cs * sd, method, fd_eps)
+  cos2 = bcast(jnp.cos(t) ** 2, x_t)
+  return -cos2 * (sd * f_minus - dxdt) - r * (bcast(cs, x_t) * x_t + sd_cs_df)
+
+
+def cm_pseudo_loss(f, f_minus, x, sigma, dx_dsigma, weight, method='jvp', fd_eps=1e-3):
+  """Per sample 2 weight / D f(x, sigma)^T sg(df-/dsigma), df-/dsigma = d_sigma f- + (d_x f-) dx/dsigma (CM App. B).
+
+  Its gradient is the limit of the discrete loss's gradient with d = squared l2 (mean over dimensions) divided by the
+  step sigma_{n+1} - sigma_n = weight / (N - 1).
+  """
+  _, df = directional_derivative(f_minus, x, sigma, dx_dsigma, jnp.ones_like(sigma), method, fd_eps)
+  flat = lambda a: jnp.reshape(a, (a.shape[0], -1))
+  return 2.0 * weight * jnp.mean(flat(f(x, sigma)) * flat(jax.lax.stop_gradient(df)), axis=-1)
+
+
+def _check_common(config, expected_keys):
+  obj = config.objective
+  got = set(obj.keys())
+  if got != expected_keys:
+    raise ValueError(f'objective.name={obj.name!r}: unknown objective key(s) {sorted(got - expected_keys)}, '
+                     f'missing objective key(s) {sorted(expected_keys - got)}.')
+  if obj.jvp not in ('jvp', 'finite_difference'):
+    raise ValueError(f"objective.jvp={obj.jvp!r}; expected 'jvp' or 'finite_difference'.")
+  if not obj.fd_eps > 0:
+    raise ValueError(f'objective.fd_eps={obj.fd_eps} must be positive.')
+
+
+def _teacher(frozen, name):
+  if frozen.get('teacher') is None:
+    raise ValueError(f'objective.name={name!r} distils a teacher: set teacher.workdir to a diffusion run.')
+  return frozen['teacher']
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sCT and sCD.
+# ----------------------------------------------------------------------------------------------------------
+def _check_scm(config, tf, distill):
+  obj = config.objective
+  _check_common(config, _SCD_KEYS if distill else _SCM_KEYS)
+  if not isinstance(tf, TrigFlow):
+    raise ValueError(f"objective.name={obj.name!r} needs parameterization.name='trigflow'.")
+  if obj.tangent_norm not in ('l2', 'rms'):
+    raise ValueError(f"objective.tangent_norm={obj.tangent_norm!r}; expected 'l2' or 'rms'.")
+  if not obj.tangent_norm_c > 0:
+    raise ValueError(f'objective.tangent_norm_c={obj.tangent_norm_c} must be positive.')
+  if obj.tangent_warmup_steps < 0:
+    raise ValueError(f'objective.tangent_warmup_steps={obj.tangent_warmup_steps} must be >= 0.')
+  if distill:
+    if obj.teacher not in ('trigflow', 'edm'):
+      raise ValueError(f"objective.teacher={obj.teacher!r}: sCD accepts a 'trigflow' teacher (v-prediction, "
+                       "c_noise = t) or an 'edm' teacher (denoiser, used through t = arctan(sigma / sd)).")
+    lo, hi = obj.guidance_scale
+    if not 0 <= lo <= hi:
+      raise ValueError(f'objective.guidance_scale={tuple(obj.guidance_scale)} must be (lo, hi) with 0 <= lo <= hi.')
+    if (lo, hi) != (1.0, 1.0) and not (config.model.num_classes and config.model.get('label_dropout', 0) > 0):
+      raise ValueError(f'objective.guidance_scale={tuple(obj.guidance_scale)} needs a class-conditional teacher '
+                       'trained with model.label_dropout > 0 (a network where label -1 is the unconditional branch).')
+
+
+def _guided_velocity(config, model, tf: TrigFlow):
+  """dx_t/dt = v(x_t, t, c) + (s - 1)(v(x_t, t, c) - v(x_t, t, null)), s ~ U[lo, hi] (s = 1: no guidance)."""
+  obj = config.objective
+  edm = EDM(sigma_data=tf.sigma_data, sigma_min=tf.sigma_min, sigma_max=tf.sigma_max)
+
+  def velocity(params, x_t, t, cond):
+    net = network(model, params, cond)
+    return tf.velocity(net, x_t, t) if obj.teacher == 'trigflow' else tf.edm_velocity(edm, net, x_t, t)
+
+  lo, hi = obj.guidance_scale
+
+  def guided(params, x_t, t, cond, rng):
+    v = velocity(params, x_t, t, cond)
+    if (lo, hi) == (1.0, 1.0):
+      return v
+    s = jax.random.uniform(rng, t.shape, minval=lo, maxval=hi)
+    v_null = velocity(params, x_t, t, jnp.full_like(cond, NULL_LABEL))
+    return v + bcast(s - 1.0, v) * (v - v_null)
+
+  return guided
+
+
+def make_scm(config, model, tf: TrigFlow, distill: bool) -> Objective:
+  """L = exp(-w_phi(t)) lambda(t) / D ||F_theta(x_t / sd, t) - F_theta-(x_t / sd, t) - g||^2 + w_phi(t).
+
+  g: `scm_tangent` with dx_t/dt = cos(t) z - sin(t) x0 (sCT) or the (guided) teacher's velocity (sCD), warmed up by
+  r = min(1, step / H) and normalised g / (||g|| + c); lambda = 1 / (sd tan t) with prior_weighting, else 1;
+  theta- = sg(theta), so F_theta- is the stop-gradient of the same forward pass (one shared dropout key).
+  """
+  _check_scm(config, tf, distill)
+  obj = config.objective
+  sd, model32 = tf.sigma_data, float32_model(model)
+  weight_net = AdaptiveWeight()
+  teacher_velocity = _guided_velocity(config, model32, tf) if distill else None
+
+  def init_extra(rng):
+    return weight_net.init(rng, jnp.zeros((1,)))['params'] if obj.adaptive_weighting else {}
+
+  def loss(params, extra, frozen, batch, rng, step):
+    x0 = batch['image']
+    cond = labels(batch, config.model)
+    rng_t, rng_z, rng_drop, rng_s = jax.random.split(rng, 4)
+    t = tf.sample_t(rng_t, (x0.shape[0],), obj.p_mean, obj.p_std)
+    z = sd * jax.random.normal(rng_z, x0.shape)
+    x_t = tf.noise(x0, z, t)
+    if distill:
+      dxdt = teacher_velocity(_teacher(frozen, obj.name), x_t, t, cond, rng_s)
+    else:
+      dxdt = bcast(jnp.cos(t), x0) * z - bcast(jnp.sin(t), x0) * x0
+    r = tangent_warmup(step, obj.tangent_warmup_steps)
+    target_net = network(model32, jax.lax.stop_gradient(params), cond, rng_drop)
+    g = scm_tangent(tf, target_net, x_t, t, dxdt, r, obj.jvp, obj.fd_eps)
+    g_norm = tangent_norm(g, obj.tangent_norm)
+    g = jax.lax.stop_gradient(normalize_tangent(g, obj.tangent_norm, obj.tangent_norm_c))
+
+    f_theta = network(model, params, cond, rng_drop)(x_t / sd, t)
+    w = weight_net.apply({'params': extra}, t) if obj.adaptive_weighting else jnp.zeros_like(t)
+    prior = 1.0 / (sd * jnp.tan(t)) if obj.prior_weighting else jnp.ones_like(t)
+    per_sample = jnp.exp(-w) * prior * distances.squared_l2(f_theta, jax.lax.stop_gradient(f_theta + g)) + w
+    loss = jnp.mean(per_sample)
+    return loss, {'loss': loss, 'tangent_norm': jnp.mean(g_norm), 'tangent_warmup': r, 'adaptive_weight': jnp.mean(w)}
+
+  return Objective(loss=loss, kind='consistency', init_extra=init_extra)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The CM paper's continuous-time CT and CD.
+# ----------------------------------------------------------------------------------------------------------
+def make_cm_continuous(config, model, edm: EDM, distill: bool) -> Objective:
+  """E_u[cm_pseudo_loss] with u ~ U(0, 1), sigma = sigma(u) (the Karras grid's limit), weight = d sigma/du, lambda = 1.
+
+  x = x0 + sigma z; dx/dsigma = z (CT: the score replaced by -(x - x0)/sigma^2) or (x - D_teacher(x, sigma)) / sigma
+  (CD: the EDM teacher's PF-ODE). theta- = sg(theta).
+  """
+  _check_common(config, _COMMON_KEYS)
+  obj = config.objective
+  if not isinstance(edm, EDM):
+    raise ValueError(f"objective.name={obj.name!r} needs parameterization.name='edm'.")
+  model32 = float32_model(model)
+  rho = config.parameterization.rho
+
+  def loss(params, extra, frozen, batch, rng, step):
+    del extra, step
+    x0 = batch['image']
+    cond = labels(batch, config.model)
+    rng_u, rng_z, rng_drop = jax.random.split(rng, 3)
+    sigma, dsigma_du = karras_continuous(jax.random.uniform(rng_u, (x0.shape[0],)), edm.sigma_min, edm.sigma_max, rho)
+    z = jax.random.normal(rng_z, x0.shape)
+    x = x0 + bcast(sigma, x0) * z
+    if distill:
+      teacher = network(model32, _teacher(frozen, obj.name), cond)
+      dx_dsigma = solvers.pf_ode_derivative(lambda y, s: edm.denoise(teacher, y, s), x, sigma)
+    else:
+      dx_dsigma = z
+    student = network(model, params, cond, rng_drop)
+    target = network(model32, jax.lax.stop_gradient(params), cond, rng_drop)
+    per_sample = cm_pseudo_loss(functools.partial(edm.consistency, student), functools.partial(edm.consistency, target),
+                                x, sigma, dx_dsigma, dsigma_du, obj.jvp, obj.fd_eps)
+    loss = jnp.mean(per_sample)
+    return loss, {'loss': loss}
+
+  return Objective(loss=loss, kind='consistency')

@@ -1,0 +1,33 @@
+"""Consistency training with LPIPS on CIFAR-10 (CM paper), from a random initialisation (no teacher).
+
+Command (LPIPS weights at config.objective.lpips_weights, format in cm_jax/lpips.py):
+  python -m cm_jax.main --config=configs/cifar10_ct_lpips.py --workdir=runs/cifar10_ct_lpips
+Hardware: sized for 8 A100 GPUs; a TPU v4-32 slice takes the same global batch.
+Batch 512, 800k iterations, RAdam lr 4e-4, N(k) from s0 = 2 to s1 = 150, mu0 = 0.9 with the official code's
+mu(k) = exp(s0 ln(mu0) / (N(k) - 1)) (the paper writes N(k)), EMA 0.9999, dropout 0, NCSN++.
+Paper FID: 1 step 8.70, 2 steps 5.83.
+"""
+
+import ml_collections
+
+from configs import base
+from configs import cifar10_edm
+
+
+def get_config():
+  c = base.get_config()
+  cifar10_edm.cifar10(c, 'ncsnpp', dropout=0.0)
+  c.objective = ml_collections.ConfigDict(dict(
+      name='ct', s0=2, s1=150, mu0=0.9, mu_convention='code', distance='lpips',
+      lpips_weights='weights/lpips_vgg16.npz'))
+  c.optim = ml_collections.ConfigDict(dict(
+      name='radam', learning_rate=4e-4, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=0, grad_clip=0.0))
+  c.ema.rates = (0.9999,)
+  c.train.batch_size = 512
+  c.train.num_steps = 800_000
+  c.train.log_every = 1000
+  c.checkpoint.every_steps = 10_000
+  c.sampling.mid_sigmas = ()
+  c.sampling.mid_indices = (11,)
+  c.sampling.index_grid_size = 18
+  return c

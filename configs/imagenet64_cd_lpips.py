@@ -1,0 +1,35 @@
+"""Consistency distillation with LPIPS on class-conditional ImageNet-64 (CM paper), from the ADM EDM teacher.
+
+Commands (the teacher first; LPIPS weights at config.objective.lpips_weights, format in cm_jax/lpips.py):
+  python -m cm_jax.main --config=configs/imagenet64_edm.py --workdir=runs/imagenet64_edm
+  python -m cm_jax.main --config=configs/imagenet64_cd_lpips.py --workdir=runs/imagenet64_cd_lpips
+Hardware: sized for 64 A100 GPUs (the CM paper) or a TPU v4-128 slice; bfloat16 compute (the paper: fp16).
+Batch 2048, 600k iterations, RAdam lr 8e-6, N = 40, Heun, mu = 0.95, EMA 0.999943, dropout 0, initialised
+from the teacher. 2-step sampling at index 22 of the 40-point grid (the official scripts' ts = 0,22,39).
+Paper FID: 1 step 6.20, 2 steps 4.70.
+"""
+
+import ml_collections
+
+from configs import base
+from configs import imagenet64_edm
+
+
+def get_config():
+  c = base.get_config()
+  imagenet64_edm.imagenet64(c, dropout=0.0)
+  c.objective = ml_collections.ConfigDict(dict(
+      name='cd', num_scales=40, solver='heun', target_ema=0.95, distance='lpips',
+      lpips_weights='weights/lpips_vgg16.npz'))
+  c.teacher = ml_collections.ConfigDict(dict(workdir='runs/imagenet64_edm', init=True))
+  c.optim = ml_collections.ConfigDict(dict(
+      name='radam', learning_rate=8e-6, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=0, grad_clip=0.0))
+  c.ema.rates = (0.999943,)
+  c.train.batch_size = 2048
+  c.train.num_steps = 600_000
+  c.train.log_every = 1000
+  c.checkpoint.every_steps = 10_000
+  c.sampling.mid_sigmas = ()
+  c.sampling.mid_indices = (22,)
+  c.sampling.index_grid_size = 40
+  return c

@@ -1,0 +1,293 @@
+"""Continuous-time consistency objectives: sCT / sCD (TrigFlow, jax.jvp) and the CM paper's continuous CT / CD.
+
+Gaussian oracle in TrigFlow (data x0 ~ N(0, a^2 I), z ~ N(0, sd^2 I), x_t = cos(t) x0 + sin(t) z):
+  x_t ~ N(0, v(t) I) with v(t) = a^2 cos^2 t + sd^2 sin^2 t, and E[x0 | x_t] = a^2 cos(t) / v(t) x_t.
+  PF-ODE velocity: dx_t/dt = (cos(t) x_t - E[x0 | x_t]) / sin(t) = cos(t) (1 - a^2 / v) x_t / sin(t)
+                            = cos(t) sin(t) (sd^2 - a^2) / v(t) x_t = (1/2) (d ln v / dt) x_t,
+  so along a trajectory x_t / sqrt(v(t)) is constant and the exact consistency function is
+  f*(x, t) = x a / sqrt(v(t))  (f*(x, 0) = x; for a = sd the flow is static and f* = identity).
+  The exact teacher network is F_teacher = (dx_t/dt) / sd, and f = cos(t) x - sin(t) sd F gives
+  F* = (cos(t) x - f*(x, t)) / (sin(t) sd).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from cm_jax import sampling
+from cm_jax import solvers
+from cm_jax import train
+from cm_jax.models import build_model
+from cm_jax.objectives import continuous, make_objective
+from cm_jax.parameterization import EDM, TrigFlow
+from helpers import tiny_config
+
+SD = 0.5
+TF = TrigFlow(sigma_data=SD)
+
+
+def _v(t, a):
+  return a**2 * jnp.cos(t) ** 2 + SD**2 * jnp.sin(t) ** 2
+
+
+class TrigFlowOracle(nn.Module):
+  """teacher = 1: the exact teacher F = (dx_t/dt) / sd; teacher = 0: F with f = f* + alpha sin(t) x (alpha trainable).
+
+  The perturbation vanishes at t = 0 (f keeps its boundary condition, F = F* - alpha x / sd stays finite) and changes
+  along the trajectories, so it is visible to the tangent (a time-independent alpha x would not be for a = sd).
+  """
+  a: float
+
+  @nn.compact
+  def __call__(self, x_in, t, cond=None, train=False):
+    alpha = self.param('alpha', nn.initializers.zeros, ())
+    teacher = self.param('teacher', nn.initializers.zeros, ())
+    x, t = SD * x_in, t[:, None]
+    velocity = jnp.cos(t) * jnp.sin(t) * (SD**2 - self.a**2) / _v(t, self.a) * x
+    f = x * self.a / jnp.sqrt(_v(t, self.a)) + alpha * jnp.sin(t) * x
+    return teacher * velocity / SD + (1.0 - teacher) * (jnp.cos(t) * x - f) / (jnp.sin(t) * SD)
+
+
+def _scm_config(name='scd', **overrides):
+  obj = dict(name=name, p_mean=-1.0, p_std=1.4, tangent_warmup_steps=10, tangent_norm='l2', tangent_norm_c=0.1,
+             adaptive_weighting=False, prior_weighting=True, jvp='jvp', fd_eps=1e-3)
+  if name == 'scd':
+    obj.update(teacher='trigflow', guidance_scale=(1.0, 1.0))
+  obj.update(overrides)
+  return ml_collections.ConfigDict(dict(objective=obj, model=dict(num_classes=0), parameterization=dict(
+      name='trigflow', sigma_data=SD, sigma_min=0.002, sigma_max=80.0, rho=7.0)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tangent: one jax.jvp == float64 central difference, on the real UNet.
+# ----------------------------------------------------------------------------------------------------------
+def test_scm_jvp_matches_float64_central_difference_on_unet():
+  """sd cos sin dF/dt from the rearranged tangent, divided by sd cos sin, equals d/dh F((x_t + h dx_t/dt)/sd, t + h)."""
+  model = build_model(dict(name='unet', channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                           time_embedding='positional', time_scale=1000.0, adaptive_norm='double'))
+  rng = np.random.default_rng(0)
+  x_t = jnp.asarray(rng.standard_normal((2, 8, 8, 1)) * SD, jnp.float32)
+  dxdt = jnp.asarray(rng.standard_normal((2, 8, 8, 1)) * SD, jnp.float32)
+  t = jnp.asarray([0.3, 1.2], jnp.float32)
+  params = model.init(jax.random.PRNGKey(0), x_t, t)['params']
+  params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+  cs = jnp.cos(t) * jnp.sin(t)
+  bc = lambda v: v[:, None, None, None]
+  net = lambda x, c: model.apply({'params': params}, x, c)
+
+  tangent = jax.jit(lambda: continuous.directional_derivative(net, x_t / SD, t, bc(cs) * dxdt, cs * SD)[1])
+  jvp = tangent() / bc(SD * cs)
+  with jax.enable_x64(True):
+    p64 = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64), params)
+    f64 = jax.jit(lambda h: model.apply({'params': p64}, (jnp.asarray(x_t, jnp.float64) + h * dxdt) / SD,
+                                jnp.asarray(t, jnp.float64) + h))
+    reference = np.asarray((f64(1e-5) - f64(-1e-5)) / 2e-5)
+  scale = np.linalg.norm(reference)
+  assert scale > 1.0  # a non-trivial derivative
+  assert np.linalg.norm(jvp - reference) / scale < 1e-3  # float32 JVP vs float64
+
+
+def test_finite_difference_fallback_matches_jvp():
+  """The central difference moves the time by fd_eps t; it must resolve the time embedding's highest frequency
+  (time_scale = 1000 here: fd_eps t 1000 << 1), so 1e-3 is too coarse for this network and 1e-4 is not."""
+  model = build_model(dict(name='mlp', hidden=32, depth=2, time_embedding='positional', time_scale=1000.0))
+  rng = np.random.default_rng(0)
+  x, dx = (jnp.asarray(rng.standard_normal((16, 4)), jnp.float32) for _ in range(2))
+  t = jnp.asarray(rng.uniform(0.05, 1.5, 16), jnp.float32)
+  params = model.init(jax.random.PRNGKey(0), x, t)['params']
+  params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+  net = lambda x, c: model.apply({'params': params}, x, c)
+  derivative = jax.jit(lambda m, e: continuous.directional_derivative(net, x, t, dx, jnp.ones_like(t), m, e),
+                       static_argnums=0)
+  (primal, exact), (fd_primal, fd) = derivative('jvp', 0.0), derivative('finite_difference', 1e-4)
+  np.testing.assert_allclose(primal, fd_primal, rtol=1e-5, atol=1e-6)
+  assert np.linalg.norm(fd - exact) / np.linalg.norm(exact) < 1e-2
+  coarse = derivative('finite_difference', 1e-2)[1]
+  assert np.linalg.norm(coarse - exact) / np.linalg.norm(exact) > 1e-2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Gaussian oracle: exact F and exact teacher -> g ~ 0; a perturbed F gets a gradient pointing back.
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('a', [SD, 2 * SD])
+def test_scd_tangent_vanishes_at_exact_consistency_function(a):
+  model = TrigFlowOracle(a)
+  objective = make_objective(_scm_config(), model)
+  batch = {'image': a * jax.random.normal(jax.random.PRNGKey(0), (4096, 4))}
+  teacher = {'alpha': 0.0, 'teacher': 1.0}
+
+  def loss(alpha, step):
+    return objective.loss({'alpha': alpha, 'teacher': 0.0}, {}, {'teacher': teacher}, batch,
+                          jax.random.PRNGKey(1), step)
+
+  grad = jax.jit(jax.grad(lambda al: loss(al, 20)[0]))
+  _, metrics = jax.jit(loss)(0.0, 20)  # step 20 > H = 10: r = 1
+  assert float(metrics['tangent_warmup']) == 1.0
+  assert float(metrics['tangent_norm']) < 1e-4
+  _, perturbed = jax.jit(loss)(0.05, 20)
+  assert float(perturbed['tangent_norm']) > 1e-2 > 100 * float(metrics['tangent_norm'])
+  g0, g_plus, g_minus = float(grad(0.0)), float(grad(0.05)), float(grad(-0.05))
+  assert abs(g0) < 1e-3 * g_plus
+  assert g_plus > 0 and g_minus < 0  # gradient descent moves alpha back to 0
+  # During the warm-up (r < 1) the tangent is deliberately not the exact one.
+  assert float(jax.jit(loss)(0.0, 5)[1]['tangent_norm']) > 1e-2
+
+
+def test_sct_gradient_is_stationary_at_exact_consistency_function():
+  """sCT's tangent uses the one-sample velocity cos(t) z - sin(t) x0, unbiased for E[dx_t/dt | x_t]: at f* only
+  the expected gradient vanishes (the norm of g does not); perturbations get gradients pointing back."""
+  model = TrigFlowOracle(2 * SD)
+  objective = make_objective(_scm_config('sct', tangent_norm_c=1e6), model)  # c >> ||g||: normalisation ~ linear
+  batch = {'image': 2 * SD * jax.random.normal(jax.random.PRNGKey(0), (65536, 4))}
+  grad = jax.jit(jax.grad(lambda al: objective.loss({'alpha': al, 'teacher': 0.0}, {}, {}, batch,
+                                                    jax.random.PRNGKey(1), 20)[0]))
+  g0, g_plus, g_minus = float(grad(0.0)), float(grad(0.05)), float(grad(-0.05))
+  assert g_plus > 0 and g_minus < 0
+  assert abs(-g0 / ((g_plus - g_minus) / 0.1)) < 0.01, (g0, g_plus, g_minus)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tangent warm-up and normalisation; the train step compiles once across the warm-up.
+# ----------------------------------------------------------------------------------------------------------
+def test_tangent_warmup_and_normalisation_bounds():
+  r = [float(continuous.tangent_warmup(k, 4)) for k in (0, 1, 2, 4, 100)]
+  assert r == [0.0, 0.25, 0.5, 1.0, 1.0]
+  assert float(continuous.tangent_warmup(0, 0)) == 1.0
+  g = jnp.asarray(np.random.default_rng(0).standard_normal((64, 10)) * np.logspace(-4, 4, 64)[:, None])
+  for norm, reduce in (('l2', np.sum), ('rms', np.mean)):
+    before = np.sqrt(reduce(np.asarray(g) ** 2, -1))
+    after = np.sqrt(reduce(np.asarray(continuous.normalize_tangent(g, norm, 0.1)) ** 2, -1))
+    assert np.all(after < 1.0)
+    np.testing.assert_allclose(after, before / (before + 0.1), rtol=1e-5)
+    assert after[-1] > 0.999 and after[0] < 1e-2  # large tangents -> unit norm, small ones ~ g / c
+
+
+def _continuous_tiny(name, **objective):
+  c = tiny_config(num_steps=6)
+  if name in ('sct', 'scd', 'trigflow'):
+    c.parameterization.name = 'trigflow'
+    c.model.time_embedding, c.model.time_scale, c.model.adaptive_norm = 'positional', 1000.0, 'double'
+  base = {'trigflow': dict(p_mean=-1.0, p_std=1.4), 'ct_continuous': dict(jvp='jvp', fd_eps=1e-3)}
+  base['cd_continuous'] = base['ct_continuous']
+  fields = base.get(name) or dict(_scm_config(name).objective)
+  c.objective = ml_collections.ConfigDict(dict(fields, name=name, **objective))
+  return c
+
+
+def test_sct_train_step_compiles_once_across_warmup_and_trains_the_weighting():
+  config = _continuous_tiny('sct', tangent_warmup_steps=4, adaptive_weighting=True)
+  exp = train.Experiment(config, jax.devices()[:1])
+  state, step_fn = exp.init_state(), exp.train_step()
+  extra0 = jax.tree.map(np.asarray, state.extra)
+  warmup = []
+  with exp.batches(0) as batches:
+    for _ in range(6):
+      state, metrics = step_fn(state, next(batches), None)
+      warmup.append(float(metrics['tangent_warmup']))
+      assert np.isfinite(float(metrics['loss']))
+  assert warmup == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+  assert step_fn._cache_size() == 1
+  assert not np.allclose(np.asarray(state.extra['dense']['kernel']), extra0['dense']['kernel'])
+
+
+@pytest.mark.parametrize('name, options', [
+    ('trigflow', {}), ('scd', {}), ('scd', dict(teacher='edm')), ('sct', dict(jvp='finite_difference')),
+    ('ct_continuous', {}), ('cd_continuous', {})])
+def test_new_objectives_give_finite_nonzero_gradients(name, options):
+  config = _continuous_tiny(name, **options)
+  model = build_model(config.model)
+  objective = make_objective(config, model)
+  x0 = jax.random.normal(jax.random.PRNGKey(0), (16, 2))
+  params = model.init(jax.random.PRNGKey(1), x0, jnp.zeros(16))['params']
+  params = jax.tree.map(lambda p: p + 0.05, params)  # the zero-initialised output layer moves off zero
+  frozen = {'teacher': jax.tree.map(lambda p: p + 0.05, params)}
+  grads, metrics = jax.jit(jax.grad(
+      lambda p: objective.loss(p, objective.init_extra(jax.random.PRNGKey(2)), frozen, {'image': x0},
+                               jax.random.PRNGKey(3), 2), has_aux=True))(params)
+  norm = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads))))
+  assert np.isfinite(float(metrics['loss'])) and np.isfinite(norm) and norm > 0
+
+
+@pytest.mark.parametrize('name, change, key', [
+    ('sct', dict(tangent_norm='l1'), 'objective.tangent_norm'),
+    ('sct', dict(jvp='reverse'), 'objective.jvp'),
+    ('sct', dict(bogus=1), 'unknown objective key'),
+    ('scd', dict(teacher='vp'), 'objective.teacher'),
+    ('scd', dict(guidance_scale=(1.0, 3.0)), 'objective.guidance_scale'),
+])
+def test_inconsistent_settings_raise_naming_the_key(name, change, key):
+  with pytest.raises(ValueError, match=key):
+    make_objective(_continuous_tiny(name, **change), build_model(dict(name='mlp', hidden=8, depth=1)))
+
+
+def test_scm_needs_trigflow_and_scd_needs_a_teacher():
+  config = _continuous_tiny('sct')
+  config.parameterization.name = 'edm'
+  with pytest.raises(ValueError, match="parameterization.name='trigflow'"):
+    make_objective(config, build_model(config.model))
+  config = _continuous_tiny('scd')
+  objective = make_objective(config, build_model(config.model))
+  with pytest.raises(ValueError, match='teacher.workdir'):
+    objective.loss({}, {}, {'teacher': None}, {'image': jnp.zeros((2, 2))}, jax.random.PRNGKey(0), 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TrigFlow sampling on the oracle.
+# ----------------------------------------------------------------------------------------------------------
+def test_trigflow_samplers_reproduce_the_oracle_data_distribution():
+  a = 2 * SD
+  config = ml_collections.ConfigDict(dict(
+      parameterization=dict(rho=7.0),
+      sampling=dict(mid_sigmas=(SD * np.tan(1.1),), mid_indices=(), index_grid_size=18)))
+  model = TrigFlowOracle(a)
+  shape = (8192, 4)
+  for kind, params, steps, tol in (('consistency', 0.0, 1, 0.02), ('consistency', 0.0, 2, 0.02),
+                                   ('diffusion', 1.0, 40, 0.03)):
+    fn = jax.jit(sampling.make_sample_fn(config, model, TF, kind), static_argnames=('shape', 'num_steps'))
+    x = fn({'alpha': 0.0, 'teacher': params}, jax.random.PRNGKey(0), None, shape=shape, num_steps=steps)
+    assert abs(float(jnp.std(x)) / a - 1.0) < tol, (kind, steps, float(jnp.std(x)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The CM paper's continuous CT / CD: the limit of the scaled discrete gradients (float64).
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('distill', [False, True])
+def test_cm_continuous_gradient_is_limit_of_discrete_gradient(distill):
+  """(N - 1) grad L^N(discrete, squared l2) -> grad of the continuous pseudo-loss, error O(1/N)."""
+  edm = EDM(sigma_data=SD)
+  model = build_model(dict(name='mlp', hidden=16, depth=1, time_embedding='positional', time_scale=10.0))
+  rng = np.random.default_rng(0)
+  with jax.enable_x64(True):
+    x0 = jnp.asarray(rng.standard_normal((8, 3)) * SD)
+    z = jnp.asarray(rng.standard_normal((8, 3)))
+    u = jnp.asarray(rng.uniform(0.3, 0.9, 8))
+    init = model.init(jax.random.PRNGKey(0), x0, jnp.zeros(8))['params']
+    perturb = lambda p, s: jax.tree.map(lambda q: jnp.asarray(q, jnp.float64) + 0.3 * jnp.asarray(
+        np.random.default_rng(s).standard_normal(q.shape)), p)
+    params, teacher_params = perturb(init, 1), perturb(init, 2)
+    f = lambda p: lambda x, s: edm.consistency(lambda xi, c: model.apply({'params': p}, xi, c), x, s)
+    denoise = lambda x, s: edm.denoise(lambda xi, c: model.apply({'params': teacher_params}, xi, c), x, s)
+    sigma, dsigma_du = continuous.karras_continuous(u, edm.sigma_min, edm.sigma_max, 7.0)
+    x = x0 + sigma[:, None] * z
+
+    def continuous_loss(p):
+      dx = solvers.pf_ode_derivative(denoise, x, sigma) if distill else z
+      return jnp.mean(continuous.cm_pseudo_loss(f(p), f(jax.lax.stop_gradient(p)), x, sigma, dx, dsigma_du))
+
+    def discrete_loss(p, n):
+      sigma_n, _ = continuous.karras_continuous(u - 1.0 / (n - 1), edm.sigma_min, edm.sigma_max, 7.0)
+      x_n = solvers.euler_step(denoise, x, sigma, sigma_n) if distill else x0 + sigma_n[:, None] * z
+      target = jax.lax.stop_gradient(f(p)(x_n, sigma_n))
+      return (n - 1) * jnp.mean(jnp.mean((f(p)(x, sigma) - target) ** 2, -1))
+
+    flat = lambda g: jnp.concatenate([jnp.ravel(v) for v in jax.tree.leaves(g)])
+    reference = flat(jax.jit(jax.grad(continuous_loss))(params))
+    discrete_grad = jax.jit(jax.grad(discrete_loss))
+    errors = [float(jnp.linalg.norm(flat(discrete_grad(params, float(n))) - reference) / jnp.linalg.norm(reference))
+              for n in (101, 1001, 10001, 100001)]
+  assert errors[-1] < 1e-3, errors
+  for coarse, fine in zip(errors, errors[1:]):
+    assert 5.0 < coarse / fine < 20.0, errors  # first order in 1/N
