@@ -61,6 +61,7 @@ class Checkpointer:
     """Restores (state, data_position) at `step` (default: the newest readable step).
 
     `abstract_state` is a pytree of jax.ShapeDtypeStruct with shardings: the arrays come back sharded like it.
+    Unreadable steps are skipped with a warning naming them; a writer then moves them aside.
     """
     candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
     errors = []

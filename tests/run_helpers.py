@@ -26,12 +26,7 @@ TINY = {'data.num_records': 512, 'model.hidden': 32, 'model.depth': 1, 'train.ba
 def tiny_cli_config(**overrides) -> ml_collections.ConfigDict:
   """configs/toy2d_ict.py:gmm with TINY and `overrides` (keys with '__' for '.') applied, as the CLI would."""
   config = toy2d_ict.get_config('gmm')
-  for key, value in _overrides(overrides).items():
-    *parents, leaf = key.split('.')
-    node = config
-    for name in parents:
-      node = node[name]
-    node[leaf] = value
+  config.update_from_flattened_dict(_overrides(overrides))
   return config
 
 
@@ -56,12 +51,12 @@ def losses(config, devices, num_steps: int):
   return np.array(out), state
 
 
-def start_main(args, log_path, devices: int = 1) -> subprocess.Popen:
-  """`python -m cm_jax.main ARGS` with `devices` CPU devices in its own session, output to `log_path`.
+def start_main(args, log_path) -> subprocess.Popen:
+  """`python -m cm_jax.main ARGS` on one CPU device in its own session, output to `log_path`.
 
   It compiles with this process's other XLA flags, so that it computes exactly what this process would.
   """
-  env = dict(os.environ, XLA_FLAGS=local_multiprocess.xla_flags(devices, os.environ['XLA_FLAGS']),
+  env = dict(os.environ, XLA_FLAGS=local_multiprocess.xla_flags(1, os.environ['XLA_FLAGS']),
              JAX_PLATFORMS='cpu')
   with open(log_path, 'w') as log:
     return subprocess.Popen([sys.executable, '-m', 'cm_jax.main', *args], cwd=ROOT, env=env, stdout=log,
@@ -99,6 +94,12 @@ def scalars(workdir, tag: str) -> dict[int, float]:
         if value.tag == tag:
           values[event.step] = value.simple_value
   return values
+
+
+def saved_steps(workdir) -> list[int]:
+  """The complete checkpoint steps of a run (Orbax lists a step only once its save has finished)."""
+  directory = pathlib.Path(workdir) / 'checkpoints'
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
 
 
 def assert_trees_equal(a, b):

@@ -1,6 +1,5 @@
 """Faults: preemption (SIGTERM), processes killed while saving, unreadable checkpoints, another topology."""
 
-import logging
 import random
 import re
 import signal
@@ -39,7 +38,7 @@ def test_sigterm_saves_on_every_process_at_one_step_and_the_rerun_continues_the_
   assert saved[0] == saved[1] and len(saved[0]) == 1, saved
   stop = int(saved[0][0])
   assert 5 < stop < steps
-  assert sorted(int(p.name) for p in (tmp_path / 'run' / 'checkpoints').iterdir() if p.name.isdigit()) == [stop]
+  assert run_helpers.saved_steps(tmp_path / 'run') == [stop]
 
   processes = local_multiprocess.start(args, num_processes=2, devices_per_process=1, log_dir=tmp_path / 'second')
   codes = local_multiprocess.wait(processes, timeout=180)
@@ -68,7 +67,7 @@ def test_sigterm_to_a_lone_process_saves_at_its_next_step(tmp_path):
   with pytest.raises(distributed.Preempted, match=r'saved step (\d+) to .*checkpoints/\1;') as stopped:
     train.train_and_evaluate(config, tmp_path, jax.devices()[:1])
   step = int(re.search(r'saved step (\d+)', str(stopped.value)).group(1))
-  assert checkpoint.Checkpointer(tmp_path).steps() == [step] and step < 10_000
+  assert run_helpers.saved_steps(tmp_path) == [step] and step < 10_000
   assert signal.getsignal(signal.SIGTERM) is handler
 
 
@@ -89,14 +88,14 @@ def test_sigkill_while_saving_never_leaves_a_checkpoint_that_is_chosen(tmp_path)
   args = run_helpers.tiny_cli_args(tmp_path / 'run', train__num_steps=steps, checkpoint__every_steps=1,
                                    checkpoint__max_to_keep=2)
   directory = tmp_path / 'run' / 'checkpoints'
-  newest = lambda: max((int(p.name) for p in directory.iterdir() if p.name.isdigit()), default=None)
+  newest = lambda: max(run_helpers.saved_steps(tmp_path / 'run'), default=None)
   saving = lambda: bool(list(directory.glob('*.orbax-checkpoint-tmp*')))
   resumed_from, killed_mid_save = None, 0
   for attempt in range(3):
     log = tmp_path / f'attempt_{attempt}.log'
     process = run_helpers.start_main(args, log)
     try:
-      run_helpers.wait_until(lambda: directory.is_dir() and (newest() or 0) > (resumed_from or 0), [process],
+      run_helpers.wait_until(lambda: (newest() or 0) > (resumed_from or 0), [process],
                              timeout=120, what=f'a checkpoint after step {resumed_from} (seed {seed})')
       time.sleep(rng.uniform(0.0, 0.3))
       run_helpers.wait_until(saving, [process], timeout=10, what=f'a save in progress (seed {seed})')
@@ -119,8 +118,7 @@ def test_sigkill_while_saving_never_leaves_a_checkpoint_that_is_chosen(tmp_path)
 
   config = run_helpers.tiny_cli_config(train__num_steps=steps)
   _, uninterrupted = run_helpers.losses(config, jax.devices()[:1], steps)
-  exp = train.Experiment(config, jax.devices()[:1])
-  restored, _ = checkpoint.Checkpointer(tmp_path / 'run').restore(exp.abstract_state)
+  _, restored = train.restore_latest(config, tmp_path / 'run', jax.devices()[:1])
   run_helpers.assert_trees_equal(restored, uninterrupted)
 
 
