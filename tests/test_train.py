@@ -8,21 +8,12 @@ import pytest
 from cm_jax import checkpoint
 from cm_jax import train
 from helpers import tiny_config
+from run_helpers import losses
 
 
 def _leaves_equal(a, b):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def _losses(config, devices, num_steps):
-  exp = train.Experiment(config, devices)
-  state, step_fn, losses = exp.init_state(), exp.train_step(), []
-  with exp.batches(0) as batches:
-    for _ in range(num_steps):
-      state, metrics = step_fn(state, next(batches), None)
-      losses.append(float(metrics['loss']))
-  return np.array(losses), state
 
 
 def test_resume_is_bitwise_exact(tmp_path):
@@ -49,8 +40,8 @@ def test_resume_is_bitwise_exact(tmp_path):
 
 def test_eight_devices_match_one_device():
   config = tiny_config(num_steps=8, batch_size=16)
-  losses_1, state_1 = _losses(config, jax.devices()[:1], 8)
-  losses_8, state_8 = _losses(config, jax.devices()[:8], 8)
+  losses_1, state_1 = losses(config, jax.devices()[:1], 8)
+  losses_8, state_8 = losses(config, jax.devices()[:8], 8)
   assert len(state_8.params['dense_in']['kernel'].sharding.device_set) == 8
   np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(state_1.params), jax.tree.leaves(state_8.params)):
