@@ -25,6 +25,7 @@ from cm_jax import models
 from cm_jax import objectives
 from cm_jax import sampling
 from cm_jax import sharding
+from cm_jax import solvers
 from cm_jax import writers
 from cm_jax.data import pipeline
 from cm_jax.parameterization import make_parameterization
@@ -328,10 +329,10 @@ def quality_report(exp: Experiment, state, teacher, workdir) -> dict:
   c = exp.config
   rows = []
   if teacher is not None:
-    rows.append(('teacher (EDM Heun)', 2 * c.sampling.teacher_steps - 1,
+    rows.append(('teacher (EDM Heun)', solvers.edm_sampler_nfe(c.sampling.teacher_steps),
                  exp.generate(teacher, c.eval.num_samples, c.sampling.teacher_steps, c.seed + 3, 'diffusion')))
   if exp.objective.kind == 'diffusion':
-    rows.append((f'{c.objective.name} (EDM Heun)', 2 * c.sampling.teacher_steps - 1,
+    rows.append((f'{c.objective.name} (EDM Heun)', solvers.edm_sampler_nfe(c.sampling.teacher_steps),
                  exp.generate(state.ema[0], c.eval.num_samples, c.sampling.teacher_steps, c.seed + 3)))
   else:
     for n in c.eval.steps:
