@@ -1,10 +1,13 @@
 """Step time and peak memory of each objective against the diffusion (EDM) step on the same network and batch, in one run.
 
-  python benchmarks/step_time.py [--config=configs/digits_ict.py] [--steps=20] [--batch_size=128]
+  python benchmarks/step_time.py [--config=configs/digits_ict.py] [--steps=10] [--rounds=5] [--batch_size=128] \
+      [--unet_channels=0]
 
-Prints, per objective, the median step time (after warm-up) and the compiled step's peak memory (XLA's memory
-analysis: arguments + outputs + temporaries - aliased donations), and as the last line
-`ratios: ict=<x.xx> sct=<x.xx> scd=<x.xx> ...` (objective step time / diffusion step time). An iCT step is one
+Every objective's step is compiled first; then the steps are timed in interleaved rounds (each round runs --steps
+steps of every objective in turn), so a change of machine load during the run shifts all objectives alike. Prints,
+per objective, the median step time and the compiled step's peak memory (XLA's memory analysis: arguments +
+outputs + temporaries - aliased donations), and as the last line `ratios: ict=<x.xx> sct=<x.xx> scd=<x.xx> ...`:
+the median over rounds of (objective's median step time in the round / diffusion's in the same round). An iCT step is one
 forward and backward plus one forward without gradient (expect about 1.35 or less); sCT adds one forward-mode JVP
 instead of the extra forward (goal: <= 1.5). TrigFlow objectives run on parameterization 'trigflow'; distillation
 objectives get the initial parameters as their teacher.
@@ -22,7 +25,7 @@ from ml_collections import config_flags
 from cm_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits_ict.py', 'Network, data and batch to time.')
-_STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per objective (after 3 warm-up steps).')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per objective per round (after 3 warm-up steps).')
 _BATCH = flags.DEFINE_integer('batch_size', 128, 'Global batch size.')
 
 _SCM = dict(p_mean=-1.0, p_std=1.4, tangent_warmup_steps=10_000, tangent_norm='l2', tangent_norm_c=0.1,
@@ -39,37 +42,53 @@ OBJECTIVES = {  # name -> (parameterization, objective config, distils a teacher
 }
 
 
-def measure(config, num_steps: int, distill: bool) -> tuple[float, int]:
-  """(median wall time of one train step, blocking on each step's output; peak bytes of the compiled step)."""
-  exp = train.Experiment(config)
-  state, step_fn = exp.init_state(), exp.train_step()
-  teacher = jax.tree.map(np.asarray, state.params) if distill else None
-  times = []
-  with exp.batches(0) as batches:
-    batch = next(batches)
-    memory = step_fn.lower(state, batch, teacher).compile().memory_analysis()
-    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-            - memory.alias_size_in_bytes)
-    for i in range(num_steps + 3):
+_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved timing rounds.')
+_UNET = flags.DEFINE_integer('unet_channels', 0, 'If > 0, time a two-level UNet of this width (one block per level, '
+                             'attention at 4x4) instead of the config\'s network.')
+
+
+class Timed:
+  """One objective's compiled train step with its state, batch and teacher; `run(n)` gives n step times."""
+
+  def __init__(self, config, distill: bool):
+    exp = train.Experiment(config)
+    self.state, self.step_fn = exp.init_state(), exp.train_step()
+    self.teacher = jax.tree.map(np.asarray, self.state.params) if distill else None
+    with exp.batches(0) as batches:
+      self.batch = next(batches)
+    memory = self.step_fn.lower(self.state, self.batch, self.teacher).compile().memory_analysis()
+    self.peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+                 - memory.alias_size_in_bytes)
+    self.run(3)  # warm-up
+
+  def run(self, num_steps: int) -> list[float]:
+    times = []
+    for _ in range(num_steps):
       start = time.perf_counter()
-      state, metrics = step_fn(state, batch, teacher)
-      jax.block_until_ready((state, metrics))
-      if i >= 3:
-        times.append(time.perf_counter() - start)
-  return float(np.median(times)), int(peak)
+      self.state, metrics = self.step_fn(self.state, self.batch, self.teacher)
+      jax.block_until_ready((self.state, metrics))
+      times.append(time.perf_counter() - start)
+    return times
 
 
 def main(argv):
   del argv
-  times = {}
+  timed = {}
   for name, (parameterization, objective, distill) in OBJECTIVES.items():
     config = ml_collections.ConfigDict(_CONFIG.value.to_dict())
     config.parameterization.name = parameterization
     config.objective = ml_collections.ConfigDict(objective)
     config.train.batch_size = _BATCH.value
-    times[name], peak = measure(config, _STEPS.value, distill)
-    print(f'{name}: median step {times[name] * 1e3:.2f} ms, peak memory {peak / 2**20:.1f} MiB', flush=True)
-  print('ratios: ' + ' '.join(f'{n}={times[n] / times["edm"]:.2f}' for n in times if n != 'edm'))
+    if _UNET.value:
+      config.model = ml_collections.ConfigDict(dict(
+          name='unet', channels=_UNET.value, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,)))
+    timed[name] = Timed(config, distill)
+  rounds = [{name: float(np.median(t.run(_STEPS.value))) for name, t in timed.items()} for _ in range(_ROUNDS.value)]
+  for name, t in timed.items():
+    median = np.median([r[name] for r in rounds])
+    print(f'{name}: median step {median * 1e3:.2f} ms, peak memory {t.peak / 2**20:.1f} MiB', flush=True)
+  ratios = {n: np.median([r[n] / r['edm'] for r in rounds]) for n in timed if n != 'edm'}
+  print('ratios: ' + ' '.join(f'{n}={x:.2f}' for n, x in ratios.items()))
 
 
 if __name__ == '__main__':

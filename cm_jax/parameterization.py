@@ -4,6 +4,10 @@ This module owns c_skip / c_out / c_in / c_noise; nothing else in cm_jax touches
 A `net` argument is any callable `net(x_in, c_noise) -> F` (a network apply function with its
 parameters, conditioning and dropout already bound), so the same preconditioning wraps every model.
 Per-sample noise levels `sigma` / `t` have shape [B]; they broadcast against x of shape [B, ...].
+
+Both processes offer what the samplers need, each in its own time t (EDM: t = sigma, as in EDM's sigma(t) = t;
+TrigFlow: t = arctan(sigma / sd)): `t_max`, `t_from_sigma` and `x_from_sigma` (the change of variables from EDM's
+(x_sigma, sigma)), `prior` (x at t_max from z ~ N(0, I)), `renoise` (x_t from a clean x), `consistency` and `denoise`.
 """
 
 import dataclasses
@@ -27,6 +31,28 @@ class EDM:
   sigma_data: float = 0.5
   sigma_min: float = 0.002
   sigma_max: float = 80.0
+
+  @property
+  def t_max(self):
+    """t_max = sigma_max (EDM's time is its noise level)."""
+    return self.sigma_max
+
+  def t_from_sigma(self, sigma):
+    """t = sigma."""
+    return sigma
+
+  def x_from_sigma(self, x_sigma, sigma):
+    """x_t = x_sigma."""
+    del sigma
+    return x_sigma
+
+  def prior(self, z):
+    """x_T = T z for z ~ N(0, I) (the data's scale is negligible at T)."""
+    return self.sigma_max * z
+
+  def renoise(self, x, z, sigma):
+    """x_sigma = x + sqrt(sigma^2 - eps^2) z for a clean x (at eps, the boundary) and z ~ N(0, I) (CM Algorithm 1)."""
+    return x + bcast(jnp.sqrt(sigma**2 - self.sigma_min**2), x) * z
 
   def c_noise(self, sigma):
     """c_noise(sigma) = 0.25 ln(sigma)."""
@@ -84,6 +110,18 @@ class TrigFlow:
   def t_from_sigma(self, sigma):
     """t = arctan(sigma / sd): the change of variables from EDM noise levels."""
     return jnp.arctan(sigma / self.sigma_data)
+
+  def x_from_sigma(self, x_sigma, sigma):
+    """x_t = cos(t) x_sigma = sd x_sigma / sqrt(sigma^2 + sd^2): the change of variables from EDM's x_sigma."""
+    return bcast(jnp.cos(self.t_from_sigma(sigma)), x_sigma) * x_sigma
+
+  def prior(self, z):
+    """x_{t_max} = sd z for z ~ N(0, I) (cos(t_max) x0 is negligible)."""
+    return self.sigma_data * z
+
+  def renoise(self, x, z, t):
+    """x_t = cos(t) x + sin(t) sd z for a clean x and z ~ N(0, I) (sCM's multistep sampling)."""
+    return self.noise(x, self.sigma_data * z, t)
 
   def sample_t(self, rng, shape, p_mean, p_std):
     """tau ~ N(P_mean, P_std^2), t = arctan(e^tau / sd): sCM's training-time distribution."""

@@ -5,8 +5,10 @@
 Every method is an `Objective`; this file knows nothing else about it.
 """
 
+import dataclasses
 import functools
 import re
+from typing import Any, Optional
 
 from absl import logging
 from clu import metrics as clu_metrics
@@ -102,8 +104,9 @@ class Experiment:
                        'has no labels.')
     self.model = models.build_model(config.model)
     self.param = make_parameterization(config)
-    sampling.mid_sigmas(config, self.param)  # an inconsistent sampling config fails now, not after training
     self.objective = objectives.make_objective(config, self.model)
+    # An inconsistent sampling config (levels, guidance scale) fails now, not after training.
+    sampling.make_sample_fn(config, self.model, self.param, self.objective.kind)
     self.tx = make_optimizer(config.optim)
     shape = (1,) + tuple(self.source.shape)
     cond = jnp.zeros((1,), jnp.int32) if config.model.num_classes > 0 else None
@@ -120,14 +123,16 @@ class Experiment:
   def init_state(self, teacher=None) -> TrainState:
     """The train state, born sharded: initialised inside jit with the rule-derived output shardings.
 
-    With `teacher` parameters (config.teacher.init), the network, its EMAs and its target start from them.
+    With `teacher` parameters (config.teacher.init), the network, its EMAs and its target start from them
+    (`models.init_from_teacher`).
     """
     def init(rng):
       state = self._init(rng)
       if teacher is None:
         return state
-      return state.replace(params=teacher, ema=tuple(teacher for _ in state.ema),
-                           target=None if state.target is None else teacher)
+      params = models.init_from_teacher(state.params, teacher)
+      return state.replace(params=params, ema=tuple(params for _ in state.ema),
+                           target=None if state.target is None else params)
     return jax.jit(init, out_shardings=self.state_sharding)(jax.random.PRNGKey(self.config.seed))
 
   def train_step(self):
@@ -182,6 +187,7 @@ def train_and_evaluate(config, workdir: str, devices=None):
   workdir = epath.Path(workdir)
   write_config(config, workdir)
   teacher = load_teacher(config, exp)
+  teacher_params = None if teacher is None else teacher.params
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.max_to_keep, config.checkpoint.every_steps,
                                  config.checkpoint.async_save, writer=True)
 
@@ -200,7 +206,7 @@ def train_and_evaluate(config, workdir: str, devices=None):
       if teacher is None:
         raise ValueError('teacher.init=True needs teacher.workdir.')
       logging.warning('Initialising the network from the teacher in %s (teacher.init=True).', config.teacher.workdir)
-    state = exp.init_state(teacher if config.teacher.init else None)
+    state = exp.init_state(teacher_params if config.teacher.init else None)
     parameter_overview.log_parameter_overview(state.params, include_stats='global', jax_logging_process=0)
 
   step_fn = exp.train_step()
@@ -212,7 +218,7 @@ def train_and_evaluate(config, workdir: str, devices=None):
   try:
     with distributed.PreemptionWatch() as preemption:
       for step in range(start + 1, config.train.num_steps + 1):
-        state, metrics = step_fn(state, next(batches), teacher)
+        state, metrics = step_fn(state, next(batches), teacher_params)
         if previous is not None:
           _check_finite(config, *previous, ckpt)
         previous = (step, metrics)
@@ -274,22 +280,56 @@ def write_samples(exp: Experiment, state, writer, workdir, step: int):
 # ----------------------------------------------------------------------------------------------------------
 # Teacher, sampling and evaluation modes.
 # ----------------------------------------------------------------------------------------------------------
-def load_teacher(config, exp: Experiment):
-  """The EMA parameters of the diffusion run in config.teacher.workdir (None when unset)."""
+def network_fields(model_config) -> dict:
+  """The built network's class and fields that fix its function; rates that act only in training (dropout,
+  label_dropout) and the compute dtype aside."""
+  model = models.build_model(model_config)
+  skip = {'parent', 'name', 'dropout', 'label_dropout', 'dtype'}
+  return dict({f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in skip},
+              network=type(model).__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """A diffusion run's EMA parameters with its own Experiment: its network, parameterisation and sampler."""
+  params: Any
+  experiment: Experiment
+
+  def generate(self, num: int, seed: int) -> np.ndarray:
+    """`num` samples of the teacher's PF-ODE with its own Heun sampler (its config's sampling.teacher_steps)."""
+    c = self.experiment.config
+    return self.experiment.generate(self.params, num, c.sampling.teacher_steps, seed, 'diffusion')
+
+
+def load_teacher(config, exp: Experiment) -> Optional[Teacher]:
+  """The diffusion run in config.teacher.workdir (None when unset).
+
+  Its network must be this run's (dropout aside), and where this run reads its parameters -- a distillation loss
+  (`Objective.teacher`) or the initialisation (teacher.init) -- its parameterisation must be the one they are read in.
+  """
   if not config.teacher.workdir:
     return None
   from cm_jax import config_lib  # pylint: disable=g-import-not-at-top
+  where = f'teacher.workdir={config.teacher.workdir!r}'
   teacher_config = config_lib.load_run_config(config.teacher.workdir)
-  network = lambda c: {k: v for k, v in c.model.to_dict().items() if k != 'dropout'}
-  if network(teacher_config) != network(config):
-    raise ValueError(f'The teacher in {config.teacher.workdir} has network {network(teacher_config)}, which does '
-                     f'not match this run\'s network {network(config)}.')
-  if not checkpoint.Checkpointer(config.teacher.workdir).steps():
-    raise FileNotFoundError(f'teacher.workdir={config.teacher.workdir!r} has no checkpoint.')
+  if network_fields(teacher_config.model) != dict(network_fields(config.model), guidance_embedding=False):
+    raise ValueError(f'The teacher in {where} has network {network_fields(teacher_config.model)}, which does not '
+                     f'match this run\'s network {network_fields(config.model)} (without a guidance input).')
   teacher_exp = Experiment(teacher_config, exp.mesh.devices.flatten().tolist())
+  if teacher_exp.objective.kind != 'diffusion':
+    raise ValueError(f'{where} holds a {teacher_config.objective.name!r} run, a consistency model; a teacher is '
+                     'a diffusion run (objective.name edm or trigflow).')
+  reads = {'distillation (objective.name=' + config.objective.name + ')': exp.objective.teacher,
+           'teacher.init': config.parameterization.name if config.teacher.init else None}
+  for use, wanted in reads.items():
+    if wanted is not None and wanted != teacher_config.parameterization.name:
+      raise ValueError(f'The teacher in {where} was trained with parameterization.name='
+                       f'{teacher_config.parameterization.name!r}, but {use} reads it as {wanted!r}.')
+  if not checkpoint.Checkpointer(config.teacher.workdir).steps():
+    raise FileNotFoundError(f'{where} has no checkpoint.')
   state, _ = checkpoint.Checkpointer(config.teacher.workdir).restore(teacher_exp.abstract_state)
   logging.info('Loaded teacher EMA parameters from %s (step %d).', config.teacher.workdir, int(state.step))
-  return state.ema[0]
+  return Teacher(state.ema[0], teacher_exp)
 
 
 def restore_latest(config, workdir, devices=None):
@@ -323,14 +363,15 @@ def evaluate(config, workdir: str, devices=None):
   return quality_report(exp, state, load_teacher(config, exp), workdir)
 
 
-def quality_report(exp: Experiment, state, teacher, workdir) -> dict:
+def quality_report(exp: Experiment, state, teacher: Optional[Teacher], workdir) -> dict:
   """Frechet distance of the digits proxy for the teacher (35 NFE) and the model at config.eval.steps."""
   from cm_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   c = exp.config
   rows = []
   if teacher is not None:
-    rows.append(('teacher (EDM Heun)', solvers.edm_sampler_nfe(c.sampling.teacher_steps),
-                 exp.generate(teacher, c.eval.num_samples, c.sampling.teacher_steps, c.seed + 3, 'diffusion')))
+    teacher_steps = teacher.experiment.config.sampling.teacher_steps
+    rows.append(('teacher (EDM Heun)', solvers.edm_sampler_nfe(teacher_steps),
+                 teacher.generate(c.eval.num_samples, c.seed + 3)))
   if exp.objective.kind == 'diffusion':
     rows.append((f'{c.objective.name} (EDM Heun)', solvers.edm_sampler_nfe(c.sampling.teacher_steps),
                  exp.generate(state.ema[0], c.eval.num_samples, c.sampling.teacher_steps, c.seed + 3)))

@@ -15,8 +15,12 @@ def get_config():
 
   # A residual MLP on the flattened 8x8 digits: on a 2-core CPU a UNet of useful width runs at ~5 steps/s,
   # this at ~30 (BUILD_NOTES.md). Image experiments set a UNet (models/unet.py).
+  # num_classes > 0: class-conditional; a label < 0 is "no label", and label_dropout drops training labels with that
+  # probability (the unconditional branch classifier-free guidance needs). adaptive_norm: 'shift', 'scale_shift' or
+  # 'double' (every network). guidance_embedding: a guidance-scale input s (sCD students of a guided teacher).
   c.model = ml_collections.ConfigDict(dict(
-      name='mlp', hidden=256, depth=4, dropout=0.0, num_classes=0, time_embedding='fourier', time_scale=16.0))
+      name='mlp', hidden=256, depth=4, dropout=0.0, num_classes=0, label_dropout=0.0, guidance_embedding=False,
+      time_embedding='fourier', time_scale=16.0, adaptive_norm='shift'))
 
   c.parameterization = ml_collections.ConfigDict(dict(
       name='edm', sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, rho=7.0))  # rho: Karras grids
@@ -40,8 +44,10 @@ def get_config():
   # mid_sigmas: the noise levels after sigma_max used by 2-, 3-, ... step consistency sampling; or instead
   # mid_indices: indices counted from sigma_max on the index_grid_size-point Karras grid (the CM code's ts = [0, 11, 17]
   # is mid_indices=(11,) with index_grid_size=18; set mid_sigmas=() then).
+  # guidance_scale: the s given to a network with a guidance input (model.guidance_embedding); must stay 1 otherwise.
   c.sampling = ml_collections.ConfigDict(dict(
-      teacher_steps=18, mid_sigmas=(0.821,), mid_indices=(), index_grid_size=18, grid_every=0, num_grid=64))
+      teacher_steps=18, mid_sigmas=(0.821,), mid_indices=(), index_grid_size=18, grid_every=0, num_grid=64,
+      guidance_scale=1.0))
 
   # The digits proxy table printed at the end of training (and by --mode=eval).
   c.eval = ml_collections.ConfigDict(dict(proxy=False, num_samples=1000, steps=(1, 2)))

@@ -3,9 +3,14 @@
 Commands (the teacher first; LPIPS weights at config.objective.lpips_weights, format in cm_jax/lpips.py):
   python -m cm_jax.main --config=configs/cifar10_edm.py --workdir=runs/cifar10_edm
   python -m cm_jax.main --config=configs/cifar10_cd_lpips.py --workdir=runs/cifar10_cd_lpips
-Hardware: sized for 8 A100 GPUs (the CM paper's CIFAR-10 runs); a TPU v4-32 slice takes the same global batch.
-Batch 512, 800k iterations, RAdam lr 4e-4, N = 18, Heun teacher step, mu = 0, EMA 0.9999, dropout 0,
-initialised from the teacher. 2-step sampling at index 11 of the 18-point grid (ts = [0, 11, 17]).
+Hardware: sized for 8 A100 GPUs (the CM paper trained on "a cluster of A100 GPUs"; the count is unverified); a TPU
+v4-32 slice takes the same global batch.
+Batch 512, 800k iterations, RAdam lr 4e-4 (betas 0.9 / 0.999, no warm-up in effect), N = 18, Heun teacher step,
+mu = 0 (target = sg(theta)), EMA 0.9999, dropout 0, initialised from the teacher: the official JAX code
+(openai/consistency_models_cifar10 configs/cifar10_ve_cd.py and launch.sh: --config.optim.lr=0.0004; the RAdam
+branch of jcm/losses.py ignores optim.warmup). The released checkpoint is checkpoint_80 (800k iterations).
+2-step sampling at index 11 of the 18-point grid (sigma 0.585; ts = [0, 11, 17]): the index is unverified (not in
+the JAX code's configs or launch.sh).
 Paper FID: 1 step 3.55, 2 steps 2.93.
 """
 

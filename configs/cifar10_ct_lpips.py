@@ -2,9 +2,15 @@
 
 Command (LPIPS weights at config.objective.lpips_weights, format in cm_jax/lpips.py):
   python -m cm_jax.main --config=configs/cifar10_ct_lpips.py --workdir=runs/cifar10_ct_lpips
-Hardware: sized for 8 A100 GPUs; a TPU v4-32 slice takes the same global batch.
+Hardware: sized for 8 A100 GPUs (count unverified, as cifar10_cd_lpips); a TPU v4-32 slice takes the same batch.
 Batch 512, 800k iterations, RAdam lr 4e-4, N(k) from s0 = 2 to s1 = 150, mu0 = 0.9 with the official code's
-mu(k) = exp(s0 ln(mu0) / (N(k) - 1)) (the paper writes N(k)), EMA 0.9999, dropout 0, NCSN++.
+mu(k) = exp(s0 ln(mu0) / (N(k) - 1)) (the paper writes N(k)), Euler step with the data as denoiser (same noise),
+EMA 0.9999, dropout 0, NCSN++, random init: openai/consistency_models_cifar10 configs/cifar10_ve_ct_adaptive.py
+(finetune=False, n_iters 800000) with launch.sh's --config.optim.lr=0.0004 --config.training.start_scales=2
+--config.training.end_scales=150 --config.training.start_ema=0.9; the mu convention is jcm/losses.py
+get_ema_scales_fn. The released CT checkpoint and its FID are checkpoint_74 (740k iterations; launch.sh evaluates
+--config.eval.begin_ckpt=74), inside the 800k-iteration curriculum.
+2-step sampling at index 11 of the 18-point grid: unverified (copied from CD; CT's N ends at 151).
 Paper FID: 1 step 8.70, 2 steps 5.83.
 """
 

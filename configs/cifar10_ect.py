@@ -3,10 +3,16 @@
 Commands (the DDPM++ teacher first; ECT starts from its EMA parameters):
   python -m cm_jax.main --config=configs/cifar10_edm.py:ddpmpp --workdir=runs/cifar10_edm_ddpmpp
   python -m cm_jax.main --config=configs/cifar10_ect.py --workdir=runs/cifar10_ect
-Hardware: sized for 1-2 A100 GPUs (ECT's CIFAR-10 budget); a single TPU v4-8 host is plenty.
-Batch 128, 400k iterations, RAdam lr 1e-4, dropout 0.2, q = 2, a stage every 25k iterations, ln t ~ N(-1.1, 2^2),
-unsquared l2 with weighting 1 / (t - r), EMA 0.9999, 2-step sampling at sigma 0.821. DDPM++ 55.7M.
-Paper FID: 1 step 3.60, 2 steps 2.11 (after 400k iterations; 4.54 / 2.20 after 100k).
+Hardware: sized for 2-4 GPUs (ECT README: "NGPUs=2/4 is recommended" for batch 128; its 1-hour run uses one
+A100); a single TPU v4-8 host is plenty.
+Batch 128, 400k iterations, RAdam lr 1e-4 (betas 0.9 / 0.999, eps 1e-8), dropout 0.2, no augmentation, q = 2, a
+stage every 25k iterations, ln t ~ N(-1.1, 2^2), r = t (1 - q^-(stage+1) (1 + 8 sigmoid(-t))), unsquared l2 (c = 0)
+with weighting 1 / (t - r), EMA 0.9999, 2-step sampling at sigma 0.821, DDPM++ 55.7M: all from the official code
+(locuslab/ect run_ecm.sh, ct_train.py, training/loss.py; the stage length is --double=250 ticks of 12.8 kimg at
+batch 128). run_ecm.sh itself runs 200k iterations (--duration=25.6 Mimg); the README's 400k row is the one below.
+ECT tunes EDM's released edm-cifar10-32x32-uncond-vp.pkl, which was trained with EDM's augmentation: the cm_jax
+teacher (cifar10_edm:ddpmpp) has none.
+Paper FID: 1 step 3.60, 2 steps 2.11 (after 400k iterations; 3.86 / 2.15 after 200k, 4.54 / 2.20 after 100k).
 """
 
 import ml_collections

@@ -2,10 +2,14 @@
 
 Command:
   python -m cm_jax.main --config=configs/cifar10_sct.py --workdir=runs/cifar10_sct
-Hardware: a TPU slice or GPU node; not run in this project.
-Paper result (FID, 1-step / 2-step): 2.97 (2.85 in the paper's v2) / 2.06. Not reproduced here.
-Settings: tau ~ N(-1.0, 1.4^2), tangent warm-up H = 10k, g / (||g||_2 + 0.1), adaptive weighting w_phi(t) with the prior
-1/(sd tan t), theta- = sg(theta), dropout 0.2, RAdam lr 1e-4, betas (0.9, 0.99), EMA half-life 0.5 Mimg, 2-step t = 1.1.
+Hardware: a TPU slice or GPU node (sized like cifar10_edm: 8 GPUs); not run in this project.
+Batch 512, 400k iterations (cifar10_trigflow's; unverified).
+Settings (reference section 5): tau ~ N(-1.0, 1.4^2), tangent warm-up H = 10k, g / (||g||_2 + 0.1), adaptive
+weighting w_phi(t) with the prior 1/(sd tan t), theta- = sg(theta), dropout 0.2, RAdam lr 1e-4, betas (0.9, 0.99),
+EMA half-life 0.5 Mimg, 2-step sampling at t = 1.1. A third-party re-implementation (revsic/torch-flow-models
+src/flowmodels/sct.py, "default values from Appendix G.2") uses the same P_mean/P_std, H, c, t = 1.1, dropout, lr,
+betas, 400k iterations and EMA half-life; sCM publishes no code.
+Paper FID: 1 step 2.97 (2.85 in the paper's v2), 2 steps 2.06. Not reproduced here.
 """
 
 import ml_collections

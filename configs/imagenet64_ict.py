@@ -2,9 +2,13 @@
 
 Command:
   python -m cm_jax.main --config=configs/imagenet64_ict.py --workdir=runs/imagenet64_ict
-Hardware: sized for 64 A100 GPUs or a TPU v4-128 slice; bfloat16 compute.
-Batch 4096, 800k iterations, Adam lr 1e-4, beta2 0.995, dropout 0.2, pseudo-Huber, lognormal indices (-1.1, 2.0),
-curriculum s0 = 10 -> s1 = 1280, theta- = sg(theta), EMA 0.99997, 2-step sampling at sigma 1.526.
+Hardware: sized for 64 A100 GPUs (count unverified; iCT trained on "a cluster of A100 GPUs") or a TPU v4-128
+slice; bfloat16 compute.
+Batch 4096, 800k iterations, Adam lr 1e-4, beta2 0.995, dropout 0.2, pseudo-Huber (c = 0.00054 sqrt(D) = 0.0599),
+lognormal indices (-1.1, 2.0), curriculum s0 = 10 -> s1 = 1280, theta- = sg(theta), EMA 0.99997, ADM's positional
+time embedding, 2-step sampling at sigma 1.526. iCT has no public code and its paper was not readable here: the
+batch, iterations, lr, beta2, dropout, EMA and the 2-step sigma (ECT's ImageNet value) are unverified defaults from
+the reference file; the objective settings are the paper's method (reference section 3).
 Paper FID: 1 step 4.02, 2 steps 3.20.
 """
 

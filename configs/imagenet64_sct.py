@@ -2,12 +2,15 @@
 
 Command:
   python -m cm_jax.main --config=configs/imagenet64_sct.py --workdir=runs/imagenet64_sct
-Hardware: a TPU slice or GPU node; not run in this project.
-Paper result (FID, 1-step / 2-step, sCT-XL): 2.04 / 1.48. Not reproduced here: the paper's networks are EDM2-style
-(XL); this config uses the EDM ADM UNet (192 channels) as the nearest network in cm_jax.
-Settings: tau ~ N(-1.0, 1.6^2), tangent warm-up H = 10k, g / (||g||_2 + 0.1), adaptive weighting with the prior
-1/(sd tan t), positional time embedding of 1000 t, adaptive double normalisation, bfloat16 compute (the JVP and the
-loss stay float32). Batch 2048, lr 1e-4, betas (0.9, 0.99), dropout 0.2, EMA half-life 0.5 Mimg: *unverified* here.
+Hardware: a TPU slice or GPU node (sized like imagenet64_cd_lpips: 64 GPUs); not run in this project.
+Batch 2048, 400k iterations: *unverified* (chosen here; the reference gives no ImageNet-64 batch or duration).
+Paper FID: 1 step 2.04, 2 steps 1.48 (sCT-XL). Not reproduced here: the paper's networks are EDM2-style (XL); this
+config uses the EDM ADM UNet (192 channels) as the nearest network in cm_jax.
+Settings: tau ~ N(-1.0, 1.6^2) (reference section 5), tangent warm-up H = 10k, g / (||g||_2 + 0.1), adaptive
+weighting with the prior 1/(sd tan t), positional time embedding of 1000 t, adaptive double normalisation,
+bfloat16 compute (the JVP and the loss stay float32), 2-step t = 1.1. The optimiser (RAdam lr 1e-4, betas
+(0.9, 0.99)), dropout 0.2 and EMA half-life 0.5 Mimg are CIFAR-10's settings carried over: *unverified* for
+ImageNet-64.
 """
 
 import math

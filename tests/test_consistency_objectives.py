@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from cm_jax import models
 from cm_jax import objectives
 from cm_jax import sampling
 from cm_jax import schedules
@@ -29,7 +30,7 @@ def _config(objective, **sampling_keys):
   return ml_collections.ConfigDict(dict(
       objective=objective, parameterization=dict(rho=7.0), teacher=dict(workdir='teacher_run', init=False),
       model=dict(num_classes=0), train=dict(num_steps=800_000),
-      sampling=dict(dict(mid_sigmas=(), mid_indices=(), index_grid_size=18), **sampling_keys)))
+      sampling=dict(dict(mid_sigmas=(), mid_indices=(), index_grid_size=18, guidance_scale=1.0), **sampling_keys)))
 
 
 def _cd_config(num_scales=160, solver='heun', target_ema=0.0):
@@ -221,3 +222,21 @@ def test_cd_without_teacher_stops_with_one_clear_error(tmp_path):
   result = run_main('--config=configs/digits_cd.py', f'--workdir={tmp_path}')
   _assert_one_clear_error(result, 'teacher.workdir')
   assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_a_distillation_student_sees_every_label():
+  """model.label_dropout is the teacher's setting: the CD student keeps every label (its loss equals the loss without
+  label dropout), while a non-distilling objective on the same network does drop labels."""
+  model = models.build_model(dict(name='mlp', hidden=16, depth=1, num_classes=3, label_dropout=0.9))
+  x0 = jax.random.normal(jax.random.PRNGKey(0), (32, 2))
+  batch = {'image': x0, 'label': jnp.arange(32) % 3}
+  params = model.init(jax.random.PRNGKey(1), x0, jnp.zeros(32), batch['label'])['params']
+  params = jax.tree.map(lambda p: p + 0.1, params)
+  config = _cd_config(num_scales=18)
+  config.model.num_classes = 3
+  frozen = {'teacher': params, 'target': None}
+  loss = lambda m, make: float(make(config, m, EDM_).loss(params, {}, frozen, batch, jax.random.PRNGKey(2), 5)[0])
+  assert loss(model, make_cd) == loss(model.clone(label_dropout=0.0), make_cd)
+  config.objective = ml_collections.ConfigDict(dict(
+      name='ect', p_mean=-1.1, p_std=2.0, q=2.0, stage_steps=10, distance='l2_norm', weighting='inverse_delta'))
+  assert loss(model, make_ect) != loss(model.clone(label_dropout=0.0), make_ect)

@@ -20,9 +20,10 @@ import pytest
 from cm_jax import sampling
 from cm_jax import solvers
 from cm_jax import train
-from cm_jax.models import build_model
+from cm_jax.models import build_model, init_from_teacher
 from cm_jax.objectives import continuous, make_objective
 from cm_jax.parameterization import EDM, TrigFlow
+from configs import digits_scd, digits_trigflow
 from helpers import tiny_config
 
 SD = 0.5
@@ -211,6 +212,25 @@ def test_new_objectives_give_finite_nonzero_gradients(name, options):
   assert np.isfinite(float(metrics['loss'])) and np.isfinite(norm) and norm > 0
 
 
+def test_trigflow_teacher_adaptive_weighting_is_exp_minus_w_loss_plus_w():
+  """objective.adaptive_weighting on the TrigFlow teacher: per sample exp(-w(t)) L_t + w(t) with sCM's w_phi; with
+  w = c constant the loss is exp(-c) L + c, and at w = 0 the weighting gets the gradient of sum (1 - L_t) dw."""
+  config = _continuous_tiny('trigflow', adaptive_weighting=True)
+  model = build_model(config.model)
+  weighted, plain = make_objective(config, model), make_objective(_continuous_tiny('trigflow'), model)
+  x0 = jax.random.normal(jax.random.PRNGKey(0), (16, 2))
+  params = jax.tree.map(lambda p: p + 0.05, model.init(jax.random.PRNGKey(1), x0, jnp.zeros(16))['params'])
+  extra = weighted.init_extra(jax.random.PRNGKey(2))
+  assert plain.init_extra(jax.random.PRNGKey(2)) == {} and not np.any(np.asarray(extra['dense']['kernel']))
+  loss = lambda objective, e: objective.loss(params, e, {}, {'image': x0}, jax.random.PRNGKey(3), 0)[0]
+  base = float(loss(plain, {}))
+  constant = {'dense': {'kernel': jnp.zeros_like(extra['dense']['kernel']), 'bias': jnp.full((1,), 0.7)}}
+  np.testing.assert_allclose(float(loss(weighted, constant)), np.exp(-0.7) * base + 0.7, rtol=1e-5)
+  np.testing.assert_allclose(float(loss(weighted, extra)), base, rtol=1e-6)
+  grad = jax.grad(lambda e: loss(weighted, e))(extra)
+  np.testing.assert_allclose(float(grad['dense']['bias'][0]), 1.0 - base, rtol=1e-4)
+
+
 @pytest.mark.parametrize('name, change, key', [
     ('sct', dict(tangent_norm='l1'), 'objective.tangent_norm'),
     ('sct', dict(jvp='reverse'), 'objective.jvp'),
@@ -235,13 +255,95 @@ def test_scm_needs_trigflow_and_scd_needs_a_teacher():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# sCD with guidance: dx/dt from the guided teacher, s fed to a guidance-input student.
+# ----------------------------------------------------------------------------------------------------------
+PROBE_CALLS = []
+
+
+class GuidanceProbe(nn.Module):
+  """F = alpha x (1 + s) (s = 1 without a guidance scale); appends the guidance of every call to PROBE_CALLS."""
+  guidance_embedding: bool = True
+
+  @nn.compact
+  def __call__(self, x_in, t, cond=None, train=False, guidance=None):
+    alpha = self.param('alpha', nn.initializers.ones, ())
+    PROBE_CALLS.append(guidance)
+    s = 1.0 if guidance is None else guidance.reshape((-1,) + (1,) * (x_in.ndim - 1))
+    return alpha * x_in * (1.0 + s)
+
+
+def _guided_scd_config(guidance_scale=(1.0, 3.0)):
+  config = _scm_config(guidance_scale=guidance_scale)
+  config.model = ml_collections.ConfigDict(dict(num_classes=3, label_dropout=0.1))
+  return config
+
+
+def test_scd_feeds_the_sampled_guidance_scale_to_the_student():
+  """The student's F_theta and the JVP'd F_theta- get the same per-example s ~ U[1, 3]; the teacher (the network
+  without the input) gets none. Two guidance ranges give different losses through the student alone."""
+  objective = make_objective(_guided_scd_config(), GuidanceProbe())
+  assert objective.feeds_guidance
+  batch = {'image': jax.random.normal(jax.random.PRNGKey(0), (64, 4)), 'label': jnp.arange(64) % 3}
+  PROBE_CALLS.clear()
+  objective.loss({'alpha': 1.0}, {}, {'teacher': {'alpha': 1.0}}, batch, jax.random.PRNGKey(1), 5)
+  fed = [g for g in PROBE_CALLS if g is not None]
+  assert len(PROBE_CALLS) == 4 and len(fed) == 2  # teacher (label and null label), F_theta- (JVP), F_theta
+  np.testing.assert_array_equal(fed[0], fed[1])
+  assert fed[0].shape == (64,) and 1.0 <= float(jnp.min(fed[0])) < float(jnp.max(fed[0])) <= 3.0
+  # The probe teacher ignores labels, so guidance does not change dx/dt: losses differ only through the student's s.
+  losses = [float(make_objective(_guided_scd_config(r), GuidanceProbe()).loss(
+      {'alpha': 1.0}, {}, {'teacher': {'alpha': 1.0}}, batch, jax.random.PRNGKey(1), 5)[0])
+            for r in ((1.0, 1.5), (2.5, 3.0))]
+  assert abs(losses[0] - losses[1]) > 1e-3 * abs(losses[0]), losses
+
+
+def test_guided_scd_trains_on_digits_from_a_conditional_teacher():
+  """configs/digits_scd.py:guided with a small MLP: three train steps on the 8x8 digits (10 classes) from a
+  class-conditional TrigFlow teacher; finite losses, and the student's guidance layer learns (it starts at zero)."""
+  shrink = lambda c: c.update_from_flattened_dict({'model.hidden': 32, 'model.depth': 1, 'train.batch_size': 16})
+  config, teacher_config = digits_scd.get_config('guided'), digits_trigflow.get_config('cond')
+  shrink(config), shrink(teacher_config)
+  assert {k for k in config.model if config.model[k] != teacher_config.model[k]} == {'guidance_embedding'}
+  exp = train.Experiment(config, jax.devices()[:1])
+  teacher_model = build_model(teacher_config.model)
+  teacher = teacher_model.init(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)),
+                               jnp.zeros((1,), jnp.int32))['params']
+  teacher = jax.tree.map(lambda p: p + 0.05, teacher)  # off the zero-initialised output layer
+  state = exp.init_state()
+  state = state.replace(params=init_from_teacher(state.params, jax.tree.map(jnp.copy, teacher)))  # state is donated
+  kernel = lambda s: np.asarray(s.params['time_embed']['guidance']['kernel'])
+  assert not np.any(kernel(state))
+  step_fn = exp.train_step()
+  with exp.batches(0) as batches:
+    for _ in range(3):
+      state, metrics = step_fn(state, next(batches), teacher)
+      assert np.isfinite(float(metrics['loss']))
+  assert np.any(kernel(state))
+
+
+@pytest.mark.parametrize('name, objective, guidance_input, key', [
+    ('scd', dict(guidance_scale=(1.0, 3.0)), False, r'objective.guidance_scale=\(1.0, 3.0\).*guidance_embedding=True'),
+    ('scd', dict(guidance_scale=(1.0, 1.0)), True, "model.guidance_embedding=True but objective.name='scd'"),
+    ('scd', dict(guidance_scale=(2.0, 2.0)), True, "model.guidance_embedding=True but objective.name='scd'"),
+    ('sct', {}, True, "model.guidance_embedding=True but objective.name='sct'"),
+    ('trigflow', {}, True, "model.guidance_embedding=True but objective.name='trigflow'"),
+])
+def test_guidance_input_and_objective_must_agree(name, objective, guidance_input, key):
+  """A sampled s the student cannot see, or a guidance input nothing feeds, stops with an error naming the keys."""
+  config = _continuous_tiny(name, **objective)
+  config.model.update(num_classes=8, label_dropout=0.1, guidance_embedding=guidance_input)
+  with pytest.raises(ValueError, match=key):
+    make_objective(config, build_model(config.model))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # TrigFlow sampling on the oracle.
 # ----------------------------------------------------------------------------------------------------------
 def test_trigflow_samplers_reproduce_the_oracle_data_distribution():
   a = 2 * SD
   config = ml_collections.ConfigDict(dict(
       parameterization=dict(rho=7.0),
-      sampling=dict(mid_sigmas=(SD * np.tan(1.1),), mid_indices=(), index_grid_size=18)))
+      sampling=dict(mid_sigmas=(SD * np.tan(1.1),), mid_indices=(), index_grid_size=18, guidance_scale=1.0)))
   model = TrigFlowOracle(a)
   shape = (8192, 4)
   for kind, params, steps, tol in (('consistency', 0.0, 1, 0.02), ('consistency', 0.0, 2, 0.02),

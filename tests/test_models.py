@@ -3,12 +3,13 @@
 import re
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm_jax.models import build_model
+from cm_jax.models import build_model, init_from_teacher, layers
 
 # Small enough to compile quickly on CPU, but with every UNet component:
 # two levels, attention at 4x4, channel changes (1x1 skips), up/downsampling.
@@ -135,11 +136,11 @@ def test_param_paths_are_regular():
   for expected in ('conv_in/kernel', 'time_embed/dense_0/kernel',
                    'down_0/res_1/conv_0/kernel', 'down_0/downsample/kernel',
                    'down_1/attn_0/qkv/kernel', 'mid/attn/qkv/kernel',
-                   'mid/res_1/film/kernel', 'up_1/res_2/skip/kernel',
+                   'mid/res_1/affine/kernel', 'up_1/res_2/skip/kernel',
                    'up_1/upsample/kernel', 'conv_out/kernel'):
     assert expected in paths
   pattern = re.compile(
-      r'^(conv_in|conv_out|norm_out|time_embed/(dense_\d|label)'
+      r'^(conv_in|conv_out|norm_out|time_embed/(dense_\d|label|guidance)'
       r'|(down|up)_\d/((res|attn)_\d/\w+|downsample|upsample)'
       r'|mid/(res_\d|attn)/\w+)/(kernel|bias|scale|embedding)$')
   assert all(pattern.match(p) for p in paths), sorted(
@@ -189,3 +190,135 @@ def test_jvp_matches_central_difference_in_float64(unet):
     assert tangent.dtype == jnp.float64
     rel_err = jnp.linalg.norm(tangent - finite_diff) / jnp.linalg.norm(tangent)
     assert rel_err < 1e-6, rel_err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Labels, the guidance input and the adaptive norms, the same on every network.
+# ---------------------------------------------------------------------------------------------------------
+# One level on 4x4 images: the embeddings and norms under test are the same at every level, and compiles stay short.
+_ONE_LEVEL = dict(channels=8, channel_mult=(1,), num_res_blocks=1, attn_resolutions=())
+NETWORKS = {
+    'mlp': (dict(name='mlp', hidden=32, depth=2), (4, 2)),
+    'unet': (dict(_ONE_LEVEL, name='unet'), (2, 4, 4, 1)),
+    'ncsnpp': (dict(_ONE_LEVEL, name='ncsnpp', dropout=0.0), (2, 4, 4, 1)),
+    'adm': (dict(_ONE_LEVEL, name='adm', head_dim=4, num_classes=0, dropout=0.0), (2, 4, 4, 1)),
+}
+
+
+def _without(params, component):
+  """params without the entries under a path component named `component` (e.g. 'label', 'guidance')."""
+  flat = flax.traverse_util.flatten_dict(params)
+  return flax.traverse_util.unflatten_dict({k: v for k, v in flat.items() if component not in k})
+
+
+def _built(name, **fields):
+  """(model, params, (x, c_noise, cond), jitted apply) for NETWORKS[name] with `fields` changed.
+
+  The parameters are drawn in numpy from the abstract shapes (no init compile), every one of them non-zero:
+  kernels N(0, 1/fan_in), norm scales 1 + N(0, 0.1^2), other vectors N(0, 0.1^2).
+  """
+  config, shape = NETWORKS[name]
+  config = dict(config, **fields)
+  model = build_model(config)
+  inputs = _inputs(shape, config.get('num_classes', 0))
+  shapes = jax.eval_shape(model.init, {'params': jax.random.key(0)}, *inputs)['params']
+  rng = np.random.default_rng(0)
+
+  def draw(path, leaf):
+    noise = rng.standard_normal(leaf.shape).astype(np.float32)
+    if len(leaf.shape) > 1:
+      return noise / np.sqrt(np.prod(leaf.shape[:-1]))
+    return (1.0 if path[-1].key == 'scale' else 0.0) + 0.1 * noise
+
+  params = jax.tree_util.tree_map_with_path(draw, shapes)
+  return model, params, inputs, jax.jit(model.apply, static_argnames='train')
+
+
+@pytest.mark.parametrize('name', sorted(NETWORKS))
+def test_guidance_input_changes_the_output_only_when_enabled(name):
+  """A trained guidance input makes F depend on s; with it zeroed (its initial value) F is the network without the
+  input, for every s; a network without the input rejects a guidance scale."""
+  model, params, (x, c_noise, cond), apply = _built(name, guidance_embedding=True)
+  scale = lambda s: jnp.full((len(x),), s)
+  out_1, out_3 = (apply({'params': params}, x, c_noise, cond, guidance=scale(s)) for s in (1.0, 3.0))
+  assert np.all(np.abs(out_3 - out_1).reshape(len(x), -1).max(1) > 1e-4)
+
+  zeroed = jax.tree_util.tree_map_with_path(
+      lambda path, p: jnp.zeros_like(p) if 'guidance' in jax.tree_util.keystr(path) else p, params)
+  plain = build_model(dict(NETWORKS[name][0], guidance_embedding=False))
+  reference = jax.jit(plain.apply)({'params': _without(params, 'guidance')}, x, c_noise, cond)
+  for s in (0.0, 1.0, 5.0):
+    np.testing.assert_allclose(apply({'params': zeroed}, x, c_noise, cond, guidance=scale(s)), reference,
+                               rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='model.guidance_embedding=False'):
+    jax.eval_shape(plain.apply, {'params': _without(params, 'guidance')}, x, c_noise, cond, guidance=scale(2.0))
+
+
+@pytest.mark.parametrize('name', sorted(NETWORKS))
+def test_negative_label_is_the_unconditional_branch(name):
+  """F(x, c, -1) of a class-conditional network is the unconditional network with the same other parameters;
+  label_dropout = 1 drops every training label, so training-mode F is that branch, evaluation-mode F is not."""
+  model, params, (x, c_noise, cond), apply = _built(name, num_classes=3, label_dropout=1.0)
+  unconditional = build_model(dict(NETWORKS[name][0], num_classes=0))
+  reference = jax.jit(unconditional.apply)({'params': _without(params, 'label')}, x, c_noise)
+  null = jnp.full_like(cond, -1)
+  np.testing.assert_allclose(apply({'params': params}, x, c_noise, null), reference, rtol=1e-5, atol=1e-5)
+  dropped = apply({'params': params}, x, c_noise, cond, train=True, rngs={'dropout': jax.random.key(1)})
+  np.testing.assert_allclose(dropped, reference, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(apply({'params': params}, x, c_noise, cond), reference, atol=1e-4)
+
+
+@pytest.mark.parametrize('name', sorted(NETWORKS))
+def test_adaptive_norm_takes_one_vocabulary_on_every_network(name):
+  """'shift', 'scale_shift' and 'double' build on every network and compute different functions; 'double' is
+  invariant to the scale of the modulation (pnorm); the old names 'film' / 'add' stop with one clear error."""
+  outputs = {}
+  for mode in ('shift', 'scale_shift', 'double'):
+    model, params, (x, c_noise, cond), apply = _built(name, adaptive_norm=mode)
+    outputs[mode] = apply({'params': params}, x, c_noise, cond)
+    scaled = jax.tree_util.tree_map_with_path(
+        lambda path, p: 3.0 * p if "'affine'" in jax.tree_util.keystr(path) else p, params)
+    invariant = np.allclose(apply({'params': scaled}, x, c_noise, cond), outputs[mode], atol=1e-4)
+    assert invariant == (mode == 'double'), mode
+  assert not np.allclose(outputs['shift'], outputs['scale_shift'], atol=1e-4)
+  for bad in ('film', 'add'):
+    with pytest.raises(ValueError, match=rf"model.adaptive_norm='{bad}'; expected one of "
+                                         r"\('shift', 'scale_shift', 'double'\)"):
+      _built(name, adaptive_norm=bad)  # raised while tracing the initialisation
+
+
+class _AdaptiveNormHost(nn.Module):
+  mode: str
+
+  @nn.compact
+  def __call__(self, h, emb):
+    return layers.adaptive_norm(self.mode, lambda v: v, h, emb)
+
+
+def test_adaptive_norm_closed_forms():
+  """With norm = identity and (s, b) = Dense(emb): h + b, h (1 + s) + b, h pnorm(s) + pnorm(b)."""
+  rng = np.random.default_rng(0)
+  h, emb = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((3, 4), (3, 5)))
+  rms = lambda v: v / np.sqrt(np.mean(np.square(v), -1, keepdims=True))
+  for mode, width in (('shift', 4), ('scale_shift', 8), ('double', 8)):
+    kernel, bias = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((5, width), (width,)))
+    out = _AdaptiveNormHost(mode).apply({'params': {'affine': {'kernel': kernel, 'bias': bias}}}, h, emb)
+    params = np.asarray(emb @ kernel + bias)
+    s, b = params[:, :4], params[:, 4:]
+    expected = h + params if mode == 'shift' else h * (1 + s) + b if mode == 'scale_shift' else h * rms(s) + rms(b)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_guidance_student_from_its_teacher_computes_the_teacher_for_every_scale():
+  """init_from_teacher keeps the student's initial guidance layer, which is zero: F_student(s) = F_teacher for all s."""
+  _, teacher, (x, c_noise, cond), teacher_apply = _built('mlp', num_classes=3)
+  student = build_model(dict(NETWORKS['mlp'][0], num_classes=3, guidance_embedding=True))
+  fresh = student.init({'params': jax.random.key(1)}, x, c_noise, cond)['params']
+  params = init_from_teacher(fresh, teacher)
+  reference = teacher_apply({'params': teacher}, x, c_noise, cond)
+  for s in (None, 1.0, 2.5):  # None: s = 1
+    guidance = None if s is None else jnp.full((len(x),), s)
+    np.testing.assert_allclose(student.apply({'params': params}, x, c_noise, cond, guidance=guidance),
+                               reference, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match='time_embed/label/kernel'):
+    init_from_teacher(_without(fresh, 'label'), teacher)

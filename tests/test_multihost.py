@@ -9,23 +9,23 @@ import pytest
 from cm_jax import distributed
 from cm_jax import train
 from launch import local_multiprocess
-import run_helpers
-from run_helpers import ROOT
+import helpers
+from helpers import ROOT
 
 
 def test_two_processes_of_four_devices_train_like_one_process_of_eight(tmp_path):
   """20 steps of the CLI on 2 x 4 devices: the loss curve of 1 x 8 devices, one writer, a shared checkpoint."""
   workdir, steps = tmp_path / 'run', 20
   processes = local_multiprocess.start(
-      run_helpers.tiny_cli_args(workdir, train__num_steps=steps, checkpoint__every_steps=10), num_processes=2,
+      helpers.tiny_cli_args(workdir, train__num_steps=steps, checkpoint__every_steps=10), num_processes=2,
       devices_per_process=4, log_dir=tmp_path)
   codes = local_multiprocess.wait(processes, timeout=240)
   logs = [(tmp_path / f'process_{i}.log').read_text() for i in range(2)]
   assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
 
-  config = run_helpers.tiny_cli_config(train__num_steps=steps)
-  expected, state = run_helpers.losses(config, jax.devices()[:8], steps)
-  got = run_helpers.scalars(workdir, 'loss')
+  config = helpers.tiny_cli_config(train__num_steps=steps)
+  expected, state = helpers.losses(config, jax.devices()[:8], steps)
+  got = helpers.scalars(workdir, 'loss')
   assert sorted(got) == list(range(1, steps + 1))
   # Gloo's cross-process sums add in another order than one process does: ~1e-7 at step 1, ~2e-5 by step 20.
   np.testing.assert_allclose([got[s] for s in range(1, steps + 1)], expected, rtol=1e-4)

@@ -12,7 +12,7 @@ from cm_jax import sharding
 from cm_jax import train
 from configs import base
 from helpers import tiny_config
-from run_helpers import losses
+from helpers import losses
 
 # The tiny MLP's kernels are [32, 32] except dense_in [2, 32]: its output axis is split instead.
 FSDP_RULES = ((r'dense_in/kernel$', (None, 'fsdp')), (r'kernel$', ('fsdp', None)), (r'bias$|scale$', ('fsdp',)))

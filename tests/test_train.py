@@ -1,4 +1,4 @@
-"""The trainer: exact resume, device-count invariance, compile-once, skipping non-finite steps."""
+"""The trainer: exact resume, device-count invariance, compile-once, skipping non-finite steps, teachers."""
 
 import jax
 import jax.numpy as jnp
@@ -7,13 +7,12 @@ import pytest
 
 from cm_jax import checkpoint
 from cm_jax import train
+from configs import digits_ict
+from configs import digits_scd
+from configs import digits_trigflow
+from helpers import assert_trees_equal
+from helpers import losses
 from helpers import tiny_config
-from run_helpers import losses
-
-
-def _leaves_equal(a, b):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_resume_is_bitwise_exact(tmp_path):
@@ -35,7 +34,7 @@ def test_resume_is_bitwise_exact(tmp_path):
   resumed = train.train_and_evaluate(config, tmp_path / 'resumed', devices)
 
   assert int(resumed.step) == int(straight.step) == 12
-  _leaves_equal(straight, resumed)
+  assert_trees_equal(straight, resumed)
 
 
 def test_eight_devices_match_one_device():
@@ -72,7 +71,7 @@ def test_ema_and_optimizer_are_applied():
   step_fn = exp.train_step()
   with exp.batches(0) as batches:
     s1, _ = step_fn(init, next(batches), None)
-    _leaves_equal(params0, s1.params)  # linear warm-up starts at learning rate 0
+    assert_trees_equal(params0, s1.params)  # linear warm-up starts at learning rate 0
     s2, _ = step_fn(s1, next(batches), None)
   leaf = lambda t: np.asarray(t['dense_out']['kernel'])  # zero-initialised: only it moves first
   assert not np.allclose(leaf(s2.params), leaf(params0))
@@ -101,4 +100,64 @@ def test_nonfinite_steps_can_be_skipped():
   before = jax.tree.map(np.asarray, state)  # the step donates its input state
   new, metrics = step_fn(state, bad, None)
   assert float(metrics['nonfinite']) == 1.0 and int(new.step) == 1
-  _leaves_equal(before.replace(step=new.step), new)
+  assert_trees_equal(before.replace(step=new.step), new)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Teachers: a diffusion run, read in its own parameterisation.
+# ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def edm_teacher(tmp_path_factory):
+  """A saved EDM diffusion run of the tiny experiment, its parameters moved off the zero-output initialisation."""
+  workdir = tmp_path_factory.mktemp('edm_teacher')
+  config = tiny_config('edm')
+  exp = train.Experiment(config, jax.devices()[:1])
+  state = exp.init_state()
+  params = jax.tree.map(lambda p: p + 0.1, state.params)
+  ckpt = checkpoint.Checkpointer(workdir, save_every=1)
+  ckpt.save(1, state.replace(params=params, ema=tuple(params for _ in state.ema)), {'position': 1, 'seed': 0})
+  ckpt.wait()
+  ckpt.close()
+  train.write_config(config, workdir)
+  return workdir
+
+
+def _student(objective_config, teacher_workdir, parameterization='trigflow', **objective):
+  """The tiny experiment's network as a student of the run in `teacher_workdir`."""
+  c = tiny_config(num_steps=2)
+  c.parameterization.name = parameterization
+  c.objective = objective_config.get_config().objective
+  c.objective.update(objective)
+  c.teacher.workdir = str(teacher_workdir)
+  return c
+
+
+def test_an_edm_teacher_of_a_trigflow_student_samples_with_its_own_parameterisation(edm_teacher):
+  """The quality table's teacher row is the teacher run's own Heun sampler, not the student's parameterisation."""
+  devices = jax.devices()[:1]
+  config = _student(digits_scd, edm_teacher, teacher='edm')
+  exp = train.Experiment(config, devices)
+  teacher = train.load_teacher(config, exp)
+  own_exp, own_state = train.restore_latest(teacher.experiment.config, edm_teacher, devices)
+  expected = own_exp.generate(own_state.ema[0], 16, own_exp.config.sampling.teacher_steps, 3, 'diffusion')
+  np.testing.assert_array_equal(teacher.generate(16, 3), expected)
+  as_trigflow = exp.generate(teacher.params, 16, config.sampling.teacher_steps, 3, 'diffusion')
+  assert np.abs(as_trigflow - expected).max() > 1e-2  # read as TrigFlow, the same parameters sample otherwise
+
+
+def test_a_teacher_read_in_another_parameterisation_is_refused(edm_teacher):
+  devices = jax.devices()[:1]
+  distils = _student(digits_scd, edm_teacher, teacher='trigflow')
+  with pytest.raises(ValueError, match="parameterization.name='edm', but distillation .* reads it as 'trigflow'"):
+    train.load_teacher(distils, train.Experiment(distils, devices))
+  starts_from = _student(digits_trigflow, edm_teacher)
+  starts_from.teacher.init = True
+  with pytest.raises(ValueError, match="parameterization.name='edm', but teacher.init reads it as 'trigflow'"):
+    train.load_teacher(starts_from, train.Experiment(starts_from, devices))
+
+
+def test_a_consistency_run_is_not_a_teacher(tmp_path):
+  train.train_and_evaluate(tiny_config(num_steps=2), tmp_path / 'ict', jax.devices()[:1])
+  config = _student(digits_ict, tmp_path / 'ict', parameterization='edm')
+  with pytest.raises(ValueError, match="holds a 'ict' run, a consistency model"):
+    train.load_teacher(config, train.Experiment(config, jax.devices()[:1]))

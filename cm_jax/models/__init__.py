@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import flax
 import flax.linen as nn
 
 from cm_jax.models.adm import ADM
@@ -34,3 +35,19 @@ def build_model(model_config) -> nn.Module:
                      f'known: {sorted(known)}.')
   return cls(**{k: tuple(v) if isinstance(v, list) else v
                 for k, v in fields.items()})
+
+
+def init_from_teacher(params, teacher):
+  """`params` with every entry the teacher has replaced by the teacher's (teacher.init).
+
+  The entries the teacher lacks (a student's guidance embedding, zero-initialised) keep their initial values, so a
+  guidance-input student starts as its unguided teacher.
+
+  Raises:
+    ValueError: when the teacher has parameters this network does not.
+  """
+  flat, flat_teacher = (flax.traverse_util.flatten_dict(p, sep='/') for p in (params, teacher))
+  extra = sorted(set(flat_teacher) - set(flat))
+  if extra:
+    raise ValueError(f'The teacher has parameters {extra} that this network (config.model) does not have.')
+  return flax.traverse_util.unflatten_dict({**flat, **flat_teacher}, sep='/')

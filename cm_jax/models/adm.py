@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 
-from cm_jax.models.blocks import NoiseLabelEmbedding, UNetBlock, unet
+from cm_jax.models.blocks import UNetBlock, unet
+from cm_jax.models.layers import NoiseLabelEmbedding
 
 
 class ADM(nn.Module):
@@ -21,7 +22,8 @@ class ADM(nn.Module):
     dropout: dropout rate inside the residual blocks.
     num_classes: number of class labels (1000 for ImageNet); 0 for an unconditional model.
     label_dropout: probability of dropping a training label, so the network also learns the unconditional
-      F(x, c_noise, -1) that classifier-free guidance needs.
+      F(x, c_noise, -1) that classifier-free guidance needs (a label < 0 is "no label").
+    guidance_embedding: a guidance-scale input s, embedded like c_noise (sCD / LCM students of a guided teacher).
     time_embedding: 'positional' or 'fourier' embedding of c_noise (channels sinusoids).
     time_scale: positional multiplier of c_noise, or Fourier frequency std.
     emb_mult: embedding width = channels * emb_mult.
@@ -36,6 +38,7 @@ class ADM(nn.Module):
   dropout: float = 0.1
   num_classes: int = 1000
   label_dropout: float = 0.0
+  guidance_embedding: bool = False
   time_embedding: str = 'positional'
   time_scale: float = 1.0
   emb_mult: int = 4
@@ -43,12 +46,14 @@ class ADM(nn.Module):
   dtype: str = 'float32'
 
   @nn.compact
-  def __call__(self, x, c_noise, cond=None, train=False):
-    """Maps x [B, H, W, C], c_noise [B], cond [B] int (< 0: no label) or None to [B, H, W, C] (float32)."""
+  def __call__(self, x, c_noise, cond=None, train=False, guidance=None):
+    """Maps x [B, H, W, C], c_noise [B], cond [B] int (< 0: no label) or None, guidance [B] or None (s = 1) to
+    [B, H, W, C] (float32)."""
     block = functools.partial(UNetBlock, head_dim=self.head_dim, dropout=self.dropout,
                               adaptive_norm=self.adaptive_norm, dtype=self.dtype)
-    embed = NoiseLabelEmbedding(self.channels, self.channels * self.emb_mult, self.time_embedding,
-                                self.time_scale, self.num_classes, self.label_dropout, dtype=self.dtype,
-                                name='embed')
-    return unet(x, c_noise, cond, train, net=self, block=block, embed=embed,
+    embed = NoiseLabelEmbedding(
+        features=self.channels * self.emb_mult, kind=self.time_embedding, scale=self.time_scale,
+        num_classes=self.num_classes, label_dropout=self.label_dropout, guidance=self.guidance_embedding,
+        noise_features=self.channels, dtype=self.dtype, name='embed')
+    return unet(x, c_noise, cond, train, guidance, net=self, block=block, embed=embed,
                 attention_blocks=lambda res: range(self.num_res_blocks + 1) if res in self.attn_resolutions else ())

@@ -11,9 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cm_jax.models.layers import _NOISE_EMBEDDINGS, pixel_norm
-
-ADAPTIVE_NORMS = ('shift', 'scale_shift', 'double')
+from cm_jax.models.layers import adaptive_norm
 
 
 def group_norm(channels, eps, dtype, name):
@@ -63,25 +61,13 @@ class UNetBlock(nn.Module):
   @nn.compact
   def __call__(self, x, emb, train):
     """Maps x [B, H, W, C_in] and emb [B, E] to [B, H', W', features]."""
-    if self.adaptive_norm not in ADAPTIVE_NORMS:
-      raise ValueError(f'Unknown adaptive_norm {self.adaptive_norm!r}; known: {ADAPTIVE_NORMS}.')
     mode = 'up' if self.up else 'down' if self.down else None
     conv = lambda size, name, **kw: nn.Conv(self.features, (size, size), dtype=self.dtype, name=name, **kw)
     h = nn.silu(group_norm(x.shape[-1], self.eps, self.dtype, 'norm_0')(x))
     if mode:
       h = resample(h, mode, self.resample_filter)
     h = conv(3, 'conv_0')(h)
-    width = self.features * (1 if self.adaptive_norm == 'shift' else 2)
-    params = nn.Dense(width, dtype=self.dtype, name='affine')(emb)[:, None, None, :]
-    norm = group_norm(self.features, self.eps, self.dtype, 'norm_1')
-    if self.adaptive_norm == 'shift':
-      h = norm(h + params)
-    else:
-      scale, shift = jnp.split(params, 2, axis=-1)
-      if self.adaptive_norm == 'double':
-        h = norm(h) * pixel_norm(scale) + pixel_norm(shift)
-      else:
-        h = norm(h) * (1 + scale) + shift
+    h = adaptive_norm(self.adaptive_norm, group_norm(self.features, self.eps, self.dtype, 'norm_1'), h, emb, self.dtype)
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
     h = conv(3, 'conv_1', kernel_init=nn.initializers.zeros)(h)
 
@@ -105,40 +91,6 @@ class UNetBlock(nn.Module):
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / np.sqrt(c // heads)
     h = jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
     return nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name='proj')(h.reshape(b, hgt, wid, c))
-
-
-class NoiseLabelEmbedding(nn.Module):
-  """emb = SiLU(Dense(SiLU(Dense(sinusoids(c_noise)))) + Dense(onehot(cond))) (EDM's ADM mapping).
-
-  A label < 0 embeds as zero: the unconditional branch of classifier-free guidance. With label_dropout p,
-  training replaces each label by "none" with probability p, so one network learns both branches.
-  """
-  noise_features: int
-  features: int
-  kind: str  # 'fourier' or 'positional'
-  scale: float  # Fourier frequency std, or positional multiplier of c_noise
-  num_classes: int = 0
-  label_dropout: float = 0.0
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, c_noise, cond, train):
-    """Maps c_noise [B] and cond [B] int (or None) to [B, features]."""
-    if self.kind not in _NOISE_EMBEDDINGS:
-      raise ValueError(f'Unknown time_embedding {self.kind!r}; known: {sorted(_NOISE_EMBEDDINGS)}.')
-    if (cond is None) != (self.num_classes == 0):
-      raise ValueError(f'cond must be given if and only if num_classes > 0; num_classes={self.num_classes}, '
-                       f'cond is {"None" if cond is None else "given"}.')
-    emb = _NOISE_EMBEDDINGS[self.kind](self.noise_features, self.scale, name='sinusoids')(c_noise)
-    emb = nn.silu(nn.Dense(self.features, dtype=self.dtype, name='dense_0')(emb))
-    emb = nn.Dense(self.features, dtype=self.dtype, name='dense_1')(emb)
-    if self.num_classes:
-      onehot = jax.nn.one_hot(cond, self.num_classes)
-      if train and self.label_dropout > 0:
-        keep = jax.random.bernoulli(self.make_rng('dropout'), 1.0 - self.label_dropout, (len(cond), 1))
-        onehot = onehot * keep
-      emb = emb + nn.Dense(self.features, use_bias=False, dtype=self.dtype, name='label')(onehot)
-    return nn.silu(emb)
 
 
 class EncoderLevel(nn.Module):
@@ -197,19 +149,19 @@ class DecoderLevel(nn.Module):
     return x
 
 
-def unet(x, c_noise, cond, train, *, net, block, embed, attention_blocks, residual_input=False,
+def unet(x, c_noise, cond, train, guidance, *, net, block, embed, attention_blocks, residual_input=False,
          resample_filter=(1, 1), eps=1e-5):
   """The encoder-decoder of EDM's UNets on the fields of `net` (an NCSNpp or ADM module, inside its compact call).
 
-  block: partial(UNetBlock, ...); embed: the NoiseLabelEmbedding; attention_blocks(res) -> decoder block indices
-  with attention at resolution res. Returns F [B, H, W, C] in float32.
+  block: partial(UNetBlock, ...); embed: the NoiseLabelEmbedding (SiLU applied here); guidance: [B] or None;
+  attention_blocks(res) -> decoder block indices with attention at resolution res. Returns F [B, H, W, C] in float32.
   """
   levels = len(net.channel_mult)
   if x.shape[1] % 2 ** (levels - 1) or x.shape[2] % 2 ** (levels - 1):
     raise ValueError(f'Spatial size {x.shape[1:3]} is not divisible by 2^{levels - 1} for channel_mult '
                      f'{net.channel_mult}.')
   dtype = jnp.dtype(net.dtype)
-  emb = embed(c_noise, cond, train)
+  emb = nn.silu(embed(c_noise, cond, train, guidance))
   h, aux, skips = x.astype(dtype), x.astype(dtype), []
   for level, mult in enumerate(net.channel_mult):
     res = x.shape[1] >> level

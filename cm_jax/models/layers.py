@@ -1,9 +1,15 @@
-"""Noise and class-label embeddings, and the pixel norm, shared by all networks."""
+"""Layers shared by all networks: noise, label and guidance embeddings, the adaptive normalisations, the pixel norm."""
+
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+ADAPTIVE_NORMS = ('shift', 'scale_shift', 'double')
+# s is embedded as sinusoids of GUIDANCE_SCALE * s (as LCM embeds its guidance weight: sinusoids of 1000 w).
+GUIDANCE_SCALE = 1000.0
 
 
 class FourierEmbedding(nn.Module):
@@ -43,33 +49,70 @@ _NOISE_EMBEDDINGS = {'fourier': FourierEmbedding,
                      'positional': PositionalEmbedding}
 
 
-class TimeEmbedding(nn.Module):
-  """Conditioning vector from the noise level and, optionally, a class label.
+class NoiseLabelEmbedding(nn.Module):
+  """emb = Dense(SiLU(Dense(sinusoids(c_noise)))) + Dense(onehot(cond)) + Dense_0(sinusoids(1000 s)) (EDM's mapping).
 
-  emb = Dense(SiLU(Dense(sinusoids(c_noise)))) + Embed(cond)   (as in ADM).
+  A label < 0 embeds as zero: the unconditional branch of classifier-free guidance. With label_dropout p, training
+  replaces each label by "none" with probability p, so one network learns both branches.
+  With `guidance`, the guidance scale s [B] (None: s = 1) is embedded like the noise level through its own dense
+  layer, zero-initialised: a freshly initialised guidance input changes nothing, so a student that starts from an
+  unguided teacher starts as that teacher. The paper networks apply SiLU to emb; the UNet and MLP blocks do.
   """
   features: int
-  kind: str  # 'fourier' or 'positional'.
-  scale: float  # Fourier frequency std, or positional multiplier of c_noise.
+  kind: str  # 'fourier' or 'positional'
+  scale: float  # Fourier frequency std, or positional multiplier of c_noise
   num_classes: int = 0
+  label_dropout: float = 0.0
+  guidance: bool = False
+  noise_features: int = 0  # sinusoids of c_noise and of s; 0: `features`
+  dtype: Any = None  # compute dtype; None: that of the inputs and parameters
 
   @nn.compact
-  def __call__(self, c_noise, cond=None):
-    """Maps c_noise [B] and cond [B] int (or None) to an embedding [B, features]."""
+  def __call__(self, c_noise, cond=None, train=False, guidance=None):
+    """Maps c_noise [B], cond [B] int (or None) and guidance [B] (or None) to [B, features]."""
     if self.kind not in _NOISE_EMBEDDINGS:
-      raise ValueError(f'Unknown time_embedding {self.kind!r}; '
-                       f'known: {sorted(_NOISE_EMBEDDINGS)}.')
+      raise ValueError(f'Unknown model.time_embedding {self.kind!r}; known: {sorted(_NOISE_EMBEDDINGS)}.')
     if (cond is None) != (self.num_classes == 0):
-      raise ValueError('cond must be given if and only if num_classes > 0; '
-                       f'num_classes={self.num_classes}, cond is '
-                       f'{"None" if cond is None else "given"}.')
-    emb = _NOISE_EMBEDDINGS[self.kind](self.features, self.scale,
-                                       name='sinusoids')(c_noise)
-    emb = nn.Dense(self.features, name='dense_0')(emb)
-    emb = nn.Dense(self.features, name='dense_1')(nn.silu(emb))
+      raise ValueError(f'cond must be given if and only if model.num_classes > 0; num_classes={self.num_classes}, '
+                       f'cond is {"None" if cond is None else "given"}.')
+    if guidance is not None and not self.guidance:
+      raise ValueError('A guidance scale was given to a network without a guidance input '
+                       '(model.guidance_embedding=False).')
+    noise_features = self.noise_features or self.features
+    emb = _NOISE_EMBEDDINGS[self.kind](noise_features, self.scale, name='sinusoids')(c_noise)
+    emb = nn.silu(nn.Dense(self.features, dtype=self.dtype, name='dense_0')(emb))
+    emb = nn.Dense(self.features, dtype=self.dtype, name='dense_1')(emb)
     if self.num_classes:
-      emb = emb + nn.Embed(self.num_classes, self.features, name='label')(cond)
+      onehot = jax.nn.one_hot(cond, self.num_classes)  # all zeros for a label < 0
+      if train and self.label_dropout > 0:
+        keep = jax.random.bernoulli(self.make_rng('dropout'), 1.0 - self.label_dropout, (len(cond), 1))
+        onehot = onehot * keep
+      emb = emb + nn.Dense(self.features, use_bias=False, dtype=self.dtype, name='label')(onehot)
+    if self.guidance:
+      s = jnp.ones_like(c_noise) if guidance is None else jnp.broadcast_to(guidance, c_noise.shape)
+      sinusoids = PositionalEmbedding(noise_features, GUIDANCE_SCALE, name='guidance_sinusoids')(s)
+      emb = emb + nn.Dense(self.features, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                           name='guidance')(sinusoids)
     return emb
+
+
+def adaptive_norm(mode, norm, h, emb, dtype=None):
+  """Noise-conditional normalisation of h [B, ..., C] with (s, b) = Dense(emb), the layer named 'affine':
+
+  'shift': norm(h + b) (DDPM++);  'scale_shift': norm(h) (1 + s) + b (ADM, FiLM);
+  'double': norm(h) pnorm(s) + pnorm(b) (sCM's adaptive double normalisation).
+  """
+  if mode not in ADAPTIVE_NORMS:
+    raise ValueError(f'model.adaptive_norm={mode!r}; expected one of {ADAPTIVE_NORMS}.')
+  features = h.shape[-1]
+  params = nn.Dense(features * (1 if mode == 'shift' else 2), dtype=dtype, name='affine')(emb)
+  params = jnp.reshape(params, params.shape[:1] + (1,) * (h.ndim - 2) + params.shape[1:])
+  if mode == 'shift':
+    return norm(h + params)
+  scale, shift = jnp.split(params, 2, axis=-1)
+  if mode == 'double':
+    return norm(h) * pixel_norm(scale) + pixel_norm(shift)
+  return norm(h) * (1 + scale) + shift
 
 
 def pixel_norm(x, eps=1e-8):

@@ -1,32 +1,27 @@
 """A residual MLP for 2-D toys and flat data [B, D]."""
 
 import flax.linen as nn
-import jax.numpy as jnp
 import numpy as np
 
-from cm_jax.models.layers import TimeEmbedding, pixel_norm
+from cm_jax.models.layers import NoiseLabelEmbedding, adaptive_norm
 
 
 class MLPBlock(nn.Module):
   """Pre-norm residual block with the time embedding added: (x + F) / sqrt(2).
 
-  F = Dense(Dropout(SiLU(ada(h)))),  h = Dense(SiLU(LN(x))),  ada = 'add': LN(h + Dense(SiLU(emb)));
-  'double': LN(h) pnorm(s) + pnorm(b), (s, b) = Dense(SiLU(emb)) (sCM's adaptive double normalisation).
+  F = Dense(Dropout(SiLU(ada(h, SiLU(emb))))),  h = Dense(SiLU(LN(x))),  ada: layers.adaptive_norm with LN
+  ('shift' LN(h + b), 'scale_shift' LN(h) (1 + s) + b, 'double' LN(h) pnorm(s) + pnorm(b)).
   """
   features: int
   dropout: float = 0.0
-  adaptive_norm: str = 'add'
+  adaptive_norm: str = 'shift'
 
   @nn.compact
   def __call__(self, x, emb, train):
     """Maps x [B, features] and emb [B, E] to [B, features]."""
     h = nn.Dense(self.features, name='dense_0')(
         nn.silu(nn.LayerNorm(name='norm_0')(x)))
-    if self.adaptive_norm == 'double':
-      scale, shift = jnp.split(nn.Dense(2 * self.features, name='emb')(nn.silu(emb)), 2, axis=-1)
-      h = nn.LayerNorm(name='norm_1')(h) * pixel_norm(scale) + pixel_norm(shift)
-    else:
-      h = nn.LayerNorm(name='norm_1')(h + nn.Dense(self.features, name='emb')(nn.silu(emb)))
+    h = adaptive_norm(self.adaptive_norm, nn.LayerNorm(name='norm_1'), h, nn.silu(emb))
     h = nn.silu(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = nn.Dense(self.features, name='dense_1')(h)
@@ -41,27 +36,34 @@ class MLP(nn.Module):
     depth: number of residual blocks.
     dropout: dropout rate inside the residual blocks.
     num_classes: number of class labels; 0 for an unconditional model.
+    label_dropout: probability of dropping a training label, so the network also learns the unconditional
+      F(x, c_noise, -1) that classifier-free guidance needs (a label < 0 is "no label").
+    guidance_embedding: a guidance-scale input s, embedded like c_noise (sCD / LCM students of a guided teacher).
     time_embedding: 'fourier' or 'positional' embedding of c_noise.
     time_scale: Fourier frequency std, or positional multiplier of c_noise.
-    adaptive_norm: 'add' (LN(h + b(t))) or 'double' (LN(h) pnorm(s(t)) + pnorm(b(t)), sCM).
+    adaptive_norm: 'shift' (LN(h + b(t))), 'scale_shift' (LN(h) (1 + s(t)) + b(t)) or 'double'
+      (LN(h) pnorm(s(t)) + pnorm(b(t)), sCM).
   """
   hidden: int = 256
   depth: int = 4
   dropout: float = 0.0
   num_classes: int = 0
+  label_dropout: float = 0.0
+  guidance_embedding: bool = False
   time_embedding: str = 'positional'
   time_scale: float = 1000.0
-  adaptive_norm: str = 'add'
+  adaptive_norm: str = 'shift'
 
   @nn.compact
-  def __call__(self, x, c_noise, cond=None, train=False):
-    """Maps x [B, ...] (flattened inside), c_noise [B], cond [B] int or None to x's shape."""
-    if self.adaptive_norm not in ('add', 'double'):
-      raise ValueError(f"Unknown adaptive_norm {self.adaptive_norm!r}; known: ['add', 'double'].")
+  def __call__(self, x, c_noise, cond=None, train=False, guidance=None):
+    """Maps x [B, ...] (flattened inside), c_noise [B], cond [B] int (< 0: no label) or None, guidance [B] or None
+    (s = 1) to x's shape."""
     shape = x.shape
     x = x.reshape(shape[0], -1)
-    emb = TimeEmbedding(self.hidden, self.time_embedding, self.time_scale,
-                        self.num_classes, name='time_embed')(c_noise, cond)
+    emb = NoiseLabelEmbedding(
+        features=self.hidden, kind=self.time_embedding, scale=self.time_scale, num_classes=self.num_classes,
+        label_dropout=self.label_dropout, guidance=self.guidance_embedding,
+        name='time_embed')(c_noise, cond, train, guidance)
     h = nn.Dense(self.hidden, name='dense_in')(x)
     for i in range(self.depth):
       h = MLPBlock(self.hidden, self.dropout, self.adaptive_norm, name=f'block_{i}')(h, emb, train)

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import numpy as np
 
-from cm_jax.models.blocks import NoiseLabelEmbedding, UNetBlock, unet
+from cm_jax.models.blocks import UNetBlock, unet
+from cm_jax.models.layers import NoiseLabelEmbedding
 
 
 class NCSNpp(nn.Module):
@@ -24,7 +25,9 @@ class NCSNpp(nn.Module):
     attn_resolutions: spatial sizes with self-attention (encoder blocks, last decoder block of the level).
     dropout: dropout rate inside the residual blocks.
     num_classes: number of class labels; 0 for an unconditional model.
-    label_dropout: probability of dropping a training label (classifier-free guidance).
+    label_dropout: probability of dropping a training label, so the network also learns the unconditional
+      F(x, c_noise, -1) that classifier-free guidance needs (a label < 0 is "no label").
+    guidance_embedding: a guidance-scale input s, embedded like c_noise (sCD / LCM students of a guided teacher).
     time_embedding: 'positional' (DDPM++) or 'fourier' (NCSN++) embedding of c_noise.
     time_scale: positional multiplier of c_noise, or Fourier frequency std (16 in NCSN++).
     noise_mult: sinusoid features = channels * noise_mult (1 in DDPM++, 2 in NCSN++).
@@ -41,6 +44,7 @@ class NCSNpp(nn.Module):
   dropout: float = 0.1
   num_classes: int = 0
   label_dropout: float = 0.0
+  guidance_embedding: bool = False
   time_embedding: str = 'positional'
   time_scale: float = 1.0
   noise_mult: int = 1
@@ -51,15 +55,17 @@ class NCSNpp(nn.Module):
   dtype: str = 'float32'
 
   @nn.compact
-  def __call__(self, x, c_noise, cond=None, train=False):
-    """Maps x [B, H, W, C], c_noise [B], cond [B] int or None to [B, H, W, C] (float32)."""
+  def __call__(self, x, c_noise, cond=None, train=False, guidance=None):
+    """Maps x [B, H, W, C], c_noise [B], cond [B] int (< 0: no label) or None, guidance [B] or None (s = 1) to
+    [B, H, W, C] (float32)."""
     eps = 1e-6
     block = functools.partial(
         UNetBlock, dropout=self.dropout, skip_scale=np.sqrt(0.5), adaptive_norm=self.adaptive_norm,
         resample_filter=tuple(self.resample_filter), resample_proj=True, eps=eps, dtype=self.dtype)
-    embed = NoiseLabelEmbedding(self.channels * self.noise_mult, self.channels * self.emb_mult,
-                                self.time_embedding, self.time_scale, self.num_classes, self.label_dropout,
-                                dtype=self.dtype, name='embed')
-    return unet(x, c_noise, cond, train, net=self, block=block, embed=embed,
+    embed = NoiseLabelEmbedding(
+        features=self.channels * self.emb_mult, kind=self.time_embedding, scale=self.time_scale,
+        num_classes=self.num_classes, label_dropout=self.label_dropout, guidance=self.guidance_embedding,
+        noise_features=self.channels * self.noise_mult, dtype=self.dtype, name='embed')
+    return unet(x, c_noise, cond, train, guidance, net=self, block=block, embed=embed,
                 attention_blocks=lambda res: (self.num_res_blocks,) if res in self.attn_resolutions else (),
                 residual_input=self.residual_input, resample_filter=tuple(self.resample_filter), eps=eps)

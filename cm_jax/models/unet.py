@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cm_jax.models.layers import TimeEmbedding, pixel_norm
+from cm_jax.models.layers import NoiseLabelEmbedding, adaptive_norm
 
 
 def group_norm(channels, name):
@@ -19,27 +19,21 @@ def group_norm(channels, name):
 
 
 class ResBlock(nn.Module):
-  """Residual block with FiLM noise conditioning: (skip(x) + F(x, emb)) / sqrt(2).
+  """Residual block with adaptive normalisation: (skip(x) + F(x, emb)) / sqrt(2).
 
-  F = Conv(Dropout(SiLU(ada(GN(h))))),  h = Conv(SiLU(GN(x))),  (scale, shift) = Dense(SiLU(emb)),
-  ada = 'film': GN(h) (1 + scale) + shift;  'double': GN(h) pnorm(scale) + pnorm(shift) (sCM's adaptive double norm).
+  F = Conv(Dropout(SiLU(ada(h, SiLU(emb))))),  h = Conv(SiLU(GN(x))),  ada: layers.adaptive_norm with GN
+  ('shift' GN(h + b), 'scale_shift' GN(h) (1 + s) + b, 'double' GN(h) pnorm(s) + pnorm(b)).
   """
   features: int
   dropout: float = 0.0
-  adaptive_norm: str = 'film'
+  adaptive_norm: str = 'scale_shift'
 
   @nn.compact
   def __call__(self, x, emb, train):
     """Maps x [B, H, W, C_in] and emb [B, E] to [B, H, W, features]."""
     h = nn.silu(group_norm(x.shape[-1], 'norm_0')(x))
     h = nn.Conv(self.features, (3, 3), name='conv_0')(h)
-    scale, shift = jnp.split(
-        nn.Dense(2 * self.features, name='film')(nn.silu(emb)), 2, axis=-1)
-    h = group_norm(self.features, 'norm_1')(h)
-    if self.adaptive_norm == 'double':
-      h = h * pixel_norm(scale)[:, None, None] + pixel_norm(shift)[:, None, None]
-    else:
-      h = h * (1 + scale[:, None, None]) + shift[:, None, None]
+    h = adaptive_norm(self.adaptive_norm, group_norm(self.features, 'norm_1'), h, nn.silu(emb))
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
     h = nn.Conv(self.features, (3, 3), name='conv_1')(h)
     if x.shape[-1] != self.features:
@@ -73,7 +67,7 @@ class DownLevel(nn.Module):
   downsample: bool
   dropout: float = 0.0
 
-  adaptive_norm: str = 'film'
+  adaptive_norm: str = 'scale_shift'
 
   @nn.compact
   def __call__(self, h, emb, train):
@@ -101,7 +95,7 @@ class UpLevel(nn.Module):
   upsample: bool
   dropout: float = 0.0
 
-  adaptive_norm: str = 'film'
+  adaptive_norm: str = 'scale_shift'
 
   @nn.compact
   def __call__(self, h, skips, emb, train):
@@ -123,7 +117,7 @@ class MidBlock(nn.Module):
   features: int
   dropout: float = 0.0
 
-  adaptive_norm: str = 'film'
+  adaptive_norm: str = 'scale_shift'
 
   @nn.compact
   def __call__(self, h, emb, train):
@@ -143,9 +137,13 @@ class UNet(nn.Module):
     attn_resolutions: spatial sizes (e.g. 16 for 16x16) with self-attention.
     dropout: dropout rate inside the residual blocks.
     num_classes: number of class labels; 0 for an unconditional model.
+    label_dropout: probability of dropping a training label, so the network also learns the unconditional
+      F(x, c_noise, -1) that classifier-free guidance needs (a label < 0 is "no label").
+    guidance_embedding: a guidance-scale input s, embedded like c_noise (sCD / LCM students of a guided teacher).
     time_embedding: 'fourier' or 'positional' embedding of c_noise.
     time_scale: Fourier frequency std, or positional multiplier of c_noise.
-    adaptive_norm: 'film' (GN(h) (1 + s(t)) + b(t)) or 'double' (GN(h) pnorm(s(t)) + pnorm(b(t)), sCM).
+    adaptive_norm: 'scale_shift' (GN(h) (1 + s(t)) + b(t)), 'shift' (GN(h + b(t))) or 'double'
+      (GN(h) pnorm(s(t)) + pnorm(b(t)), sCM).
   """
   channels: int = 64
   channel_mult: Sequence[int] = (1, 2, 2)
@@ -153,22 +151,24 @@ class UNet(nn.Module):
   attn_resolutions: Sequence[int] = (16,)
   dropout: float = 0.0
   num_classes: int = 0
+  label_dropout: float = 0.0
+  guidance_embedding: bool = False
   time_embedding: str = 'positional'
   time_scale: float = 1000.0
-  adaptive_norm: str = 'film'
+  adaptive_norm: str = 'scale_shift'
 
   @nn.compact
-  def __call__(self, x, c_noise, cond=None, train=False):
-    """Maps x [B, H, W, C], c_noise [B], cond [B] int or None to [B, H, W, C]."""
-    if self.adaptive_norm not in ('film', 'double'):
-      raise ValueError(f"Unknown adaptive_norm {self.adaptive_norm!r}; known: ['double', 'film'].")
+  def __call__(self, x, c_noise, cond=None, train=False, guidance=None):
+    """Maps x [B, H, W, C], c_noise [B], cond [B] int (< 0: no label) or None, guidance [B] or None (s = 1) to
+    [B, H, W, C]."""
     levels = len(self.channel_mult)
     if x.shape[1] % 2 ** (levels - 1) or x.shape[2] % 2 ** (levels - 1):
       raise ValueError(f'Spatial size {x.shape[1:3]} is not divisible by '
                        f'2^{levels - 1} for channel_mult {self.channel_mult}.')
-    emb = TimeEmbedding(4 * self.channels, self.time_embedding,
-                        self.time_scale, self.num_classes,
-                        name='time_embed')(c_noise, cond)
+    emb = NoiseLabelEmbedding(
+        features=4 * self.channels, kind=self.time_embedding, scale=self.time_scale, num_classes=self.num_classes,
+        label_dropout=self.label_dropout, guidance=self.guidance_embedding,
+        name='time_embed')(c_noise, cond, train, guidance)
 
     h = nn.Conv(self.channels, (3, 3), name='conv_in')(x)
     skips = [h]

@@ -2,7 +2,7 @@
 
 import functools
 
-from cm_jax.objectives.base import Objective, network
+from cm_jax.objectives.base import Objective, network, takes_guidance
 from cm_jax.objectives.continuous import make_cm_continuous, make_scm
 from cm_jax.objectives.diffusion import make_edm, make_trigflow_diffusion
 from cm_jax.objectives.discrete import make_cd, make_ct, make_ict
@@ -17,8 +17,22 @@ _REGISTRY = {'edm': make_edm, 'ict': make_ict, 'cd': make_cd, 'ct': make_ct, 'ec
 
 
 def make_objective(config, model) -> Objective:
-  """Builds the objective named by config.objective.name on the configured parameterisation."""
+  """Builds the objective named by config.objective.name on the configured parameterisation.
+
+  Raises:
+    ValueError: on an unknown name, or when the network has a guidance input (model.guidance_embedding) and the
+      objective feeds no guidance scale, or the other way round.
+  """
   name = config.objective.name
   if name not in _REGISTRY:
     raise ValueError(f'Unknown objective.name {name!r}; expected one of {sorted(_REGISTRY)}.')
-  return _REGISTRY[name](config, model, make_parameterization(config))
+  objective = _REGISTRY[name](config, model, make_parameterization(config))
+  if takes_guidance(model) and not objective.feeds_guidance:
+    raise ValueError(f'model.guidance_embedding=True but objective.name={name!r} feeds the network no guidance '
+                     'scale: only sCD with a range objective.guidance_scale=(lo, hi), lo < hi, does.')
+  if objective.feeds_guidance and not takes_guidance(model):
+    scale = tuple(config.objective.get('guidance_scale', ()))
+    raise ValueError(f'objective.guidance_scale={scale} samples a guidance scale per example, which a student '
+                     'without a guidance input cannot see (it would learn the teacher at the mean scale, with more '
+                     'noise): set model.guidance_embedding=True, or a fixed scale lo = hi.')
+  return objective

@@ -1,8 +1,8 @@
 """Continuous-time consistency objectives with forward-mode JVP.
 
   sCT / sCD (Lu and Song 2024) on TrigFlow: the tangent cos(t) sin(t) dF-/dt from ONE jax.jvp, tangent warm-up and
-  normalisation, the adaptive weighting network w_phi(t) (trained jointly: its parameters are the objective's
-  `extra`), optional prior weighting 1/sigma; theta- = sg(theta).
+  normalisation, the adaptive weighting network w_phi(t) (weighting.py; trained jointly: its parameters are the
+  objective's `extra`), optional prior weighting 1/sigma; theta- = sg(theta).
   CT / CD in continuous time with stop-gradient (Song et al. 2023, Appendix B) on EDM: a pseudo-loss whose gradient is
   the N -> infinity limit of the (scaled) discrete CT/CD gradient.
 
@@ -14,17 +14,16 @@ loss are float32.
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from cm_jax import distances
 from cm_jax import solvers
-from cm_jax.models.layers import PositionalEmbedding
-from cm_jax.objectives.base import Objective, labels, network
+from cm_jax.objectives.base import Objective, labels, network, without_guidance, without_label_dropout
+from cm_jax.objectives.weighting import AdaptiveWeighting
 from cm_jax.parameterization import EDM, TrigFlow, bcast
 
-NULL_LABEL = -1  # the unconditional label of the paper networks (a label < 0 embeds as zero)
+NULL_LABEL = -1  # the unconditional label of every network (a label < 0 embeds as zero)
 _COMMON_KEYS = {'name', 'jvp', 'fd_eps'}
 _SCM_KEYS = _COMMON_KEYS | {'p_mean', 'p_std', 'tangent_warmup_steps', 'tangent_norm', 'tangent_norm_c',
                             'adaptive_weighting', 'prior_weighting'}
@@ -63,15 +62,6 @@ def tangent_norm(g, norm: str):
 def normalize_tangent(g, norm: str, c: float):
   """g <- g / (||g|| + c), per sample."""
   return g / bcast(tangent_norm(g, norm) + c, g)
-
-
-class AdaptiveWeight(nn.Module):
-  """w_phi(t) = Linear(PositionalEmbedding(1000 t)) with 128 features, zero-initialised (w = 0 at the start)."""
-
-  @nn.compact
-  def __call__(self, t):
-    emb = PositionalEmbedding(128, scale=1000.0)(t)
-    return nn.Dense(1, kernel_init=nn.initializers.zeros, name='dense')(emb)[:, 0]
 
 
 def float32_model(model):
@@ -153,26 +143,29 @@ def _check_scm(config, tf, distill):
                        'trained with model.label_dropout > 0 (a network where label -1 is the unconditional branch).')
 
 
-def _guided_velocity(config, model, tf: TrigFlow):
-  """dx_t/dt = v(x_t, t, c) + (s - 1)(v(x_t, t, c) - v(x_t, t, null)), s ~ U[lo, hi] (s = 1: no guidance)."""
+def _guided_velocity(config, teacher_model, tf: TrigFlow):
+  """dx_t/dt = v(x_t, t, c) + (s - 1)(v(x_t, t, c) - v(x_t, t, null)) per example (s = 1: no guidance)."""
   obj = config.objective
   edm = EDM(sigma_data=tf.sigma_data, sigma_min=tf.sigma_min, sigma_max=tf.sigma_max)
 
   def velocity(params, x_t, t, cond):
-    net = network(model, params, cond)
+    net = network(teacher_model, params, cond)
     return tf.velocity(net, x_t, t) if obj.teacher == 'trigflow' else tf.edm_velocity(edm, net, x_t, t)
 
-  lo, hi = obj.guidance_scale
-
-  def guided(params, x_t, t, cond, rng):
+  def guided(params, x_t, t, cond, s):
     v = velocity(params, x_t, t, cond)
-    if (lo, hi) == (1.0, 1.0):
+    if tuple(obj.guidance_scale) == (1.0, 1.0):
       return v
-    s = jax.random.uniform(rng, t.shape, minval=lo, maxval=hi)
     v_null = velocity(params, x_t, t, jnp.full_like(cond, NULL_LABEL))
     return v + bcast(s - 1.0, v) * (v - v_null)
 
   return guided
+
+
+def sample_guidance(rng, guidance_scale, batch: int):
+  """s ~ U[lo, hi] per example (s = lo when lo = hi)."""
+  lo, hi = guidance_scale
+  return jax.random.uniform(rng, (batch,), minval=lo, maxval=hi) if lo < hi else jnp.full((batch,), lo)
 
 
 def make_scm(config, model, tf: TrigFlow, distill: bool) -> Objective:
@@ -181,15 +174,19 @@ def make_scm(config, model, tf: TrigFlow, distill: bool) -> Objective:
   g: `scm_tangent` with dx_t/dt = cos(t) z - sin(t) x0 (sCT) or the (guided) teacher's velocity (sCD), warmed up by
   r = min(1, step / H) and normalised g / (||g|| + c); lambda = 1 / (sd tan t) with prior_weighting, else 1;
   theta- = sg(theta), so F_theta- is the stop-gradient of the same forward pass (one shared dropout key).
+  sCD: s ~ U[objective.guidance_scale] per example; a student with a guidance input (model.guidance_embedding)
+  gets s in both F_theta and the JVP of F_theta-. The student learns the teacher's flow for the batch's labels,
+  so its label dropout (model.label_dropout, the teacher's setting) is off: a dropped label would pair "no
+  label" with a conditional target. The teacher is the same network without the guidance input.
   """
   _check_scm(config, tf, distill)
   obj = config.objective
-  sd, model32 = tf.sigma_data, float32_model(model)
-  weight_net = AdaptiveWeight()
-  teacher_velocity = _guided_velocity(config, model32, tf) if distill else None
-
-  def init_extra(rng):
-    return weight_net.init(rng, jnp.zeros((1,)))['params'] if obj.adaptive_weighting else {}
+  sd = tf.sigma_data
+  if distill:
+    model = without_label_dropout(model)
+  model32 = float32_model(model)
+  weighting = AdaptiveWeighting(obj.adaptive_weighting)
+  teacher_velocity = _guided_velocity(config, without_guidance(model32), tf) if distill else None
 
   def loss(params, extra, frozen, batch, rng, step):
     x0 = batch['image']
@@ -198,24 +195,27 @@ def make_scm(config, model, tf: TrigFlow, distill: bool) -> Objective:
     t = tf.sample_t(rng_t, (x0.shape[0],), obj.p_mean, obj.p_std)
     z = sd * jax.random.normal(rng_z, x0.shape)
     x_t = tf.noise(x0, z, t)
+    s = None
     if distill:
-      dxdt = teacher_velocity(_teacher(frozen, obj.name), x_t, t, cond, rng_s)
+      s = sample_guidance(rng_s, obj.guidance_scale, x0.shape[0])
+      dxdt = teacher_velocity(_teacher(frozen, obj.name), x_t, t, cond, s)
     else:
       dxdt = bcast(jnp.cos(t), x0) * z - bcast(jnp.sin(t), x0) * x0
     r = tangent_warmup(step, obj.tangent_warmup_steps)
-    target_net = network(model32, jax.lax.stop_gradient(params), cond, rng_drop)
+    target_net = network(model32, jax.lax.stop_gradient(params), cond, rng_drop, guidance=s)
     g = scm_tangent(tf, target_net, x_t, t, dxdt, r, obj.jvp, obj.fd_eps)
     g_norm = tangent_norm(g, obj.tangent_norm)
     g = jax.lax.stop_gradient(normalize_tangent(g, obj.tangent_norm, obj.tangent_norm_c))
 
-    f_theta = network(model, params, cond, rng_drop)(x_t / sd, t)
-    w = weight_net.apply({'params': extra}, t) if obj.adaptive_weighting else jnp.zeros_like(t)
+    f_theta = network(model, params, cond, rng_drop, guidance=s)(x_t / sd, t)
     prior = 1.0 / (sd * jnp.tan(t)) if obj.prior_weighting else jnp.ones_like(t)
-    per_sample = jnp.exp(-w) * prior * distances.squared_l2(f_theta, jax.lax.stop_gradient(f_theta + g)) + w
+    per_sample, w = weighting(extra, t, prior * distances.squared_l2(f_theta, jax.lax.stop_gradient(f_theta + g)))
     loss = jnp.mean(per_sample)
     return loss, {'loss': loss, 'tangent_norm': jnp.mean(g_norm), 'tangent_warmup': r, 'adaptive_weight': jnp.mean(w)}
 
-  return Objective(loss=loss, kind='consistency', init_extra=init_extra)
+  feeds_guidance = distill and obj.guidance_scale[0] < obj.guidance_scale[1]
+  return Objective(loss=loss, kind='consistency', init_extra=weighting.init, feeds_guidance=feeds_guidance,
+                   teacher=obj.teacher if distill else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -231,6 +231,8 @@ def make_cm_continuous(config, model, edm: EDM, distill: bool) -> Objective:
   obj = config.objective
   if not isinstance(edm, EDM):
     raise ValueError(f"objective.name={obj.name!r} needs parameterization.name='edm'.")
+  if distill:
+    model = without_label_dropout(model)
   model32 = float32_model(model)
   rho = config.parameterization.rho
 
@@ -254,4 +256,4 @@ def make_cm_continuous(config, model, edm: EDM, distill: bool) -> Objective:
     loss = jnp.mean(per_sample)
     return loss, {'loss': loss}
 
-  return Objective(loss=loss, kind='consistency')
+  return Objective(loss=loss, kind='consistency', teacher='edm' if distill else None)

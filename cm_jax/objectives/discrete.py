@@ -6,13 +6,15 @@ x_hat_n (CD: one teacher ODE step from x_{n+1}; CT and iCT: x0 + sigma_n z with 
 theta- (an EMA target when target_rate is set, else sg(theta)).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from cm_jax import distances
 from cm_jax import schedules
 from cm_jax import solvers
-from cm_jax.objectives.base import Objective, labels, network
+from cm_jax.objectives.base import Objective, labels, network, without_label_dropout
 from cm_jax.parameterization import EDM, bcast
 
 SOLVERS = {'euler': solvers.euler_step, 'heun': solvers.heun_step}
@@ -92,6 +94,7 @@ def make_cd(config, model, edm: EDM) -> Objective:
   if not 0.0 <= obj.target_ema < 1.0:
     raise ValueError(f'objective.target_ema={obj.target_ema} must be in [0, 1).')
   num_scales = jnp.int32(obj.num_scales)
+  model = without_label_dropout(model)
 
   def estimate_x_n(frozen, cond, x0, z, x_next, sigma, sigma_next):
     del x0, z
@@ -99,8 +102,9 @@ def make_cd(config, model, edm: EDM) -> Objective:
 
   mu = float(obj.target_ema)
   target_rate = None if mu == 0.0 else (lambda step: jnp.float32(mu))
-  return make_discrete(config, model, edm, _uniform_levels(lambda step: num_scales, _grid(config, edm)),
-                       estimate_x_n, _unit_weight, target_rate)
+  objective = make_discrete(config, model, edm, _uniform_levels(lambda step: num_scales, _grid(config, edm)),
+                            estimate_x_n, _unit_weight, target_rate)
+  return dataclasses.replace(objective, teacher='edm')
 
 
 def make_ct(config, model, edm: EDM) -> Objective:
