@@ -81,7 +81,8 @@ def main(argv):
     config.train.batch_size = _BATCH.value
     if _UNET.value:
       config.model = ml_collections.ConfigDict(dict(
-          name='unet', channels=_UNET.value, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,)))
+          name='unet', channels=_UNET.value, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+          num_classes=0))
     timed[name] = Timed(config, distill)
   rounds = [{name: float(np.median(t.run(_STEPS.value))) for name, t in timed.items()} for _ in range(_ROUNDS.value)]
   for name, t in timed.items():

@@ -304,25 +304,27 @@ class Teacher:
 def load_teacher(config, exp: Experiment) -> Optional[Teacher]:
   """The diffusion run in config.teacher.workdir (None when unset).
 
-  Its network must be this run's (dropout aside), and where this run reads its parameters -- a distillation loss
-  (`Objective.teacher`) or the initialisation (teacher.init) -- its parameterisation must be the one they are read in.
+  Where this run reads its parameters -- a distillation loss (`Objective.teacher`) or the initialisation
+  (teacher.init) -- its network must be this run's (`network_fields`, without a guidance input) and its
+  parameterisation the one they are read in. Otherwise it only heads the quality table, sampled its own way.
   """
   if not config.teacher.workdir:
     return None
   from cm_jax import config_lib  # pylint: disable=g-import-not-at-top
   where = f'teacher.workdir={config.teacher.workdir!r}'
   teacher_config = config_lib.load_run_config(config.teacher.workdir)
-  if network_fields(teacher_config.model) != dict(network_fields(config.model), guidance_embedding=False):
-    raise ValueError(f'The teacher in {where} has network {network_fields(teacher_config.model)}, which does not '
-                     f'match this run\'s network {network_fields(config.model)} (without a guidance input).')
   teacher_exp = Experiment(teacher_config, exp.mesh.devices.flatten().tolist())
   if teacher_exp.objective.kind != 'diffusion':
     raise ValueError(f'{where} holds a {teacher_config.objective.name!r} run, a consistency model; a teacher is '
                      'a diffusion run (objective.name edm or trigflow).')
   reads = {'distillation (objective.name=' + config.objective.name + ')': exp.objective.teacher,
            'teacher.init': config.parameterization.name if config.teacher.init else None}
+  reads = {use: wanted for use, wanted in reads.items() if wanted is not None}
+  if reads and network_fields(teacher_config.model) != dict(network_fields(config.model), guidance_embedding=False):
+    raise ValueError(f'The teacher in {where} has network {network_fields(teacher_config.model)}, which does not '
+                     f'match this run\'s network {network_fields(config.model)} (without a guidance input).')
   for use, wanted in reads.items():
-    if wanted is not None and wanted != teacher_config.parameterization.name:
+    if wanted != teacher_config.parameterization.name:
       raise ValueError(f'The teacher in {where} was trained with parameterization.name='
                        f'{teacher_config.parameterization.name!r}, but {use} reads it as {wanted!r}.')
   if not checkpoint.Checkpointer(config.teacher.workdir).steps():

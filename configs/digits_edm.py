@@ -3,7 +3,7 @@
 Command:
   python -m cm_jax.main --config=configs/digits_edm.py --workdir=runs/digits_edm
 Hardware: 2 CPU cores, about 4 minutes on an idle machine (6000 steps at ~30 steps/s; BUILD_NOTES.md).
-Expected (measured, BUILD_NOTES.md): digits-proxy Frechet distance 3.4 at 35 NFE.
+Expected (measured, BUILD_NOTES.md): digits-proxy Frechet distance 3.1 at 35 NFE.
 """
 
 from configs import base

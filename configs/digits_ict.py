@@ -4,7 +4,7 @@ Command (the README's first command trains the digits_edm teacher first, for the
   python -m cm_jax.main --config=configs/digits_ict.py --workdir=runs/digits_ict \
       --config.teacher.workdir=runs/digits_edm
 Hardware: 2 CPU cores, about 6 minutes on an idle machine (8000 steps at ~22 steps/s; BUILD_NOTES.md).
-Expected (measured, BUILD_NOTES.md): digits-proxy FD teacher 3.4 at 35 NFE; iCT 29.2 at 1 step, 7.4 at 2 steps.
+Expected (measured, BUILD_NOTES.md): digits-proxy FD teacher 3.1 at 35 NFE; iCT 38.1 at 1 step, 8.1 at 2 steps.
 iCT settings as in the paper (pseudo-Huber, lognormal indices, 1/(sigma_{i+1} - sigma_i), theta- = sg(theta),
 doubling curriculum) with s1 = 80 and lr 2e-4 for the short run (s1 = 320, lr 5e-4 gave FD 131 / 21.9).
 """

@@ -6,7 +6,7 @@ Commands (the teacher first; sCD starts from its EMA parameters and distils it):
       --config.teacher.workdir=runs/digits_trigflow
 Hardware: 2 CPU cores, minutes (not yet measured; BUILD_NOTES.md).
 Expected: a digits-proxy table with the teacher at 35 NFE and sCD at 1 and 2 steps; not yet measured.
-An EDM teacher (configs/digits_edm.py with this network: positional 1000 c_noise, double norm) is used with
+An EDM teacher (configs/digits_edm.py with this network: positional 100 c_noise, double norm) is used with
 --config.objective.teacher=edm, through x_sigma = x_t / cos(t), sigma = sd tan(t). No guidance (unconditional).
 
 Guided variant `:guided` (classifier-free guidance distilled into a guidance-input student, sCM section 5):

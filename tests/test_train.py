@@ -161,3 +161,14 @@ def test_a_consistency_run_is_not_a_teacher(tmp_path):
   config = _student(digits_ict, tmp_path / 'ict', parameterization='edm')
   with pytest.raises(ValueError, match="holds a 'ict' run, a consistency model"):
     train.load_teacher(config, train.Experiment(config, jax.devices()[:1]))
+
+
+def test_the_network_must_match_only_where_the_teacher_parameters_are_read(edm_teacher):
+  """A teacher that only heads the quality table may have any network; one to start from must have this run's."""
+  devices = jax.devices()[:1]
+  config = _student(digits_ict, edm_teacher, parameterization='edm')
+  config.model.hidden = 2 * config.model.hidden
+  assert train.load_teacher(config, train.Experiment(config, devices)).experiment.config.model.hidden == 32
+  config.teacher.init = True
+  with pytest.raises(ValueError, match="has network .* which does not match this run's network"):
+    train.load_teacher(config, train.Experiment(config, devices))
