@@ -18,6 +18,7 @@ import time
 from absl import app
 from absl import flags
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from ml_collections import config_flags
@@ -53,7 +54,7 @@ class Timed:
   def __init__(self, config, distill: bool):
     exp = train.Experiment(config)
     self.state, self.step_fn = exp.init_state(), exp.train_step()
-    self.teacher = jax.tree.map(np.asarray, self.state.params) if distill else None
+    self.teacher = jax.tree.map(jnp.copy, self.state.params) if distill else None  # on device, kept past donation
     with exp.batches(0) as batches:
       self.batch = next(batches)
     memory = self.step_fn.lower(self.state, self.batch, self.teacher).compile().memory_analysis()

@@ -17,6 +17,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from cm_jax import schedules
+
 Net = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 
@@ -124,8 +126,8 @@ class TrigFlow:
     return self.noise(x, self.sigma_data * z, t)
 
   def sample_t(self, rng, shape, p_mean, p_std):
-    """tau ~ N(P_mean, P_std^2), t = arctan(e^tau / sd): sCM's training-time distribution."""
-    return jnp.arctan(jnp.exp(p_mean + p_std * jax.random.normal(rng, shape)) / self.sigma_data)
+    """tau ~ N(P_mean, P_std^2), t = arctan(e^tau / sd): sCM's training-time distribution (EDM's lognormal sigma)."""
+    return self.t_from_sigma(schedules.sample_lognormal_sigma(rng, shape, p_mean, p_std))
 
   def noise(self, x0, z, t):
     """x_t = cos(t) x0 + sin(t) z for z ~ N(0, sd^2 I)."""

@@ -105,8 +105,8 @@ class Experiment:
     self.model = models.build_model(config.model)
     self.param = make_parameterization(config)
     self.objective = objectives.make_objective(config, self.model)
-    # An inconsistent sampling config (levels, guidance scale) fails now, not after training.
-    sampling.make_sample_fn(config, self.model, self.param, self.objective.kind)
+    self._sample_fns = {}
+    self.sample_fn()  # an inconsistent sampling config (levels, guidance scale) fails now, not after training
     self.tx = make_optimizer(config.optim)
     shape = (1,) + tuple(self.source.shape)
     cond = jnp.zeros((1,), jnp.int32) if config.model.num_classes > 0 else None
@@ -148,9 +148,13 @@ class Experiment:
                                   self.batch_sharding)
 
   def sample_fn(self, kind=None):
-    """jit-compiled sample(params, rng, cond, num_steps) for the given kind (default: this objective's)."""
-    fn = sampling.make_sample_fn(self.config, self.model, self.param, kind or self.objective.kind)
-    return jax.jit(fn, static_argnames=('shape', 'num_steps'))
+    """jit-compiled sample(params, rng, cond, shape, num_steps) for the given kind (default: this objective's),
+    built once per kind so that every later call reuses its compilations."""
+    kind = kind or self.objective.kind
+    if kind not in self._sample_fns:
+      fn = sampling.make_sample_fn(self.config, self.model, self.param, kind)
+      self._sample_fns[kind] = jax.jit(fn, static_argnames=('shape', 'num_steps'))
+    return self._sample_fns[kind]
 
   def generate(self, params, num: int, num_steps: int, seed: int, kind=None) -> np.ndarray:
     """`num` samples (host numpy), generated in batches of train.batch_size across the mesh."""
@@ -280,10 +284,9 @@ def write_samples(exp: Experiment, state, writer, workdir, step: int):
 # ----------------------------------------------------------------------------------------------------------
 # Teacher, sampling and evaluation modes.
 # ----------------------------------------------------------------------------------------------------------
-def network_fields(model_config) -> dict:
-  """The built network's class and fields that fix its function; rates that act only in training (dropout,
+def network_fields(model) -> dict:
+  """A network's class and the fields that fix its function; rates that act only in training (dropout,
   label_dropout) and the compute dtype aside."""
-  model = models.build_model(model_config)
   skip = {'parent', 'name', 'dropout', 'label_dropout', 'dtype'}
   return dict({f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in skip},
               network=type(model).__name__)
@@ -320,16 +323,21 @@ def load_teacher(config, exp: Experiment) -> Optional[Teacher]:
   reads = {'distillation (objective.name=' + config.objective.name + ')': exp.objective.teacher,
            'teacher.init': config.parameterization.name if config.teacher.init else None}
   reads = {use: wanted for use, wanted in reads.items() if wanted is not None}
-  if reads and network_fields(teacher_config.model) != dict(network_fields(config.model), guidance_embedding=False):
-    raise ValueError(f'The teacher in {where} has network {network_fields(teacher_config.model)}, which does not '
-                     f'match this run\'s network {network_fields(config.model)} (without a guidance input).')
+  teacher_network, network = network_fields(teacher_exp.model), network_fields(exp.model)
+  if reads and teacher_network != dict(network, guidance_embedding=False):
+    raise ValueError(f'The teacher in {where} has network {teacher_network}, which does not match this run\'s '
+                     f'network {network} (without a guidance input).')
   for use, wanted in reads.items():
     if wanted != teacher_config.parameterization.name:
       raise ValueError(f'The teacher in {where} was trained with parameterization.name='
                        f'{teacher_config.parameterization.name!r}, but {use} reads it as {wanted!r}.')
-  if not checkpoint.Checkpointer(config.teacher.workdir).steps():
-    raise FileNotFoundError(f'{where} has no checkpoint.')
-  state, _ = checkpoint.Checkpointer(config.teacher.workdir).restore(teacher_exp.abstract_state)
+  ckpt = checkpoint.Checkpointer(config.teacher.workdir)
+  try:
+    if not ckpt.steps():
+      raise FileNotFoundError(f'{where} has no checkpoint.')
+    state, _ = ckpt.restore(teacher_exp.abstract_state)
+  finally:
+    ckpt.close()
   logging.info('Loaded teacher EMA parameters from %s (step %d).', config.teacher.workdir, int(state.step))
   return Teacher(state.ema[0], teacher_exp)
 

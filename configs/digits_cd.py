@@ -11,24 +11,18 @@ CD settings as in the paper's CIFAR-10 recipe (N = 18, Heun teacher step, mu = 0
 
 import ml_collections
 
-from configs import base
+from configs import digits_edm
 
 
 def get_config():
-  c = base.get_config()
-  c.data.name = 'digits'
+  c = digits_edm.get_config()
   c.objective = ml_collections.ConfigDict(dict(
       name='cd', num_scales=18, solver='heun', target_ema=0.0, distance='l2'))
   c.teacher.init = True
-  c.train.batch_size = 128
   c.train.num_steps = 4000
-  c.train.log_every = 500
   c.optim.learning_rate = 2e-4
-  c.ema.rates = (0.999,)
-  c.checkpoint.every_steps = 2000
-  c.sampling.grid_every = 2000
+  c.optim.warmup_steps = 0
   c.sampling.mid_sigmas = ()
   c.sampling.mid_indices = (11,)
   c.sampling.index_grid_size = 18
-  c.eval.proxy = True
   return c

@@ -13,21 +13,13 @@ gives the official code's mu(k) = exp(s0 ln(mu0) / (N(k) - 1)).
 
 import ml_collections
 
-from configs import base
+from configs import digits_edm
 
 
 def get_config():
-  c = base.get_config()
-  c.data.name = 'digits'
+  c = digits_edm.get_config()
   c.objective = ml_collections.ConfigDict(dict(
       name='ct', s0=2, s1=40, mu0=0.9, mu_convention='paper', distance='l2'))
-  c.train.batch_size = 128
   c.train.num_steps = 10_000
-  c.train.log_every = 500
   c.optim.learning_rate = 2e-4
-  c.optim.warmup_steps = 200
-  c.ema.rates = (0.999,)
-  c.checkpoint.every_steps = 2000
-  c.sampling.grid_every = 2000
-  c.eval.proxy = True
   return c

@@ -13,22 +13,16 @@ with dropout 0.1 the proxy FD was worse). Longer stages (1000 or 2000 steps over
 
 import ml_collections
 
-from configs import base
+from configs import digits_edm
 
 
 def get_config():
-  c = base.get_config()
-  c.data.name = 'digits'
+  c = digits_edm.get_config()
   c.objective = ml_collections.ConfigDict(dict(
       name='ect', p_mean=-1.1, p_std=2.0, q=2.0, stage_steps=500, distance='l2_norm', weighting='inverse_delta'))
   c.teacher.init = True
-  c.train.batch_size = 128
   c.train.num_steps = 4000
-  c.train.log_every = 500
   c.optim.learning_rate = 2e-4
-  c.ema.rates = (0.999,)
-  c.checkpoint.every_steps = 2000
-  c.sampling.grid_every = 2000
+  c.optim.warmup_steps = 0
   c.sampling.mid_sigmas = (0.821,)
-  c.eval.proxy = True
   return c

@@ -1,4 +1,5 @@
-"""EDM diffusion teacher on the built-in 8x8 digits (scikit-learn), the teacher of the digits experiments.
+"""EDM diffusion teacher on the built-in 8x8 digits (scikit-learn), the teacher of the digits experiments, whose
+data, batch, logging, checkpoint and evaluation settings every other digits config starts from.
 
 Command:
   python -m cm_jax.main --config=configs/digits_edm.py --workdir=runs/digits_edm

@@ -11,23 +11,16 @@ doubling curriculum) with s1 = 80 and lr 2e-4 for the short run (s1 = 320, lr 5e
 
 import ml_collections
 
-from configs import base
+from configs import digits_edm
 
 
 def get_config():
-  c = base.get_config()
-  c.data.name = 'digits'
+  c = digits_edm.get_config()
   c.objective = ml_collections.ConfigDict(dict(
       name='ict', s0=10, s1=80, p_mean=-1.1, p_std=2.0, distance='pseudo_huber'))
   c.model.dropout = 0.1
-  c.train.batch_size = 128
   c.train.num_steps = 8000
-  c.train.log_every = 500
   c.optim.learning_rate = 2e-4
   c.optim.b2 = 0.995
-  c.optim.warmup_steps = 200
   c.ema.rates = (0.9993,)
-  c.checkpoint.every_steps = 2000
-  c.sampling.grid_every = 2000
-  c.eval.proxy = True
   return c

@@ -18,24 +18,19 @@ Paper FID: 1 step 13.0, 2 steps 11.1.
 
 import ml_collections
 
-from configs import base
-from configs import imagenet64_edm
+from configs import imagenet64_cd_lpips
 
 
 def get_config():
-  c = base.get_config()
-  imagenet64_edm.imagenet64(c, dropout=0.0)
+  """imagenet64_cd_lpips's network, optimiser and batch, with the CT objective, no teacher, its own lr, length and
+  2-step level."""
+  c = imagenet64_cd_lpips.get_config()
   c.objective = ml_collections.ConfigDict(dict(
       name='ct', s0=2, s1=200, mu0=0.95, mu_convention='code', distance='lpips',
       lpips_weights='weights/lpips_vgg16.npz'))
-  c.optim = ml_collections.ConfigDict(dict(
-      name='radam', learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=0, grad_clip=0.0))
-  c.ema.rates = (imagenet64_edm.EMA_RATE,)
-  c.train.batch_size = 2048
+  c.teacher = ml_collections.ConfigDict(dict(workdir='', init=False))
+  c.optim.learning_rate = 1e-4
   c.train.num_steps = 800_000
-  c.train.log_every = 1000
-  c.checkpoint.every_steps = 10_000
-  c.sampling.mid_sigmas = ()
   c.sampling.mid_indices = (106,)
   c.sampling.index_grid_size = 201
   return c

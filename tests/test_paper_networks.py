@@ -19,6 +19,8 @@ from cm_jax.state import create_state, make_optimizer
 # Parameter counts (BUILD_NOTES.md, "Paper networks and configs"), against the papers' 55.73M (EDM's DDPM++,
 # ECT's 55.7M), ~56M (CM and iCT's NCSN++) and 295.9M (EDM's ADM for ImageNet-64).
 NCSNPP, NCSNPP_DEEP, DDPMPP, ADM = 56_395_523, 97_610_499, 55_732_739, 295_899_267
+# The published count and the relative tolerance each built network must meet (iCT's deep NCSN++ has none).
+PAPER_COUNTS = {DDPMPP: (55.73e6, 1e-4), NCSNPP: (56e6, 0.02), ADM: (295.9e6, 2e-4)}
 PAPER_CONFIGS = {
     'cifar10_edm': NCSNPP, 'cifar10_edm:ddpmpp': DDPMPP, 'cifar10_cd_lpips': NCSNPP, 'cifar10_cd_l2': NCSNPP,
     'cifar10_ct_lpips': NCSNPP, 'cifar10_ict': NCSNPP, 'cifar10_ict_deep': NCSNPP_DEEP, 'cifar10_ect': DDPMPP,
@@ -72,16 +74,14 @@ def test_paper_config_builds_abstract_train_state(name):
   state = _abstract_state(config)
   count = _count(state.params)
   print(f'{name}: {config.model.name} {count:,} parameters')
-  assert count == PAPER_CONFIGS[name]
+  assert count == PAPER_CONFIGS[name]  # pins the count; the paper's is checked next
+  if PAPER_CONFIGS[name] in PAPER_COUNTS:
+    paper, tolerance = PAPER_COUNTS[PAPER_CONFIGS[name]]
+    assert abs(count / paper - 1) < tolerance
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
   assert len(state.ema) == len(config.ema.rates) and _count(state.ema) == count * len(state.ema)
   assert (state.target is not None) == (name in KEEPS_TARGET)
-  assert _count(state.opt_state) >= 2 * count  # Adam / RAdam moments for every parameter
-
-
-def test_parameter_counts_match_the_papers():
-  assert abs(DDPMPP / 55.7e6 - 1) < 0.002 and abs(NCSNPP / 55.7e6 - 1) < 0.02
-  assert abs(ADM / 295.9e6 - 1) < 0.001
+  assert 0 <= _count(state.opt_state) - 2 * count < 100  # Adam / RAdam moments for every parameter, a few counters
 
 
 def test_paper_configs_carry_their_published_fid_in_the_docstring():
