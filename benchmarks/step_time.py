@@ -54,10 +54,10 @@ class Timed:
   def __init__(self, config, distill: bool):
     exp = train.Experiment(config)
     self.state, self.step_fn = exp.init_state(), exp.train_step()
-    self.teacher = jax.tree.map(jnp.copy, self.state.params) if distill else None  # on device, kept past donation
+    self.frozen = exp.frozen(jax.tree.map(jnp.copy, self.state.params) if distill else None)  # on device, not donated
     with exp.batches(0) as batches:
       self.batch = next(batches)
-    memory = self.step_fn.lower(self.state, self.batch, self.teacher).compile().memory_analysis()
+    memory = self.step_fn.lower(self.state, self.batch, self.frozen).compile().memory_analysis()
     self.peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
                  - memory.alias_size_in_bytes)
     self.run(3)  # warm-up
@@ -66,7 +66,7 @@ class Timed:
     times = []
     for _ in range(num_steps):
       start = time.perf_counter()
-      self.state, metrics = self.step_fn(self.state, self.batch, self.teacher)
+      self.state, metrics = self.step_fn(self.state, self.batch, self.frozen)
       jax.block_until_ready((self.state, metrics))
       times.append(time.perf_counter() - start)
     return times

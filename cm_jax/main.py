@@ -1,4 +1,4 @@
-"""Command line: python -m cm_jax.main --config=configs/NAME.py[:arg] --workdir=DIR --mode=train|sample|eval.
+"""Command line: python -m cm_jax.main --config=configs/NAME.py[:arg] --workdir=DIR --mode=train|sample|eval|encode.
 
 Config fields are overridden with --config.key=value; an unknown key stops the run before any work.
 A multi-process run joins its processes first (cm_jax/distributed.py: the --coordinator_address,
@@ -18,7 +18,8 @@ from cm_jax import distributed
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, event files, samples, config.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to do.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'encode'],
+                          'What to do (encode: write config.latent.cache, a latent run\'s pre-encoded data).')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None,
     f'host:port of process 0 of a multi-process run (else ${distributed.ENV_COORDINATOR}; detected on TPU VMs, Slurm).')
@@ -37,7 +38,8 @@ def _run(mode, config, workdir):
   distributed.initialize(distributed.plan(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
   from cm_jax import train  # pylint: disable=g-import-not-at-top
   logging.info('Config:\n%s', config)
-  {'train': train.train_and_evaluate, 'sample': train.sample, 'eval': train.evaluate}[mode](config, workdir)
+  modes = {'train': train.train_and_evaluate, 'sample': train.sample, 'eval': train.evaluate, 'encode': train.encode}
+  modes[mode](config, workdir)
 
 
 def main(argv):

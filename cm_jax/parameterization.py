@@ -1,4 +1,4 @@
-"""Noise processes and preconditioning: EDM/VE (with the eps-shifted boundary) and TrigFlow.
+"""Noise processes and preconditioning: EDM/VE (with the eps-shifted boundary), TrigFlow and discrete VP (DDPM).
 
 This module owns c_skip / c_out / c_in / c_noise; nothing else in cm_jax touches them.
 A `net` argument is any callable `net(x_in, c_noise) -> F` (a network apply function with its
@@ -8,6 +8,7 @@ Per-sample noise levels `sigma` / `t` have shape [B]; they broadcast against x o
 Both processes offer what the samplers need, each in its own time t (EDM: t = sigma, as in EDM's sigma(t) = t;
 TrigFlow: t = arctan(sigma / sd)): `t_max`, `t_from_sigma` and `x_from_sigma` (the change of variables from EDM's
 (x_sigma, sigma)), `prior` (x at t_max from z ~ N(0, I)), `renoise` (x_t from a clean x), `consistency` and `denoise`.
+VP, the process of latent diffusion, has integer timesteps t = 0..T-1 and its own samplers (DDIM, LCM; sampling.py).
 """
 
 import dataclasses
@@ -16,6 +17,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cm_jax import schedules
 
@@ -155,11 +157,107 @@ class TrigFlow:
     return self.consistency(net, x, t)
 
 
+BETA_SCHEDULES = ('scaled_linear', 'linear')
+PREDICTIONS = ('epsilon', 'v', 'sample')
+
+
+@dataclasses.dataclass(frozen=True)
+class VP:
+  """Discrete variance-preserving process of DDPM and latent diffusion: x_t = alpha_t x0 + sigma_t eps, eps ~ N(0, I),
+  alpha_t = sqrt(prod_{s<=t} (1 - beta_s)), sigma_t = sqrt(1 - alpha_t^2), t = 0..T-1 (T = num_timesteps).
+
+  betas: 'scaled_linear' (sqrt(beta) linear from sqrt(beta_start) to sqrt(beta_end), Stable Diffusion) or 'linear'.
+  prediction: what the network F(x_t, t) predicts: 'epsilon', 'v' (= alpha eps - sigma x0) or 'sample' (x0).
+  The network's noise input c_noise is the timestep t itself (as a float). t = -1 stands for the clean end of the
+  process (alpha = 1, sigma = 0), where DDIM's last step lands.
+  sigma_data and timestep_scaling set LCM's boundary scalings (`consistency_scalings`).
+  """
+  num_timesteps: int = 1000
+  beta_start: float = 0.00085
+  beta_end: float = 0.012
+  beta_schedule: str = 'scaled_linear'
+  prediction: str = 'epsilon'
+  sigma_data: float = 0.5
+  timestep_scaling: float = 10.0
+
+  def __post_init__(self):
+    if self.beta_schedule not in BETA_SCHEDULES:
+      raise ValueError(f'parameterization.beta_schedule={self.beta_schedule!r}; expected one of {BETA_SCHEDULES}.')
+    if self.prediction not in PREDICTIONS:
+      raise ValueError(f'parameterization.prediction={self.prediction!r}; expected one of {PREDICTIONS}.')
+    if not 0 < self.beta_start < self.beta_end < 1 or self.num_timesteps < 2:
+      raise ValueError(f'parameterization: need 0 < beta_start < beta_end < 1 and num_timesteps >= 2; got '
+                       f'{self.beta_start}, {self.beta_end}, {self.num_timesteps}.')
+
+  def alphas_cumprod(self) -> np.ndarray:
+    """alpha_t^2 = prod_{s<=t} (1 - beta_s) for t = 0..T-1 (float64)."""
+    if self.beta_schedule == 'scaled_linear':
+      betas = np.linspace(self.beta_start**0.5, self.beta_end**0.5, self.num_timesteps, dtype=np.float64) ** 2
+    else:
+      betas = np.linspace(self.beta_start, self.beta_end, self.num_timesteps, dtype=np.float64)
+    return np.cumprod(1.0 - betas)
+
+  def alpha_sigma(self, t):
+    """(alpha_t, sigma_t) for integer t [B] in -1..T-1 (t = -1: (1, 0))."""
+    table = jnp.asarray(np.concatenate([[1.0], self.alphas_cumprod()]), jnp.float32)
+    abar = table[jnp.asarray(t, jnp.int32) + 1]
+    return jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
+
+  def noise(self, x0, eps, t):
+    """x_t = alpha_t x0 + sigma_t eps."""
+    alpha, sigma = self.alpha_sigma(t)
+    return bcast(alpha, x0) * x0 + bcast(sigma, x0) * eps
+
+  def target(self, x0, eps, t):
+    """What the network learns to predict at x_t: eps, v = alpha_t eps - sigma_t x0, or x0."""
+    if self.prediction == 'epsilon':
+      return eps
+    if self.prediction == 'sample':
+      return x0
+    alpha, sigma = self.alpha_sigma(t)
+    return bcast(alpha, x0) * eps - bcast(sigma, x0) * x0
+
+  def predict(self, net: Net, x, t):
+    """(x0_hat, eps_hat) from F(x_t, t): eps: x0 = (x - sigma F) / alpha; v: x0 = alpha x - sigma F,
+    eps = sigma x + alpha F; sample: eps = (x - alpha F) / sigma."""
+    out = net(x, jnp.asarray(t, jnp.float32))
+    alpha, sigma = (bcast(a, x) for a in self.alpha_sigma(t))
+    if self.prediction == 'epsilon':
+      return (x - sigma * out) / alpha, out
+    if self.prediction == 'v':
+      return alpha * x - sigma * out, sigma * x + alpha * out
+    return out, (x - alpha * out) / sigma
+
+  def ddim_step(self, x0_hat, eps_hat, t_prev):
+    """DDIM (eta = 0): x_{t_prev} = alpha_{t_prev} x0_hat + sigma_{t_prev} eps_hat (t_prev = -1: x0_hat)."""
+    return self.noise(x0_hat, eps_hat, t_prev)
+
+  def consistency_scalings(self, t):
+    """LCM's boundary scalings of the integer timestep: with u = timestep_scaling t,
+    c_skip = sd^2 / (u^2 + sd^2), c_out = u / sqrt(u^2 + sd^2); c_skip(0) = 1, c_out(0) = 0."""
+    u = self.timestep_scaling * jnp.asarray(t, jnp.float32)
+    sd2 = self.sigma_data**2
+    return sd2 / (u**2 + sd2), u / jnp.sqrt(u**2 + sd2)
+
+  def consistency(self, net: Net, x, t):
+    """f(x_t, t) = c_skip(t) x_t + c_out(t) x0_hat(x_t, t) (LCM); f(x, 0) = x."""
+    c_skip, c_out = self.consistency_scalings(t)
+    return bcast(c_skip, x) * x + bcast(c_out, x) * self.predict(net, x, t)[0]
+
+  def denoise(self, net: Net, x, t):
+    """x0_hat(x_t, t): the diffusion model's estimate of the clean sample."""
+    return self.predict(net, x, t)[0]
+
+
 def make_parameterization(config):
-  """Builds the noise process named by `config.parameterization.name` ('edm' or 'trigflow')."""
+  """Builds the noise process named by `config.parameterization.name` ('edm', 'trigflow' or 'vp')."""
   p = config.parameterization
   if p.name == 'edm':
     return EDM(sigma_data=p.sigma_data, sigma_min=p.sigma_min, sigma_max=p.sigma_max)
   if p.name == 'trigflow':
     return TrigFlow(sigma_data=p.sigma_data, sigma_min=p.sigma_min, sigma_max=p.sigma_max)
-  raise ValueError(f"Unknown parameterization.name {p.name!r}; expected 'edm' or 'trigflow'.")
+  if p.name == 'vp':
+    return VP(num_timesteps=p.num_timesteps, beta_start=p.beta_start, beta_end=p.beta_end,
+              beta_schedule=p.beta_schedule, prediction=p.prediction, sigma_data=p.sigma_data,
+              timestep_scaling=p.timestep_scaling)
+  raise ValueError(f"Unknown parameterization.name {p.name!r}; expected 'edm', 'trigflow' or 'vp'.")

@@ -1,25 +1,78 @@
-"""Samplers: the EDM Heun teacher sampler and one-/multi-step consistency sampling (CM paper, Algorithm 1), for any
-noise process of parameterization.py (EDM noise levels or TrigFlow time, sCM)."""
+"""Samplers. Each objective names the one its models are drawn with (`Objective.sampler`), so the trainer asks the
+objective how to sample and never branches on the method:
+
+  EDM_HEUN     diffusion models on EDM levels (EDM and TrigFlow teachers): EDM's Heun sampler.
+  CONSISTENCY  consistency models on EDM / TrigFlow: one step, or CM's multistep sampling (Algorithm 1).
+  DDIM         VP (DDPM) diffusion models: deterministic DDIM on the trailing grid, classifier-free guidance optional.
+  LCM          latent consistency models on VP: LCM's multistep sampling (predict x0, re-noise to the next timestep).
+
+A sampler's `build(config, model, process)` returns sample(params, rng, cond, shape, num_steps, guidance=None).
+"""
+
+import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from cm_jax import schedules
 from cm_jax import solvers
-from cm_jax.objectives.base import network, takes_guidance
+from cm_jax.models.apply import NULL_LABEL, network, takes_guidance
 
 
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """How a method's model is sampled.
+
+  label(num_steps) -> how the quality table names its rows ('EDM Heun', '2-step', 'DDIM 50-step').
+  build(config, model, process) -> sample(params, rng, cond, shape, num_steps, guidance=None).
+  eval_steps(config) -> the step counts of --mode=sample and of the quality table.
+  grid_steps(config) -> the step count of the periodic sample grids.
+  nfe(config, num_steps) -> network evaluations per sample.
+  diffusion: it integrates a diffusion model's PF-ODE, so the run can be a distillation teacher.
+  """
+  label: Callable
+  build: Callable
+  eval_steps: Callable
+  grid_steps: Callable
+  nfe: Callable
+  diffusion: bool = False
+
+
+def _guidance_input(config, model) -> float:
+  """sampling.guidance_scale, the s given to a network with a guidance input (model.guidance_embedding)."""
+  scale = float(config.sampling.get('guidance_scale', 1.0))  # absent from runs written before the key
+  if scale != 1.0 and not takes_guidance(model):
+    raise ValueError(f'sampling.guidance_scale={scale} needs a network with a guidance input '
+                     '(model.guidance_embedding=True, trained by sCD or LCD with a range objective.guidance_scale).')
+  return scale
+
+
+def _per_example_guidance(model, default: float, guidance, batch: int):
+  """s [B] for a guidance-input network: `guidance` (scalar or [B]) when given, else the config's default."""
+  if guidance is not None and not takes_guidance(model):
+    raise ValueError('A guidance scale was passed to the sampler of a network without a guidance input '
+                     '(model.guidance_embedding=False).')
+  return jnp.broadcast_to(jnp.asarray(default if guidance is None else guidance, jnp.float32), (batch,))
+
+
+def _per_sample(t, batch: int, dtype=jnp.float32):
+  return jnp.full((batch,), t, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# EDM levels: EDM's Heun sampler and consistency sampling (EDM and TrigFlow processes).
+# ----------------------------------------------------------------------------------------------------------
 def consistency_multistep(process, f, z, ts, noise_rng):
   """x <- f(prior(z), t_max); for each later t: x <- f(renoise(x, z', t), t), z' ~ N(0, I) fresh at each step.
 
   `ts` is the decreasing list [t_max, t_1, ...] in the process's time; `f(x, t)` takes per-sample t; z ~ N(0, I).
   EDM: prior = T z, renoise = x + sqrt(t^2 - eps^2) z'; TrigFlow: prior = sd z, renoise = cos(t) x + sin(t) sd z'.
   """
-  per_sample = lambda t: jnp.full((z.shape[0],), t, jnp.float32)
-  x = f(process.prior(z), per_sample(ts[0]))
+  x = f(process.prior(z), _per_sample(ts[0], z.shape[0]))
   for k, t in enumerate(ts[1:]):
     noise = jax.random.normal(jax.random.fold_in(noise_rng, k), z.shape)
-    x = f(process.renoise(x, noise, per_sample(t)), per_sample(t))
+    x = f(process.renoise(x, noise, _per_sample(t, z.shape[0])), _per_sample(t, z.shape[0]))
   return x
 
 
@@ -40,43 +93,125 @@ def mid_sigmas(config, process) -> tuple:
   return tuple(float(grid[n - 1 - i]) for i in indices)
 
 
-def make_sample_fn(config, model, process, kind: str):
-  """Returns sample(params, rng, cond, shape, num_steps, guidance=None) -> samples, for an EDM or TrigFlow `process`.
-
-  Diffusion models: EDM's Heun sampler with `num_steps` Karras grid points (2 num_steps - 1 evaluations) on the
-  denoiser at EDM levels, D(x_sigma, sigma) = denoise(x_from_sigma(x_sigma, sigma), t_from_sigma(sigma)).
-  Consistency models: `consistency_multistep` with `num_steps` evaluations at t_max and t_from_sigma of
-  mid_sigmas(config)[:num_steps - 1] (sCM's 2-step t = 1.1 is the level sigma = sd tan 1.1).
-  guidance: the guidance scale s (scalar or [B]) fed to a network with a guidance input (model.guidance_embedding);
-  None: sampling.guidance_scale.
-
-  Raises:
-    ValueError: sampling.guidance_scale != 1 for a network without a guidance input, or an inconsistent
-      sampling.mid_sigmas / mid_indices.
-  """
-  sigmas = mid_sigmas(config, process)
-  mids = tuple(float(process.t_from_sigma(s)) for s in sigmas)
-  default_guidance = float(config.sampling.get('guidance_scale', 1.0))  # absent from runs written before the key
-  if default_guidance != 1.0 and not takes_guidance(model):
-    raise ValueError(f'sampling.guidance_scale={default_guidance} needs a network with a guidance input '
-                     '(model.guidance_embedding=True, trained by sCD with a range objective.guidance_scale).')
+def _edm_heun(config, model, process):
+  """EDM's Heun sampler with `num_steps` Karras grid points (2 num_steps - 1 evaluations) on the denoiser at EDM
+  levels, D(x_sigma, sigma) = denoise(x_from_sigma(x_sigma, sigma), t_from_sigma(sigma))."""
+  default = _guidance_input(config, model)
 
   def sample(params, rng, cond, shape, num_steps, guidance=None):
-    if guidance is not None and not takes_guidance(model):
-      raise ValueError('A guidance scale was passed to the sampler of a network without a guidance input '
-                       '(model.guidance_embedding=False).')
-    s = jnp.broadcast_to(jnp.asarray(default_guidance if guidance is None else guidance, jnp.float32), shape[:1])
-    rng_z, rng_noise = jax.random.split(rng)
-    z = jax.random.normal(rng_z, shape)
-    net = network(model, params, cond, guidance=s)
-    if kind == 'diffusion':
-      grid = schedules.karras_sigmas(num_steps, process.sigma_min, process.sigma_max, config.parameterization.rho)
-      denoise = lambda x, sigma: process.denoise(net, process.x_from_sigma(x, sigma), process.t_from_sigma(sigma))
-      return solvers.edm_sampler(denoise, process.sigma_max * z, grid[::-1])
+    net = network(model, params, cond, guidance=_per_example_guidance(model, default, guidance, shape[0]))
+    grid = schedules.karras_sigmas(num_steps, process.sigma_min, process.sigma_max, config.parameterization.rho)
+    denoise = lambda x, sigma: process.denoise(net, process.x_from_sigma(x, sigma), process.t_from_sigma(sigma))
+    z = jax.random.normal(jax.random.split(rng)[0], shape)
+    return solvers.edm_sampler(denoise, process.sigma_max * z, grid[::-1])
+
+  return sample
+
+
+def _consistency(config, model, process):
+  """`consistency_multistep` with `num_steps` evaluations at t_max and t_from_sigma of
+  mid_sigmas(config)[:num_steps - 1] (sCM's 2-step t = 1.1 is the level sigma = sd tan 1.1)."""
+  sigmas = mid_sigmas(config, process)
+  mids = tuple(float(process.t_from_sigma(s)) for s in sigmas)
+  default = _guidance_input(config, model)
+
+  def sample(params, rng, cond, shape, num_steps, guidance=None):
     if num_steps - 1 > len(mids):
       raise ValueError(f'{num_steps}-step sampling needs {num_steps - 1} sampling.mid_sigmas (or mid_indices); '
                        f'the config gives {sigmas}.')
-    return consistency_multistep(process, lambda x, t: process.consistency(net, x, t), z,
-                                 (process.t_max,) + mids[:num_steps - 1], rng_noise)
+    net = network(model, params, cond, guidance=_per_example_guidance(model, default, guidance, shape[0]))
+    rng_z, rng_noise = jax.random.split(rng)
+    return consistency_multistep(process, lambda x, t: process.consistency(net, x, t),
+                                 jax.random.normal(rng_z, shape), (process.t_max,) + mids[:num_steps - 1], rng_noise)
 
   return sample
+
+
+# ----------------------------------------------------------------------------------------------------------
+# VP timesteps: DDIM (teachers) and LCM's multistep sampling (latent consistency models).
+# ----------------------------------------------------------------------------------------------------------
+def can_guide(model) -> bool:
+  """Whether a network has the unconditional branch classifier-free guidance needs (labels, trained with dropout)."""
+  return bool(getattr(model, 'num_classes', 0)) and getattr(model, 'label_dropout', 0.0) > 0
+
+
+def guided_prediction(process, model, params, cond, x, t, scale):
+  """(x0_hat, eps_hat) with classifier-free guidance: u + s (c - u) for both, u the prediction with the null label
+  (s = 1: the conditional prediction alone, one evaluation)."""
+  conditional = process.predict(network(model, params, cond), x, t)
+  if scale is None:
+    return conditional
+  null = process.predict(network(model, params, jnp.full_like(cond, NULL_LABEL)), x, t)
+  s = jnp.reshape(scale, jnp.shape(scale) + (1,) * (x.ndim - jnp.ndim(scale)))
+  return tuple(u + s * (c - u) for c, u in zip(conditional, null))
+
+
+def _ddim_guidance(config, model):
+  """sampling.guidance_scale as DDIM's classifier-free guidance scale (None: no guidance, one evaluation per step)."""
+  scale = float(config.sampling.get('guidance_scale', 1.0))
+  if scale == 1.0:
+    return None
+  if not can_guide(model):
+    raise ValueError(f'sampling.guidance_scale={scale} is a classifier-free guidance scale for DDIM and needs a '
+                     'class-conditional network trained with model.label_dropout > 0.')
+  return scale
+
+
+def _ddim(config, model, vp):
+  """DDIM (eta = 0) along ddim_timesteps(num_steps): x <- alpha_prev x0_hat + sigma_prev eps_hat, the last step to
+  t = -1 (x0_hat); x_{999} ~ N(0, I). With a guidance scale s: CFG on (x0_hat, eps_hat), two evaluations per step."""
+  default = _ddim_guidance(config, model)
+
+  def sample(params, rng, cond, shape, num_steps, guidance=None):
+    if guidance is not None and not can_guide(model):
+      raise ValueError('A guidance scale was passed to DDIM for a network without an unconditional branch '
+                       '(model.num_classes > 0 and model.label_dropout > 0).')
+    scale = default if guidance is None else guidance
+    ts = jnp.asarray(schedules.ddim_timesteps(num_steps, vp.num_timesteps))
+    prev = jnp.concatenate([ts[1:], jnp.full((1,), -1, jnp.int32)])
+
+    def step(x, pair):
+      t, t_prev = (_per_sample(a, shape[0], jnp.int32) for a in pair)
+      x0, eps = guided_prediction(vp, model, params, cond, x, t, scale)
+      return vp.ddim_step(x0, eps, t_prev), None
+
+    x, _ = jax.lax.scan(step, jax.random.normal(jax.random.split(rng)[0], shape), (ts, prev))
+    return x
+
+  return sample
+
+
+def _lcm(config, model, vp):
+  """LCM multistep: x0 <- f(z, tau_0), z ~ N(0, I); for each later tau: x0 <- f(alpha x0 + sigma z', tau) with fresh
+  z'; the timesteps are schedules.lcm_timesteps on the objective's skipping grid (objective.skip)."""
+  default = _guidance_input(config, model)
+  skip = int(config.objective.skip)
+  schedules.skipping_grid(vp.num_timesteps, skip)  # a bad skip fails now
+
+  def sample(params, rng, cond, shape, num_steps, guidance=None):
+    net = network(model, params, cond, guidance=_per_example_guidance(model, default, guidance, shape[0]))
+    ts = schedules.lcm_timesteps(num_steps, vp.num_timesteps, skip)
+    rng_z, rng_noise = jax.random.split(rng)
+    f = lambda x, t: vp.consistency(net, x, _per_sample(t, shape[0], jnp.int32))
+    x0 = f(jax.random.normal(rng_z, shape), ts[0])
+    for k, t in enumerate(ts[1:]):
+      noise = jax.random.normal(jax.random.fold_in(rng_noise, k), shape)
+      x0 = f(vp.noise(x0, noise, _per_sample(t, shape[0], jnp.int32)), t)
+    return x0
+
+  return sample
+
+
+_teacher_steps = lambda config: (int(config.sampling.teacher_steps),)
+_one_per_step = lambda config, num_steps: num_steps
+_steps = lambda num_steps: f'{num_steps}-step'
+_guided_nfe = lambda config, num_steps: num_steps * (1 if config.sampling.guidance_scale == 1.0 else 2)
+
+EDM_HEUN = Sampler(lambda num_steps: 'EDM Heun', _edm_heun, eval_steps=_teacher_steps,
+                   grid_steps=lambda c: c.sampling.teacher_steps,
+                   nfe=lambda config, num_steps: solvers.edm_sampler_nfe(num_steps), diffusion=True)
+CONSISTENCY = Sampler(_steps, _consistency, eval_steps=lambda c: tuple(c.eval.steps), grid_steps=lambda c: 1,
+                      nfe=_one_per_step)
+DDIM = Sampler(lambda num_steps: f'DDIM {num_steps}-step', _ddim, eval_steps=_teacher_steps,
+               grid_steps=lambda c: c.sampling.teacher_steps, nfe=_guided_nfe, diffusion=True)
+LCM = Sampler(_steps, _lcm, eval_steps=lambda c: tuple(c.eval.steps), grid_steps=lambda c: 1, nfe=_one_per_step)

@@ -29,7 +29,8 @@ class TrainState:
 
 
 def make_optimizer(optim_config) -> optax.GradientTransformation:
-  """Gradient clipping (global norm, 0 = off) then Adam or RAdam with linear learning-rate warm-up."""
+  """Gradient clipping (global norm, 0 = off), then L2 weight decay added to the gradient (weight_decay, 0 = off:
+  PyTorch's coupled Adam / RAdam weight_decay), then Adam or RAdam with linear learning-rate warm-up."""
   c = optim_config
   lr = c.learning_rate
   if c.warmup_steps > 0:
@@ -40,16 +41,21 @@ def make_optimizer(optim_config) -> optax.GradientTransformation:
     opt = optax.radam(lr, b1=c.b1, b2=c.b2, eps=c.eps)
   else:
     raise ValueError(f"Unknown optim.name {c.name!r}; expected 'adam' or 'radam'.")
+  weight_decay = float(c.get('weight_decay', 0.0))  # absent from configs written before the key
+  if weight_decay < 0:
+    raise ValueError(f'optim.weight_decay={weight_decay} must be >= 0.')
+  if weight_decay > 0:
+    opt = optax.chain(optax.add_decayed_weights(weight_decay), opt)
   if c.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(c.grad_clip), opt)
   return opt
 
 
 def create_state(rng, model, objective, tx, sample_input, num_ema: int) -> TrainState:
-  """Initialises parameters, extra parameters, optimiser state, EMA copies and the target (if any)."""
+  """Initialises the trained parameters (objective.init_params: the network's, or LoRA adapters), extra parameters,
+  optimiser state, EMA copies and the target (if any)."""
   rng_params, rng_extra = jax.random.split(rng)
-  x, c_noise, cond = sample_input
-  params = model.init({'params': rng_params}, x, c_noise, cond)['params']
+  params = objective.init_params(model, rng_params, sample_input)
   extra = objective.init_extra(rng_extra)
   trainable = {'params': params, 'extra': extra}
   return TrainState(

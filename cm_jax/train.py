@@ -1,8 +1,10 @@
 """The trainer: one loop in fixed sections, the same code on one CPU, a GPU node or a TPU slice.
 
-  config check -> mesh -> data -> model and objective -> state (born sharded) -> step fn -> restore -> loop -> report
+  config check -> mesh -> data and space -> model and objective -> state (born sharded) -> step fn -> restore -> loop
+  -> finish -> report
 
-Every method is an `Objective`; this file knows nothing else about it.
+Every method is an `Objective` (with its sampler); this file knows nothing else about it. A latent run differs only
+in its space (latents.py): the step prepares each batch through it and samples are decoded by it.
 """
 
 import dataclasses
@@ -23,11 +25,10 @@ from jax.experimental import multihost_utils
 from cm_jax import checkpoint
 from cm_jax import data as data_lib
 from cm_jax import distributed
+from cm_jax import latents
 from cm_jax import models
 from cm_jax import objectives
-from cm_jax import sampling
 from cm_jax import sharding
-from cm_jax import solvers
 from cm_jax import writers
 from cm_jax.data import pipeline
 from cm_jax.parameterization import make_parameterization
@@ -37,22 +38,30 @@ from cm_jax.state import TrainState, create_state, ema_update, make_optimizer
 # ----------------------------------------------------------------------------------------------------------
 # The train step.
 # ----------------------------------------------------------------------------------------------------------
-def make_train_step(objective, tx, ema_rates, seed: int, skip_nonfinite: bool):
-  """train_step(state, batch, teacher) -> (state, metrics): one optimiser step, target and EMA updates.
+SPACE_STREAM = 7  # fold_in(step key, SPACE_STREAM): the randomness of the data space (a posterior sample)
 
-  Step k draws its randomness from fold_in(PRNGKey(seed), k). With `skip_nonfinite`, a step whose loss or
-  gradient is not finite leaves the state unchanged except for the step counter (counted in the metrics).
+
+def make_train_step(objective, space, tx, ema_rates, seed: int, skip_nonfinite: bool, mesh):
+  """train_step(state, batch, frozen) -> (state, metrics): one optimiser step, target and EMA updates.
+
+  `frozen` holds what the step reads but does not train: 'teacher' (parameters or None) and 'space' (the latent
+  space's autoencoder parameters or None); the batch passes through `space.prepare` first. Step k draws its
+  randomness from fold_in(PRNGKey(seed), k). With `skip_nonfinite`, a step whose loss, gradient or updated parameters
+  are not finite leaves the state unchanged except for the step counter (counted in the metrics). The mesh is the
+  abstract mesh while the step is traced (couplings.py shards by it).
   """
   base_key = jax.random.PRNGKey(seed)
 
-  def train_step(state: TrainState, batch, teacher):
+  def train_step(state: TrainState, batch, frozen):
     rng = jax.random.fold_in(base_key, state.step)
-    frozen = {'target': state.target, 'teacher': teacher}
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      batch = space.prepare(frozen['space'], batch, jax.random.fold_in(rng, SPACE_STREAM))
+      inputs = {'target': state.target, 'teacher': frozen['teacher']}
 
-    def loss_fn(trainable):
-      return objective.loss(trainable['params'], trainable['extra'], frozen, batch, rng, state.step)
+      def loss_fn(trainable):
+        return objective.loss(trainable['params'], trainable['extra'], inputs, batch, rng, state.step)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable())
+      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable())
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable())
     trainable = optax.apply_updates(state.trainable(), updates)
@@ -62,7 +71,7 @@ def make_train_step(objective, tx, ema_rates, seed: int, skip_nonfinite: bool):
         ema=tuple(ema_update(e, params, r) for e, r in zip(state.ema, ema_rates)),
         target=(None if objective.target_rate is None
                 else ema_update(state.target, params, objective.target_rate(state.step))))
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
     if skip_nonfinite:
       keep = lambda n, o: jnp.where(finite, n, o)
       new = jax.tree.map(keep, new.replace(step=state.step), state).replace(step=state.step + 1)
@@ -91,27 +100,29 @@ def check_config(config) -> None:
 
 
 class Experiment:
-  """Mesh, data source, model, objective and the abstract sharded state of one config."""
+  """Mesh, data source and space, model, objective and the abstract sharded state of one config."""
 
   def __init__(self, config, devices=None):
     check_config(config)
     self.config = config
     self.mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch_divides(config.train.batch_size, self.mesh)
-    self.source = data_lib.build_source(config.data)
-    if config.model.num_classes > 0 and self.source.num_classes == 0:
-      raise ValueError(f'model.num_classes={config.model.num_classes} but data set {config.data.name!r} '
-                       'has no labels.')
+    self.space, self.source = latents.build(config, self.mesh)
+    self.shape = self.space.shape  # what the network sees: the data, or their latents
+    self.num_classes = int(config.model.get('num_classes', 0))  # an autoencoder has no labels
+    if self.num_classes > 0 and self.source.num_classes == 0:
+      raise ValueError(f'model.num_classes={self.num_classes} but data set {config.data.name!r} has no labels.')
     self.model = models.build_model(config.model)
     self.param = make_parameterization(config)
     self.objective = objectives.make_objective(config, self.model)
-    self._sample_fns = {}
+    self.sampler = self.objective.sampler
+    self._sample_fn = None
+    self._decode = jax.jit(self.space.decode)
     self.sample_fn()  # an inconsistent sampling config (levels, guidance scale) fails now, not after training
     self.tx = make_optimizer(config.optim)
-    shape = (1,) + tuple(self.source.shape)
-    cond = jnp.zeros((1,), jnp.int32) if config.model.num_classes > 0 else None
+    cond = jnp.zeros((1,), jnp.int32) if self.num_classes > 0 else None
     self._init = functools.partial(create_state, model=self.model, objective=self.objective, tx=self.tx,
-                                   sample_input=(jnp.zeros(shape), jnp.zeros((1,)), cond),
+                                   sample_input=(jnp.zeros((1,) + self.shape), jnp.zeros((1,)), cond),
                                    num_ema=len(config.ema.rates))
     abstract = jax.eval_shape(self._init, jax.random.PRNGKey(config.seed))
     self.state_sharding = sharding.tree_shardings(abstract, self.mesh, tuple(config.mesh.rules),
@@ -138,36 +149,42 @@ class Experiment:
   def train_step(self):
     """The jit-compiled train step: state sharded by the rules (and donated), batch split over the mesh."""
     c = self.config
-    step = make_train_step(self.objective, self.tx, tuple(c.ema.rates), c.seed, c.train.nonfinite == 'skip')
+    step = make_train_step(self.objective, self.space, self.tx, tuple(c.ema.rates), c.seed,
+                           c.train.nonfinite == 'skip', self.mesh)
     return jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding, None),
                    out_shardings=(self.state_sharding, sharding.replicated(self.mesh)), donate_argnums=(0,))
+
+  def frozen(self, teacher_params=None) -> dict:
+    """The train step's and the samplers' frozen inputs: the teacher's parameters and the space's."""
+    return {'teacher': teacher_params, 'space': self.space.params}
 
   def batches(self, start_step: int) -> pipeline.BatchIterator:
     """Global batches from `start_step` on, in the order fixed by (seed, step)."""
     return pipeline.BatchIterator(self.source, self.config.train.batch_size, self.config.seed, start_step,
                                   self.batch_sharding)
 
-  def sample_fn(self, kind=None):
-    """jit-compiled sample(params, rng, cond, shape, num_steps) for the given kind (default: this objective's),
-    built once per kind so that every later call reuses its compilations."""
-    kind = kind or self.objective.kind
-    if kind not in self._sample_fns:
-      fn = sampling.make_sample_fn(self.config, self.model, self.param, kind)
-      self._sample_fns[kind] = jax.jit(fn, static_argnames=('shape', 'num_steps'))
-    return self._sample_fns[kind]
+  def sample_fn(self):
+    """The objective's jit-compiled sampler, sample(params, rng, cond, shape, num_steps), built once so that every
+    later call reuses its compilations."""
+    if self._sample_fn is None:
+      fn = self.sampler.build(self.config, self.model, self.param)
+      self._sample_fn = jax.jit(fn, static_argnames=('shape', 'num_steps'))
+    return self._sample_fn
 
-  def generate(self, params, num: int, num_steps: int, seed: int, kind=None) -> np.ndarray:
-    """`num` samples (host numpy), generated in batches of train.batch_size across the mesh."""
-    fn = self.sample_fn(kind)
+  def generate(self, params, num: int, num_steps: int, seed: int, teacher_params=None) -> np.ndarray:
+    """`num` samples (host numpy, decoded to the data's space), generated in batches of train.batch_size across the
+    mesh from the trained `params` (the objective's sample_params: LoRA merges them into the teacher)."""
+    fn = self.sample_fn()
+    params = self.objective.sample_params(params, self.frozen(teacher_params))
     batch = self.config.train.batch_size
     out = []
     for i in range(-(-num // batch)):
       rng = jax.random.fold_in(jax.random.PRNGKey(seed), i)
       cond = None
-      if self.config.model.num_classes > 0:
-        cond = jax.random.randint(jax.random.fold_in(rng, 1), (batch,), 0, self.config.model.num_classes)
-      out.append(np.asarray(multihost_utils.process_allgather(
-          fn(params, rng, cond, shape=(batch,) + tuple(self.source.shape), num_steps=num_steps), tiled=True)))
+      if self.num_classes > 0:
+        cond = jax.random.randint(jax.random.fold_in(rng, 1), (batch,), 0, self.num_classes)
+      samples = fn(params, rng, cond, shape=(batch,) + self.shape, num_steps=num_steps)
+      out.append(np.asarray(multihost_utils.process_allgather(self._decode(self.space.params, samples), tiled=True)))
     return np.concatenate(out)[:num]
 
 
@@ -192,6 +209,7 @@ def train_and_evaluate(config, workdir: str, devices=None):
   write_config(config, workdir)
   teacher = load_teacher(config, exp)
   teacher_params = None if teacher is None else teacher.params
+  frozen = exp.frozen(teacher_params)
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.max_to_keep, config.checkpoint.every_steps,
                                  config.checkpoint.async_save, writer=True)
 
@@ -222,7 +240,7 @@ def train_and_evaluate(config, workdir: str, devices=None):
   try:
     with distributed.PreemptionWatch() as preemption:
       for step in range(start + 1, config.train.num_steps + 1):
-        state, metrics = step_fn(state, next(batches), teacher_params)
+        state, metrics = step_fn(state, next(batches), frozen)
         if previous is not None:
           _check_finite(config, *previous, ckpt)
         previous = (step, metrics)
@@ -235,7 +253,7 @@ def train_and_evaluate(config, workdir: str, devices=None):
           accumulated = None
         progress(step, writer)
         if config.sampling.grid_every and (step % config.sampling.grid_every == 0):
-          write_samples(exp, state, writer, workdir, step)
+          write_samples(exp, state, writer, workdir, step, teacher_params)
         preempted = preemption.reached(step)
         if preempted or ckpt.should_save(step) or step == config.train.num_steps:
           _check_finite(config, *previous, ckpt)
@@ -252,7 +270,9 @@ def train_and_evaluate(config, workdir: str, devices=None):
     writer.close()
     raise distributed.Preempted(f'Preempted: saved step {step} to {ckpt.directory / str(step)}; '
                                 'run the same command again to resume from it.')
-  write_samples(exp, state, writer, workdir, int(state.step))
+  write_samples(exp, state, writer, workdir, int(state.step), teacher_params)
+  if exp.objective.finish is not None:
+    exp.objective.finish(exp, state, workdir)
   if config.eval.proxy:
     report = quality_report(exp, state, teacher, workdir)
     tag = lambda name: 'proxy/' + re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')  # 'ict (1-step)' -> 'ict_1_step'
@@ -267,66 +287,69 @@ def _check_finite(config, step, metrics, ckpt):
     ckpt.wait()
     last = ckpt.latest_step()
     where = f'{ckpt.directory / str(last)}' if last is not None else 'none (no checkpoint was saved yet)'
-    raise FloatingPointError(f'Non-finite loss or gradient at step {step} (loss={float(metrics["loss"])}). '
+    raise FloatingPointError(f'Non-finite loss, gradient or parameters at step {step} '
+                             f'(loss={float(metrics["loss"])}). '
                              f'Last good checkpoint: {where}.')
 
 
-def write_samples(exp: Experiment, state, writer, workdir, step: int):
+def write_samples(exp: Experiment, state, writer, workdir, step: int, teacher_params=None):
   """A grid of samples from the first EMA: PNG under workdir/samples and a TensorBoard image."""
   c = exp.config
-  num_steps = c.sampling.teacher_steps if exp.objective.kind == 'diffusion' else 1
-  samples = exp.generate(state.ema[0], c.sampling.num_grid, num_steps, seed=c.seed + 1)
+  num_steps = exp.sampler.grid_steps(c)
+  samples = exp.generate(state.ema[0], c.sampling.num_grid, num_steps, c.seed + 1, teacher_params)
   image = writers.samples_image(samples)
   writers.save_png(epath.Path(workdir) / 'samples' / f'step_{step:08d}.png', image)
   writer.write_images(step, {f'samples/{num_steps}_step': image})
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Teacher, sampling and evaluation modes.
+# Teacher, sampling, evaluation and encoding modes.
 # ----------------------------------------------------------------------------------------------------------
 def network_fields(model) -> dict:
   """A network's class and the fields that fix its function; rates that act only in training (dropout,
-  label_dropout) and the compute dtype aside."""
-  skip = {'parent', 'name', 'dropout', 'label_dropout', 'dtype'}
+  label_dropout), the compute dtype and the guidance input (a student's addition) aside."""
+  skip = {'parent', 'name', 'dropout', 'label_dropout', 'dtype', 'guidance_embedding'}
   return dict({f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in skip},
               network=type(model).__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:
-  """A diffusion run's EMA parameters with its own Experiment: its network, parameterisation and sampler."""
+  """Another run's first-EMA parameters with its own Experiment: its network, parameterisation, space and sampler."""
   params: Any
   experiment: Experiment
 
-  def generate(self, num: int, seed: int) -> np.ndarray:
-    """`num` samples of the teacher's PF-ODE with its own Heun sampler (its config's sampling.teacher_steps)."""
-    c = self.experiment.config
-    return self.experiment.generate(self.params, num, c.sampling.teacher_steps, seed, 'diffusion')
-
 
 def load_teacher(config, exp: Experiment) -> Optional[Teacher]:
-  """The diffusion run in config.teacher.workdir (None when unset).
+  """The run in config.teacher.workdir (None when unset).
 
-  Where this run reads its parameters -- a distillation loss (`Objective.teacher`) or the initialisation
-  (teacher.init) -- its network must be this run's (`network_fields`, without a guidance input) and its
-  parameterisation the one they are read in. Otherwise it only heads the quality table, sampled its own way.
+  A distillation loss (`Objective.teacher`) reads a diffusion run; teacher.init starts from any run. Where this run
+  reads its parameters, the network must be this run's (`network_fields`: a student may add a guidance input), the
+  parameterisation the one they are read in and the space (pixels, or one autoencoder's latents) the same.
+  Otherwise the run only heads the quality table, sampled its own way.
   """
   if not config.teacher.workdir:
     return None
   from cm_jax import config_lib  # pylint: disable=g-import-not-at-top
   where = f'teacher.workdir={config.teacher.workdir!r}'
   teacher_config = config_lib.load_run_config(config.teacher.workdir)
+  if teacher_config.get('lora', {}).get('rank', 0):
+    raise ValueError(f'{where} holds LoRA adapters, which need their own teacher: name a run that trains its whole '
+                     'network.')
   teacher_exp = Experiment(teacher_config, exp.mesh.devices.flatten().tolist())
-  if teacher_exp.objective.kind != 'diffusion':
-    raise ValueError(f'{where} holds a {teacher_config.objective.name!r} run, a consistency model; a teacher is '
-                     'a diffusion run (objective.name edm or trigflow).')
+  if exp.objective.teacher is not None and not teacher_exp.sampler.diffusion:
+    raise ValueError(f'{where} holds a {teacher_config.objective.name!r} run, a consistency model; a distillation '
+                     'teacher is a diffusion run (objective.name edm, trigflow or ddpm).')
   reads = {'distillation (objective.name=' + config.objective.name + ')': exp.objective.teacher,
            'teacher.init': config.parameterization.name if config.teacher.init else None}
   reads = {use: wanted for use, wanted in reads.items() if wanted is not None}
   teacher_network, network = network_fields(teacher_exp.model), network_fields(exp.model)
-  if reads and teacher_network != dict(network, guidance_embedding=False):
+  if reads and teacher_network != network:
     raise ValueError(f'The teacher in {where} has network {teacher_network}, which does not match this run\'s '
-                     f'network {network} (without a guidance input).')
+                     f'network {network} (a guidance input aside).')
+  if reads and teacher_exp.space.describe() != exp.space.describe():
+    raise ValueError(f'The teacher in {where} works in {teacher_exp.space.describe()}, this run in '
+                     f'{exp.space.describe()}: a teacher must share the student\'s data space.')
   for use, wanted in reads.items():
     if wanted != teacher_config.parameterization.name:
       raise ValueError(f'The teacher in {where} was trained with parameterization.name='
@@ -356,10 +379,11 @@ def restore_latest(config, workdir, devices=None):
 def sample(config, workdir: str, devices=None):
   """Writes samples of the newest EMA parameters to workdir/samples (PNG grid and .npz)."""
   exp, state = restore_latest(config, workdir, devices)
-  steps = (config.sampling.teacher_steps,) if exp.objective.kind == 'diffusion' else tuple(config.eval.steps)
+  teacher = load_teacher(config, exp)
   out = epath.Path(workdir) / 'samples'
-  for num_steps in steps:
-    samples = exp.generate(state.ema[0], config.eval.num_samples, num_steps, seed=config.seed + 2)
+  for num_steps in exp.sampler.eval_steps(config):
+    samples = exp.generate(state.ema[0], config.eval.num_samples, num_steps, config.seed + 2,
+                           None if teacher is None else teacher.params)
     writers.save_png(out / f'final_{num_steps}_step.png', writers.samples_image(samples[:config.sampling.num_grid]))
     if jax.process_index() == 0:
       with (out / f'final_{num_steps}_step.npz').open('wb') as f:
@@ -373,19 +397,29 @@ def evaluate(config, workdir: str, devices=None):
   return quality_report(exp, state, load_teacher(config, exp), workdir)
 
 
+def encode(config, workdir: str, devices=None):
+  """--mode=encode: writes config.latent.cache, the latent cache of config.data under config.latent.autoencoder."""
+  del workdir, devices
+  if not config.latent.autoencoder or not config.latent.cache:
+    raise ValueError('--mode=encode writes config.latent.cache from config.data through config.latent.autoencoder: '
+                     'set both.')
+  cache = latents.write_cache(config, config.latent.cache)
+  print(f'Wrote the latent cache {config.latent.cache}: {len(cache)} records of shape {cache.shape}.', flush=True)
+
+
 def quality_report(exp: Experiment, state, teacher: Optional[Teacher], workdir) -> dict:
-  """Frechet distance of the digits proxy for the teacher (35 NFE) and the model at config.eval.steps."""
+  """Frechet distance of the digits proxy for the teacher and the model, each sampled with its own sampler at its
+  evaluation step counts (a diffusion teacher: sampling.teacher_steps; a consistency model: eval.steps)."""
   from cm_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   c = exp.config
   rows = []
   if teacher is not None:
-    teacher_steps = teacher.experiment.config.sampling.teacher_steps
-    rows.append(('teacher (EDM Heun)', solvers.edm_sampler_nfe(teacher_steps),
-                 teacher.generate(c.eval.num_samples, c.seed + 3)))
-  if exp.objective.kind == 'diffusion':
-    rows.append((f'{c.objective.name} (EDM Heun)', solvers.edm_sampler_nfe(c.sampling.teacher_steps),
-                 exp.generate(state.ema[0], c.eval.num_samples, c.sampling.teacher_steps, c.seed + 3)))
-  else:
-    for n in c.eval.steps:
-      rows.append((f'{c.objective.name} ({n}-step)', n, exp.generate(state.ema[0], c.eval.num_samples, n, c.seed + 3)))
+    t = teacher.experiment
+    for n in t.sampler.eval_steps(t.config):
+      rows.append((f'teacher ({t.sampler.label(n)})', t.sampler.nfe(t.config, n),
+                   t.generate(teacher.params, c.eval.num_samples, n, c.seed + 3)))
+  for n in exp.sampler.eval_steps(c):
+    rows.append((f'{c.objective.name} ({exp.sampler.label(n)})', exp.sampler.nfe(c, n),
+                 exp.generate(state.ema[0], c.eval.num_samples, n, c.seed + 3,
+                              None if teacher is None else teacher.params)))
   return report.proxy_table(rows, epath.Path(workdir) / 'proxy_classifier.msgpack')

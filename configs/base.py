@@ -32,7 +32,7 @@ def get_config():
   c.teacher = ml_collections.ConfigDict(dict(workdir='', init=False))
 
   c.optim = ml_collections.ConfigDict(dict(
-      name='adam', learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=0, grad_clip=0.0))
+      name='adam', learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=0, grad_clip=0.0, weight_decay=0.0))
   c.ema = ml_collections.ConfigDict(dict(rates=(0.999,)))  # sampling EMAs; the first one is sampled
 
   c.train = ml_collections.ConfigDict(dict(
@@ -48,6 +48,18 @@ def get_config():
   c.sampling = ml_collections.ConfigDict(dict(
       teacher_steps=18, mid_sigmas=(0.821,), mid_indices=(), index_grid_size=18, grid_every=0, num_grid=64,
       guidance_scale=1.0))
+
+  # The data space. autoencoder '': pixels. Else a diffusers AutoencoderKL folder or a cm_jax autoencoder run: the
+  # model works on its latents, encoded on the fly in the train step, or read from `cache` (a directory written once
+  # by --mode=encode). posterior: 'mean' or 'sample' of the encoder (on the fly only). normalization:
+  # 'scaling_factor' ((z - shift) * scale, the autoencoder's own), 'per_channel' / 'per_element' ((z - mu) / s * 0.5
+  # with the cache's statistics).
+  c.latent = ml_collections.ConfigDict(dict(
+      autoencoder='', cache='', posterior='mean', normalization='scaling_factor', encode_batch_size=256))
+
+  # Low-rank adapters (LoRA) on the frozen teacher instead of training the whole network (LCM-LoRA): rank 0 is off;
+  # rules: regexes of the adapted kernels' paths (like mesh.rules); each gets alpha / rank (x A) B.
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=1.0, rules=(r'kernel$',)))
 
   # The digits proxy table printed at the end of training (and by --mode=eval).
   c.eval = ml_collections.ConfigDict(dict(proxy=False, num_samples=1000, steps=(1, 2)))

@@ -58,9 +58,17 @@ def losses(config, devices, num_steps: int):
   state, step_fn, out = exp.init_state(), exp.train_step(), []
   with exp.batches(0) as batches:
     for _ in range(num_steps):
-      state, metrics = step_fn(state, next(batches), None)
+      state, metrics = step_fn(state, next(batches), exp.frozen())
       out.append(float(metrics['loss']))
   return np.array(out), state
+
+
+def run_main(*args, devices=1, timeout=600, cwd=ROOT) -> subprocess.CompletedProcess:
+  """`python -m cm_jax.main ARGS` on `devices` simulated CPU devices, to completion, output captured."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0')
+  return subprocess.run([sys.executable, '-m', 'cm_jax.main', *args], cwd=cwd, env=env, capture_output=True,
+                        text=True, timeout=timeout)
 
 
 def start_main(args, log_path) -> subprocess.Popen:

@@ -1,20 +1,9 @@
 """`python -m cm_jax.main` end to end, and bad input stopping with one clear message and a non-zero exit."""
 
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def run_main(*args, devices=1, timeout=600, cwd=ROOT):
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0')
-  return subprocess.run([sys.executable, '-m', 'cm_jax.main', *args], cwd=cwd, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+from helpers import ROOT
+from helpers import run_main
 
 
 TINY = ['--config.train.log_every=5', '--config.checkpoint.every_steps=10', '--config.sampling.grid_every=10',

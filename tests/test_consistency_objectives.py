@@ -197,7 +197,7 @@ def test_mid_indices_are_the_cm_codes_ts():
 def test_multistep_sampling_of_exact_consistency_function_has_data_variance(num_steps):
   """f* maps N(0, (sd^2 + tau^2) I) to N(0, (sd^2 + eps^2) I) at every step; f* + 0.05 x does not."""
   config = _config({}, mid_indices=(8, 11))
-  sample = jax.jit(sampling.make_sample_fn(config, MODEL, EDM_, 'consistency'), static_argnames=('shape', 'num_steps'))
+  sample = jax.jit(sampling.CONSISTENCY.build(config, MODEL, EDM_), static_argnames=('shape', 'num_steps'))
   var = lambda a: float(jnp.var(sample(student(a), jax.random.PRNGKey(0), None, shape=(4096, 16),
                                        num_steps=num_steps)))
   np.testing.assert_allclose(var(0.0), SD**2 + EPS**2, rtol=0.03)
@@ -213,7 +213,7 @@ def test_digits_configs_build_their_objective(name, target):
   config = importlib.import_module(f'configs.digits_{name}').get_config()
   config.teacher.workdir = 'runs/digits_edm'
   objective = objectives.make_objective(config, MODEL)
-  assert objective.kind == 'consistency' and (objective.target_rate is not None) == target
+  assert objective.sampler is sampling.CONSISTENCY and (objective.target_rate is not None) == target
   assert config.teacher.init == (name != 'ct')  # CT starts from random parameters; CD and ECT from the teacher
   assert len(sampling.mid_sigmas(config, EDM_)) == 1
 

@@ -186,7 +186,7 @@ def test_sct_train_step_compiles_once_across_warmup_and_trains_the_weighting():
   warmup = []
   with exp.batches(0) as batches:
     for _ in range(6):
-      state, metrics = step_fn(state, next(batches), None)
+      state, metrics = step_fn(state, next(batches), exp.frozen())
       warmup.append(float(metrics['tangent_warmup']))
       assert np.isfinite(float(metrics['loss']))
   assert warmup == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
@@ -316,7 +316,7 @@ def test_guided_scd_trains_on_digits_from_a_conditional_teacher():
   step_fn = exp.train_step()
   with exp.batches(0) as batches:
     for _ in range(3):
-      state, metrics = step_fn(state, next(batches), teacher)
+      state, metrics = step_fn(state, next(batches), exp.frozen(teacher))
       assert np.isfinite(float(metrics['loss']))
   assert np.any(kernel(state))
 
@@ -346,11 +346,11 @@ def test_trigflow_samplers_reproduce_the_oracle_data_distribution():
       sampling=dict(mid_sigmas=(SD * np.tan(1.1),), mid_indices=(), index_grid_size=18, guidance_scale=1.0)))
   model = TrigFlowOracle(a)
   shape = (8192, 4)
-  for kind, params, steps, tol in (('consistency', 0.0, 1, 0.02), ('consistency', 0.0, 2, 0.02),
-                                   ('diffusion', 1.0, 40, 0.03)):
-    fn = jax.jit(sampling.make_sample_fn(config, model, TF, kind), static_argnames=('shape', 'num_steps'))
+  for sampler, params, steps, tol in ((sampling.CONSISTENCY, 0.0, 1, 0.02), (sampling.CONSISTENCY, 0.0, 2, 0.02),
+                                      (sampling.EDM_HEUN, 1.0, 40, 0.03)):
+    fn = jax.jit(sampler.build(config, model, TF), static_argnames=('shape', 'num_steps'))
     x = fn({'alpha': 0.0, 'teacher': params}, jax.random.PRNGKey(0), None, shape=shape, num_steps=steps)
-    assert abs(float(jnp.std(x)) / a - 1.0) < tol, (kind, steps, float(jnp.std(x)))
+    assert abs(float(jnp.std(x)) / a - 1.0) < tol, (sampler.label(steps), float(jnp.std(x)))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -31,8 +31,8 @@ def _params(model, seed=0):
   return jax.tree.map(lambda p: p + 0.3 * rng.standard_normal(p.shape).astype(np.float32), init['params'])
 
 
-def _sample_fn(config, model, process, kind):
-  return jax.jit(sampling.make_sample_fn(config, model, process, kind), static_argnames=('shape', 'num_steps'))
+def _sample_fn(config, model, process, sampler=sampling.CONSISTENCY):
+  return jax.jit(sampler.build(config, model, process), static_argnames=('shape', 'num_steps'))
 
 
 @pytest.mark.parametrize('process', [EDM(sigma_data=SD), TrigFlow(sigma_data=SD)], ids=['edm', 'trigflow'])
@@ -64,7 +64,7 @@ def test_consistency_sampler_feeds_the_guidance_scale(process):
   """A guidance-input network's samples change with s; without an argument s = sampling.guidance_scale."""
   model = build_model(dict(MLP, guidance_embedding=True))
   params, cond = _params(model), jnp.arange(SHAPE[0]) % 3
-  sample = _sample_fn(_config(guidance_scale=2.5), model, process, 'consistency')
+  sample = _sample_fn(_config(guidance_scale=2.5), model, process)
   draw = lambda guidance=None: sample(params, jax.random.PRNGKey(0), cond, shape=SHAPE, num_steps=2,
                                       guidance=guidance)
   at_1, at_3 = draw(1.0), draw(jnp.full((SHAPE[0],), 3.0))
@@ -75,8 +75,8 @@ def test_consistency_sampler_feeds_the_guidance_scale(process):
 def test_guidance_scale_for_a_network_without_the_input_stops_with_a_clear_error():
   model = build_model(MLP)
   with pytest.raises(ValueError, match=r'sampling.guidance_scale=2.0 needs .*model.guidance_embedding=True'):
-    sampling.make_sample_fn(_config(guidance_scale=2.0), model, TrigFlow(sigma_data=SD), 'consistency')
-  sample = sampling.make_sample_fn(_config(), model, TrigFlow(sigma_data=SD), 'consistency')
+    sampling.CONSISTENCY.build(_config(guidance_scale=2.0), model, TrigFlow(sigma_data=SD))
+  sample = sampling.CONSISTENCY.build(_config(), model, TrigFlow(sigma_data=SD))
   with pytest.raises(ValueError, match='model.guidance_embedding=False'):
     sample(_params(model), jax.random.PRNGKey(0), jnp.zeros(SHAPE[:1], jnp.int32), shape=SHAPE, num_steps=1,
            guidance=2.0)

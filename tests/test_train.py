@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from cm_jax import checkpoint
+from cm_jax import sampling
 from cm_jax import train
+from configs import digits_cd
 from configs import digits_ict
 from configs import digits_scd
 from configs import digits_trigflow
@@ -26,7 +28,7 @@ def test_resume_is_bitwise_exact(tmp_path):
   ckpt = checkpoint.Checkpointer(tmp_path / 'resumed', save_every=6)
   with exp.batches(0) as batches:
     for step in range(1, 7):
-      state, _ = step_fn(state, next(batches), None)
+      state, _ = step_fn(state, next(batches), exp.frozen())
   ckpt.save(6, state, {'position': 6, 'seed': config.seed})
   ckpt.wait()
   ckpt.close()
@@ -56,7 +58,7 @@ def test_train_step_compiles_once_across_curriculum_stages():
   scales = []
   with exp.batches(0) as batches:
     for _ in range(8):
-      state, metrics = step_fn(state, next(batches), None)
+      state, metrics = step_fn(state, next(batches), exp.frozen())
       scales.append(int(metrics['num_scales']))
   assert scales == [3, 3, 5, 5, 9, 9, 17, 17]
   assert step_fn._cache_size() == 1
@@ -70,9 +72,9 @@ def test_ema_and_optimizer_are_applied():
   params0 = jax.tree.map(np.asarray, init.params)
   step_fn = exp.train_step()
   with exp.batches(0) as batches:
-    s1, _ = step_fn(init, next(batches), None)
+    s1, _ = step_fn(init, next(batches), exp.frozen())
     assert_trees_equal(params0, s1.params)  # linear warm-up starts at learning rate 0
-    s2, _ = step_fn(s1, next(batches), None)
+    s2, _ = step_fn(s1, next(batches), exp.frozen())
   leaf = lambda t: np.asarray(t['dense_out']['kernel'])  # zero-initialised: only it moves first
   assert not np.allclose(leaf(s2.params), leaf(params0))
   for rate, ema in zip(config.ema.rates, s2.ema):
@@ -85,7 +87,7 @@ def test_nonfinite_loss_stops_naming_step_and_checkpoint(tmp_path):
   config.optim.learning_rate = 1e30  # the update at step 2 makes the loss at step 3 infinite or NaN
   config.optim.grad_clip = 0.0
   config.optim.warmup_steps = 0
-  with pytest.raises(FloatingPointError, match=r'Non-finite loss or gradient at step \d+.*Last good checkpoint'):
+  with pytest.raises(FloatingPointError, match=r'Non-finite loss, gradient or parameters at step \d+.*Last good checkpoint'):
     train.train_and_evaluate(config, tmp_path, jax.devices()[:1])
 
 
@@ -98,7 +100,7 @@ def test_nonfinite_steps_can_be_skipped():
     batch = next(batches)
   bad = dict(batch, image=batch['image'].at[0, 0].set(jnp.nan))
   before = jax.tree.map(np.asarray, state)  # the step donates its input state
-  new, metrics = step_fn(state, bad, None)
+  new, metrics = step_fn(state, bad, exp.frozen())
   assert float(metrics['nonfinite']) == 1.0 and int(new.step) == 1
   assert_trees_equal(before.replace(step=new.step), new)
 
@@ -139,10 +141,13 @@ def test_an_edm_teacher_of_a_trigflow_student_samples_with_its_own_parameterisat
   exp = train.Experiment(config, devices)
   teacher = train.load_teacher(config, exp)
   own_exp, own_state = train.restore_latest(teacher.experiment.config, edm_teacher, devices)
-  expected = own_exp.generate(own_state.ema[0], 16, own_exp.config.sampling.teacher_steps, 3, 'diffusion')
-  np.testing.assert_array_equal(teacher.generate(16, 3), expected)
-  as_trigflow = exp.generate(teacher.params, 16, config.sampling.teacher_steps, 3, 'diffusion')
-  assert np.abs(as_trigflow - expected).max() > 1e-2  # read as TrigFlow, the same parameters sample otherwise
+  steps = own_exp.config.sampling.teacher_steps
+  expected = own_exp.generate(own_state.ema[0], 16, steps, 3)
+  np.testing.assert_array_equal(teacher.experiment.generate(teacher.params, 16, steps, 3), expected)
+  heun = jax.jit(sampling.EDM_HEUN.build(config, exp.model, exp.param), static_argnames=('shape', 'num_steps'))
+  rng = jax.random.fold_in(jax.random.PRNGKey(3), 0)
+  as_trigflow = heun(teacher.params, rng, None, shape=(16,) + exp.shape, num_steps=steps)
+  assert np.abs(np.asarray(as_trigflow) - expected).max() > 1e-2  # read as TrigFlow, the parameters sample otherwise
 
 
 def test_a_teacher_read_in_another_parameterisation_is_refused(edm_teacher):
@@ -156,11 +161,15 @@ def test_a_teacher_read_in_another_parameterisation_is_refused(edm_teacher):
     train.load_teacher(starts_from, train.Experiment(starts_from, devices))
 
 
-def test_a_consistency_run_is_not_a_teacher(tmp_path):
+def test_a_consistency_run_is_not_a_distillation_teacher(tmp_path):
+  """CD refuses an iCT run as its teacher; iCT may start from it (teacher.init: LCF starts from an LCD run)."""
   train.train_and_evaluate(tiny_config(num_steps=2), tmp_path / 'ict', jax.devices()[:1])
-  config = _student(digits_ict, tmp_path / 'ict', parameterization='edm')
-  with pytest.raises(ValueError, match="holds a 'ict' run, a consistency model"):
+  config = _student(digits_cd, tmp_path / 'ict', parameterization='edm')
+  with pytest.raises(ValueError, match="holds a 'ict' run, a consistency model; a distillation teacher"):
     train.load_teacher(config, train.Experiment(config, jax.devices()[:1]))
+  starts_from = _student(digits_ict, tmp_path / 'ict', parameterization='edm')
+  starts_from.teacher.init = True
+  assert train.load_teacher(starts_from, train.Experiment(starts_from, jax.devices()[:1])) is not None
 
 
 def test_the_network_must_match_only_where_the_teacher_parameters_are_read(edm_teacher):

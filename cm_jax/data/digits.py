@@ -63,7 +63,10 @@ def load_digits(
 ) -> tuple[np.ndarray, np.ndarray]:
   """Returns (images float32 [N, 8, 8, 1] in [-1, 1], labels int32 [N])."""
   data_dir = data_dir or DEFAULT_DATA_DIR
-  CmJaxDigits(data_dir=data_dir).download_and_prepare()
+  try:
+    CmJaxDigits(data_dir=data_dir).download_and_prepare()
+  except FileExistsError:
+    pass  # another process prepared it at the same time (TFDS's final rename lost the race): it is there now
   records = tfds.data_source(
       CmJaxDigits.name, split=split, data_dir=data_dir, download=False
   )

@@ -6,11 +6,12 @@ import flax
 import flax.linen as nn
 
 from cm_jax.models.adm import ADM
+from cm_jax.models.autoencoder import AutoencoderKL
 from cm_jax.models.mlp import MLP
 from cm_jax.models.ncsnpp import NCSNpp
 from cm_jax.models.unet import UNet
 
-MODELS = {'unet': UNet, 'mlp': MLP, 'ncsnpp': NCSNpp, 'adm': ADM}
+MODELS = {'unet': UNet, 'mlp': MLP, 'ncsnpp': NCSNpp, 'adm': ADM, 'autoencoder_kl': AutoencoderKL}
 
 
 def build_model(model_config) -> nn.Module:

@@ -29,6 +29,7 @@ class ADM(nn.Module):
     emb_mult: embedding width = channels * emb_mult.
     adaptive_norm: 'scale_shift' (ADM), 'shift' or 'double' (sCM) conditioning of the blocks' second norm.
     dtype: compute dtype ('float32' or 'bfloat16'); parameters stay float32, the output is float32.
+    norm: 'group' (GroupNorm) or 'nsln' (non-scaling LayerNorm, improved latent CT).
   """
   channels: int = 192
   channel_mult: Sequence[int] = (1, 2, 3, 4)
@@ -44,13 +45,14 @@ class ADM(nn.Module):
   emb_mult: int = 4
   adaptive_norm: str = 'scale_shift'
   dtype: str = 'float32'
+  norm: str = 'group'
 
   @nn.compact
   def __call__(self, x, c_noise, cond=None, train=False, guidance=None):
     """Maps x [B, H, W, C], c_noise [B], cond [B] int (< 0: no label) or None, guidance [B] or None (s = 1) to
     [B, H, W, C] (float32)."""
     block = functools.partial(UNetBlock, head_dim=self.head_dim, dropout=self.dropout,
-                              adaptive_norm=self.adaptive_norm, dtype=self.dtype)
+                              adaptive_norm=self.adaptive_norm, dtype=self.dtype, norm=self.norm)
     embed = NoiseLabelEmbedding(
         features=self.channels * self.emb_mult, kind=self.time_embedding, scale=self.time_scale,
         num_classes=self.num_classes, label_dropout=self.label_dropout, guidance=self.guidance_embedding,

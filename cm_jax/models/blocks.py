@@ -11,12 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cm_jax.models.layers import adaptive_norm
-
-
-def group_norm(channels, eps, dtype, name):
-  """GroupNorm with min(32, channels // 4) groups (EDM)."""
-  return nn.GroupNorm(num_groups=min(32, channels // 4), epsilon=eps, dtype=dtype, name=name)
+from cm_jax.models.layers import adaptive_norm, feature_norm
 
 
 def resample(x, mode, fir):
@@ -44,6 +39,7 @@ class UNetBlock(nn.Module):
   h = Conv(Dropout(SiLU(adaptive(Conv(SiLU(GN(x))))))),  x <- (h + skip(x)) * skip_scale, then
   x <- (x + Proj(Attn(GN(x)))) * skip_scale. adaptive_norm: 'shift' GN(h + b(t)) (DDPM++), 'scale_shift'
   GN(h) (1 + s(t)) + b(t) (ADM), 'double' GN(h) pnorm(s(t)) + pnorm(b(t)) (sCM's adaptive double normalisation).
+  GN: layers.feature_norm of kind `norm` ('group': GroupNorm with min(32, C / 4) groups as in EDM, 'nsln').
   """
   features: int
   up: bool = False
@@ -57,17 +53,19 @@ class UNetBlock(nn.Module):
   resample_proj: bool = False  # a 1x1 conv on a resampled skip even when the width does not change
   eps: float = 1e-5
   dtype: Any = jnp.float32
+  norm: str = 'group'
 
   @nn.compact
   def __call__(self, x, emb, train):
     """Maps x [B, H, W, C_in] and emb [B, E] to [B, H', W', features]."""
     mode = 'up' if self.up else 'down' if self.down else None
     conv = lambda size, name, **kw: nn.Conv(self.features, (size, size), dtype=self.dtype, name=name, **kw)
-    h = nn.silu(group_norm(x.shape[-1], self.eps, self.dtype, 'norm_0')(x))
+    h = nn.silu(feature_norm(self.norm, x.shape[-1], self.eps, self.dtype, 'norm_0')(x))
     if mode:
       h = resample(h, mode, self.resample_filter)
     h = conv(3, 'conv_0')(h)
-    h = adaptive_norm(self.adaptive_norm, group_norm(self.features, self.eps, self.dtype, 'norm_1'), h, emb, self.dtype)
+    h = adaptive_norm(self.adaptive_norm, feature_norm(self.norm, self.features, self.eps, self.dtype, 'norm_1'), h,
+                      emb, self.dtype)
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
     h = conv(3, 'conv_1', kernel_init=nn.initializers.zeros)(h)
 
@@ -85,7 +83,7 @@ class UNetBlock(nn.Module):
     """Proj(softmax(q k^T / sqrt(d)) v) of GN(x) over the H*W positions, softmax in float32."""
     b, hgt, wid, c = x.shape
     heads = c // self.head_dim if self.head_dim else 1
-    h = group_norm(c, self.eps, self.dtype, 'norm_2')(x).reshape(b, hgt * wid, c)
+    h = feature_norm(self.norm, c, self.eps, self.dtype, 'norm_2')(x).reshape(b, hgt * wid, c)
     q, k, v = jnp.split(nn.Dense(3 * c, dtype=self.dtype, name='qkv')(h), 3, axis=-1)
     q, k, v = (t.reshape(b, hgt * wid, heads, c // heads) for t in (q, k, v))
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / np.sqrt(c // heads)
@@ -174,6 +172,6 @@ def unet(x, c_noise, cond, train, guidance, *, net, block, embed, attention_bloc
     res = x.shape[1] >> level
     h = DecoderLevel(net.channels * mult, net.num_res_blocks, tuple(attention_blocks(res)),
                      bottom=level == levels - 1, block=block, name=f'dec_{res}x{res}')(h, skips.pop(), emb, train)
-  h = nn.silu(group_norm(h.shape[-1], eps, dtype, 'out_norm')(h))
+  h = nn.silu(feature_norm(net.norm, h.shape[-1], eps, dtype, 'out_norm')(h))
   out = nn.Conv(x.shape[-1], (3, 3), dtype=dtype, kernel_init=nn.initializers.zeros, name='out_conv')(h)
   return out.astype(jnp.float32)

@@ -1,4 +1,5 @@
-"""Layers shared by all networks: noise, label and guidance embeddings, the adaptive normalisations, the pixel norm."""
+"""Layers shared by all networks: noise, label and guidance embeddings, the feature and adaptive normalisations, the
+pixel norm."""
 
 from typing import Any
 
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 ADAPTIVE_NORMS = ('shift', 'scale_shift', 'double')
+NORMS = ('group', 'nsln')  # the feature normalisations of the convolutional networks (model.norm)
 # s is embedded as sinusoids of GUIDANCE_SCALE * s (as LCM embeds its guidance weight: sinusoids of 1000 w).
 GUIDANCE_SCALE = 1000.0
 
@@ -118,3 +120,24 @@ def adaptive_norm(mode, norm, h, emb, dtype=None):
 def pixel_norm(x, eps=1e-8):
   """x / RMS(x) over the last (channel) axis: sCM's pnorm, unit mean square per position."""
   return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+def group_norm(channels: int, eps: float = 1e-6, dtype=None, name=None) -> nn.GroupNorm:
+  """GroupNorm with min(32, channels // 4) groups, lowered until it divides `channels`."""
+  groups = max(1, min(32, channels // 4))
+  while channels % groups:
+    groups -= 1
+  return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, name=name)
+
+
+def feature_norm(kind: str, channels: int, eps: float = 1e-6, dtype=None, name=None) -> nn.Module:
+  """The normalisation of a convolutional network's features [B, H, W, C] (model.norm):
+
+  'group': `group_norm`; 'nsln': non-scaling LayerNorm (improved latent CT), y = (x - mean) / sqrt(var + eps) + b
+  with the statistics over all of one sample's features (H, W, C), a trained per-channel bias b and no scale.
+  """
+  if kind == 'group':
+    return group_norm(channels, eps, dtype, name)
+  if kind == 'nsln':
+    return nn.GroupNorm(num_groups=1, epsilon=eps, use_scale=False, dtype=dtype, name=name)
+  raise ValueError(f'model.norm={kind!r}; expected one of {NORMS}.')

@@ -5,6 +5,15 @@ import numpy as np
 
 from cm_jax.models.layers import NoiseLabelEmbedding, adaptive_norm
 
+MLP_NORMS = ('layer', 'nsln')
+
+
+def layer_norm(kind: str, name: str) -> nn.LayerNorm:
+  """LayerNorm over the features: 'layer' with scale and bias, 'nsln' non-scaling (bias only; improved latent CT)."""
+  if kind not in MLP_NORMS:
+    raise ValueError(f'model.norm={kind!r} for the MLP; expected one of {MLP_NORMS}.')
+  return nn.LayerNorm(use_scale=kind == 'layer', name=name)
+
 
 class MLPBlock(nn.Module):
   """Pre-norm residual block with the time embedding added: (x + F) / sqrt(2).
@@ -15,13 +24,13 @@ class MLPBlock(nn.Module):
   features: int
   dropout: float = 0.0
   adaptive_norm: str = 'shift'
+  norm: str = 'layer'
 
   @nn.compact
   def __call__(self, x, emb, train):
     """Maps x [B, features] and emb [B, E] to [B, features]."""
-    h = nn.Dense(self.features, name='dense_0')(
-        nn.silu(nn.LayerNorm(name='norm_0')(x)))
-    h = adaptive_norm(self.adaptive_norm, nn.LayerNorm(name='norm_1'), h, nn.silu(emb))
+    h = nn.Dense(self.features, name='dense_0')(nn.silu(layer_norm(self.norm, 'norm_0')(x)))
+    h = adaptive_norm(self.adaptive_norm, layer_norm(self.norm, 'norm_1'), h, nn.silu(emb))
     h = nn.silu(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = nn.Dense(self.features, name='dense_1')(h)
@@ -43,6 +52,7 @@ class MLP(nn.Module):
     time_scale: Fourier frequency std, or positional multiplier of c_noise.
     adaptive_norm: 'shift' (LN(h + b(t))), 'scale_shift' (LN(h) (1 + s(t)) + b(t)) or 'double'
       (LN(h) pnorm(s(t)) + pnorm(b(t)), sCM).
+    norm: 'layer' (LayerNorm) or 'nsln' (non-scaling LayerNorm: no scale parameter; improved latent CT).
   """
   hidden: int = 256
   depth: int = 4
@@ -53,6 +63,7 @@ class MLP(nn.Module):
   time_embedding: str = 'positional'
   time_scale: float = 1000.0
   adaptive_norm: str = 'shift'
+  norm: str = 'layer'
 
   @nn.compact
   def __call__(self, x, c_noise, cond=None, train=False, guidance=None):
@@ -66,8 +77,8 @@ class MLP(nn.Module):
         name='time_embed')(c_noise, cond, train, guidance)
     h = nn.Dense(self.hidden, name='dense_in')(x)
     for i in range(self.depth):
-      h = MLPBlock(self.hidden, self.dropout, self.adaptive_norm, name=f'block_{i}')(h, emb, train)
-    h = nn.silu(nn.LayerNorm(name='norm_out')(h))
+      h = MLPBlock(self.hidden, self.dropout, self.adaptive_norm, self.norm, name=f'block_{i}')(h, emb, train)
+    h = nn.silu(layer_norm(self.norm, 'norm_out')(h))
     out = nn.Dense(x.shape[-1], kernel_init=nn.initializers.zeros,
                    name='dense_out')(h)
     return out.reshape(shape)

@@ -36,6 +36,7 @@ class NCSNpp(nn.Module):
     resample_filter: FIR filter of the up/down blocks ((1, 1) DDPM++, (1, 3, 3, 1) NCSN++).
     adaptive_norm: 'shift' (DDPM++), 'scale_shift' or 'double' (sCM) conditioning of the blocks' second norm.
     dtype: compute dtype ('float32' or 'bfloat16'); parameters stay float32, the output is float32.
+    norm: 'group' (GroupNorm) or 'nsln' (non-scaling LayerNorm, improved latent CT).
   """
   channels: int = 128
   channel_mult: Sequence[int] = (2, 2, 2)
@@ -53,6 +54,7 @@ class NCSNpp(nn.Module):
   resample_filter: Sequence[int] = (1, 1)
   adaptive_norm: str = 'shift'
   dtype: str = 'float32'
+  norm: str = 'group'
 
   @nn.compact
   def __call__(self, x, c_noise, cond=None, train=False, guidance=None):
@@ -61,7 +63,7 @@ class NCSNpp(nn.Module):
     eps = 1e-6
     block = functools.partial(
         UNetBlock, dropout=self.dropout, skip_scale=np.sqrt(0.5), adaptive_norm=self.adaptive_norm,
-        resample_filter=tuple(self.resample_filter), resample_proj=True, eps=eps, dtype=self.dtype)
+        resample_filter=tuple(self.resample_filter), resample_proj=True, eps=eps, dtype=self.dtype, norm=self.norm)
     embed = NoiseLabelEmbedding(
         features=self.channels * self.emb_mult, kind=self.time_embedding, scale=self.time_scale,
         num_classes=self.num_classes, label_dropout=self.label_dropout, guidance=self.guidance_embedding,

@@ -18,12 +18,13 @@ import jax
 import jax.numpy as jnp
 
 from cm_jax import distances
+from cm_jax import sampling
 from cm_jax import solvers
-from cm_jax.objectives.base import Objective, labels, network, without_guidance, without_label_dropout
+from cm_jax.models.apply import NULL_LABEL, network, without_guidance, without_label_dropout
+from cm_jax.objectives.base import Objective, labels, sample_guidance
 from cm_jax.objectives.weighting import AdaptiveWeighting
 from cm_jax.parameterization import EDM, TrigFlow, bcast
 
-NULL_LABEL = -1  # the unconditional label of every network (a label < 0 embeds as zero)
 _COMMON_KEYS = {'name', 'jvp', 'fd_eps'}
 _SCM_KEYS = _COMMON_KEYS | {'p_mean', 'p_std', 'tangent_warmup_steps', 'tangent_norm', 'tangent_norm_c',
                             'adaptive_weighting', 'prior_weighting'}
@@ -162,12 +163,6 @@ def _guided_velocity(config, teacher_model, tf: TrigFlow):
   return guided
 
 
-def sample_guidance(rng, guidance_scale, batch: int):
-  """s ~ U[lo, hi] per example (s = lo when lo = hi)."""
-  lo, hi = guidance_scale
-  return jax.random.uniform(rng, (batch,), minval=lo, maxval=hi) if lo < hi else jnp.full((batch,), lo)
-
-
 def make_scm(config, model, tf: TrigFlow, distill: bool) -> Objective:
   """L = exp(-w_phi(t)) lambda(t) / D ||F_theta(x_t / sd, t) - F_theta-(x_t / sd, t) - g||^2 + w_phi(t).
 
@@ -214,7 +209,7 @@ def make_scm(config, model, tf: TrigFlow, distill: bool) -> Objective:
     return loss, {'loss': loss, 'tangent_norm': jnp.mean(g_norm), 'tangent_warmup': r, 'adaptive_weight': jnp.mean(w)}
 
   feeds_guidance = distill and obj.guidance_scale[0] < obj.guidance_scale[1]
-  return Objective(loss=loss, kind='consistency', init_extra=weighting.init, feeds_guidance=feeds_guidance,
+  return Objective(loss=loss, sampler=sampling.CONSISTENCY, init_extra=weighting.init, feeds_guidance=feeds_guidance,
                    teacher=obj.teacher if distill else None)
 
 
@@ -256,4 +251,4 @@ def make_cm_continuous(config, model, edm: EDM, distill: bool) -> Objective:
     loss = jnp.mean(per_sample)
     return loss, {'loss': loss}
 
-  return Objective(loss=loss, kind='consistency', teacher='edm' if distill else None)
+  return Objective(loss=loss, sampler=sampling.CONSISTENCY, teacher='edm' if distill else None)

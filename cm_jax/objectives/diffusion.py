@@ -4,8 +4,10 @@ import jax
 import jax.numpy as jnp
 
 from cm_jax import distances
+from cm_jax import sampling
 from cm_jax import schedules
-from cm_jax.objectives.base import Objective, labels, network
+from cm_jax.models.apply import network
+from cm_jax.objectives.base import Objective, labels
 from cm_jax.objectives.weighting import AdaptiveWeighting
 from cm_jax.parameterization import EDM, TrigFlow, bcast
 
@@ -25,7 +27,7 @@ def make_edm(config, model, edm: EDM) -> Objective:
     loss = jnp.mean(per_sample)
     return loss, {'loss': loss}
 
-  return Objective(loss=loss, kind='diffusion')
+  return Objective(loss=loss, sampler=sampling.EDM_HEUN)
 
 
 def make_trigflow_diffusion(config, model, tf: TrigFlow) -> Objective:
@@ -49,4 +51,4 @@ def make_trigflow_diffusion(config, model, tf: TrigFlow) -> Objective:
     loss = jnp.mean(per_sample)
     return loss, {'loss': loss, 'adaptive_weight': jnp.mean(w)}
 
-  return Objective(loss=loss, kind='diffusion', init_extra=weighting.init)
+  return Objective(loss=loss, sampler=sampling.EDM_HEUN, init_extra=weighting.init)

@@ -4,38 +4,89 @@ All three minimise lambda(sigma_n) d(f_theta(x_{n+1}, sigma_{n+1}), f_theta-(x_h
 x_{n+1} = x0 + sigma_{n+1} z and one dropout key shared by both calls; they differ in how n is drawn, in
 x_hat_n (CD: one teacher ODE step from x_{n+1}; CT and iCT: x0 + sigma_n z with the same z), in lambda and in
 theta- (an EMA target when target_rate is set, else sg(theta)).
+
+The options of improved latent CT (Dao et al. 2025) apply to all three, each switched on by its own key:
+  objective.distance 'cauchy' (or 'geman_mcclure', 'pseudo_huber', ...) with objective.c_schedule 'fixed' (c =
+    objective.distance_c, 0: the distance's default) or 'adaptive' (schedules.lct_adaptive_c on the iCT curriculum);
+  objective.diffusion_loss_weight w > 0: + w (1/sigma^2 + 1/sd^2) mean_D (f_theta(x_{n+1}, sigma_{n+1}) - x0)^2 averaged
+    over the samples whose pair is near sigma_min (schedules.near_sigma_min, objective.diffusion_loss_fraction);
+  objective.coupling 'exact' or 'sinkhorn': z paired with the data by minibatch OT (couplings.py) before use.
 """
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
+from cm_jax import couplings
 from cm_jax import distances
+from cm_jax import sampling
 from cm_jax import schedules
 from cm_jax import solvers
-from cm_jax.objectives.base import Objective, labels, network, without_label_dropout
+from cm_jax.models.apply import network, without_label_dropout
+from cm_jax.objectives.base import Objective, labels
 from cm_jax.parameterization import EDM, bcast
 
+C_SCHEDULES = ('fixed', 'adaptive')
+
 SOLVERS = {'euler': solvers.euler_step, 'heun': solvers.heun_step}
+
+
+def distance_scale(config):
+  """c(num_scales, D) of the objective's distance: objective.distance_c (0: the distance's default, None) when
+  objective.c_schedule = 'fixed', or improved latent CT's adaptive c on the iCT curriculum ('adaptive')."""
+  obj = config.objective
+  schedule, c = obj.get('c_schedule', 'fixed'), float(obj.get('distance_c', 0.0))
+  if schedule not in C_SCHEDULES:
+    raise ValueError(f'objective.c_schedule={schedule!r}; expected one of {C_SCHEDULES}.')
+  if (schedule == 'adaptive' or c) and obj.distance not in distances.SCALED:
+    raise ValueError(f'objective.c_schedule={schedule!r} / distance_c={c} set a scale, which objective.distance='
+                     f'{obj.distance!r} does not have (distances with one: {distances.SCALED}).')
+  if c < 0:
+    raise ValueError(f'objective.distance_c={c} must be positive (or 0 for the distance\'s default).')
+  if schedule == 'adaptive':
+    if obj.name != 'ict':
+      raise ValueError(f"objective.c_schedule='adaptive' follows the iCT curriculum; objective.name={obj.name!r}.")
+    return lambda num_scales, dim: schedules.lct_adaptive_c(num_scales, obj.s0, dim)
+  return lambda num_scales, dim: c or None
+
+
+def diffusion_loss(edm: EDM, pred, x0, sigma_next, near_min):
+  """(1/sigma^2 + 1/sd^2) mean_D (f - x0)^2 averaged over the samples with near_min; 0 when there are none."""
+  per_sample = (1.0 / sigma_next**2 + 1.0 / edm.sigma_data**2) * distances.squared_l2(pred, x0)
+  weight = near_min.astype(per_sample.dtype)
+  return jnp.sum(weight * per_sample) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
 def make_discrete(config, model, edm: EDM, sample_levels, estimate_x_n, weight, target_rate=None) -> Objective:
   """The shared loss E[lambda(sigma_n) d(f_theta(x_{n+1}, sigma_{n+1}), sg f_theta-(x_hat_n, sigma_n))].
 
-  sample_levels(rng, step, batch) -> (sigma_n, sigma_{n+1}, N): per-sample adjacent levels of the N-point grid.
-  estimate_x_n(frozen, cond, x0, z, x_next, sigma_n, sigma_next) -> x_hat_n.
+  sample_levels(rng, step, batch) -> (n, N): per-sample pair indices n of the N-point Karras grid (adjacent levels
+  sigma_n < sigma_{n+1}). estimate_x_n(frozen, cond, x0, z, x_next, sigma_n, sigma_next) -> x_hat_n.
   weight(sigma_n, sigma_next) -> lambda; target_rate: None for theta- = sg(theta), else mu(step) of the EMA target.
   """
-  distance = distances.get_distance(config.objective.distance, config.objective.get('lpips_weights', ''))
+  obj = config.objective
+  distance = distances.get_distance(obj.distance, obj.get('lpips_weights', ''))
+  scale = distance_scale(config)
+  coupling, diffusion_weight = obj.get('coupling', 'none'), float(obj.get('diffusion_loss_weight', 0.0))
+  couplings.check(coupling)
+  if diffusion_weight < 0:
+    raise ValueError(f'objective.diffusion_loss_weight={diffusion_weight} must be >= 0.')
+  fraction = float(obj.get('diffusion_loss_fraction', 0.25))
+  if not 0 < fraction <= 1:
+    raise ValueError(f'objective.diffusion_loss_fraction={fraction} must be in (0, 1].')
+  grid = _grid(config, edm)
 
   def loss(params, extra, frozen, batch, rng, step):
     del extra
     x0 = batch['image']
     cond = labels(batch, config.model)
     rng_n, rng_z, rng_drop = jax.random.split(rng, 3)
-    sigma, sigma_next, num_scales = sample_levels(rng_n, step, x0.shape[0])
-    z = jax.random.normal(rng_z, x0.shape)
+    n, num_scales = sample_levels(rng_n, step, x0.shape[0])
+    sigma, sigma_next = (schedules.karras_sigma(i, num_scales, **grid) for i in (n, n + 1))
+    z = couplings.couple(coupling, x0, jax.random.normal(rng_z, x0.shape), jax.random.fold_in(rng, 3),
+                         float(obj.get('sinkhorn_epsilon', 0.05)))
     x_next = x0 + bcast(sigma_next, x0) * z
     x_hat = estimate_x_n(frozen, cond, x0, z, x_next, sigma, sigma_next)
     theta_minus = params if target_rate is None else frozen['target']
@@ -44,22 +95,29 @@ def make_discrete(config, model, edm: EDM, sample_levels, estimate_x_n, weight, 
     target_net = network(model, jax.lax.stop_gradient(theta_minus), cond, rng_drop)
     pred = edm.consistency(student, x_next, sigma_next)
     target = jax.lax.stop_gradient(edm.consistency(target_net, jax.lax.stop_gradient(x_hat), sigma))
-    loss = jnp.mean(weight(sigma, sigma_next) * distance(pred, target))
-    return loss, {'loss': loss, 'num_scales': jnp.asarray(num_scales, jnp.float32)}
+    c = scale(num_scales, math.prod(x0.shape[1:]))
+    loss = jnp.mean(weight(sigma, sigma_next) * distance(pred, target, c))
+    metrics = {'num_scales': jnp.asarray(num_scales, jnp.float32)}
+    if c is not None:
+      metrics['distance_c'] = jnp.asarray(c, jnp.float32)
+    if diffusion_weight:
+      near_min = schedules.near_sigma_min(n, num_scales, fraction)
+      metrics['diffusion_loss'] = diffusion_loss(edm, pred, x0, sigma_next, near_min)
+      loss = loss + diffusion_weight * metrics['diffusion_loss']
+    return loss, dict(metrics, loss=loss)
 
-  return Objective(loss=loss, kind='consistency', target_rate=target_rate)
+  return Objective(loss=loss, sampler=sampling.CONSISTENCY, target_rate=target_rate)
 
 
 def _grid(config, edm: EDM):
   return dict(sigma_min=edm.sigma_min, sigma_max=edm.sigma_max, rho=config.parameterization.rho)
 
 
-def _uniform_levels(num_scales_fn, grid):
-  """n ~ U{0, ..., N(k) - 2}: (sigma_n, sigma_{n+1}) on the N(k)-point Karras grid (CM paper, CD and CT)."""
+def _uniform_levels(num_scales_fn):
+  """n ~ U{0, ..., N(k) - 2}: the pair (sigma_n, sigma_{n+1}) of the N(k)-point Karras grid (CM paper, CD and CT)."""
   def sample_levels(rng, step, batch):
     num_scales = num_scales_fn(step)
-    n = jax.random.randint(rng, (batch,), 0, num_scales - 1)
-    return schedules.karras_sigma(n, num_scales, **grid), schedules.karras_sigma(n + 1, num_scales, **grid), num_scales
+    return jax.random.randint(rng, (batch,), 0, num_scales - 1), num_scales
   return sample_levels
 
 
@@ -102,7 +160,7 @@ def make_cd(config, model, edm: EDM) -> Objective:
 
   mu = float(obj.target_ema)
   target_rate = None if mu == 0.0 else (lambda step: jnp.float32(mu))
-  objective = make_discrete(config, model, edm, _uniform_levels(lambda step: num_scales, _grid(config, edm)),
+  objective = make_discrete(config, model, edm, _uniform_levels(lambda step: num_scales),
                             estimate_x_n, _unit_weight, target_rate)
   return dataclasses.replace(objective, teacher='edm')
 
@@ -117,7 +175,7 @@ def make_ct(config, model, edm: EDM) -> Objective:
     raise ValueError(f'objective.mu0={obj.mu0} must be in (0, 1).')
   num_scales = lambda step: schedules.ct_num_scales(step, config.train.num_steps, obj.s0, obj.s1)
   target_rate = lambda step: schedules.ct_target_ema(num_scales(step), obj.s0, obj.mu0, obj.mu_convention)
-  return make_discrete(config, model, edm, _uniform_levels(num_scales, _grid(config, edm)),
+  return make_discrete(config, model, edm, _uniform_levels(num_scales),
                        _data_estimate, _unit_weight, target_rate)
 
 
@@ -130,8 +188,7 @@ def make_ict(config, model, edm: EDM) -> Objective:
   def sample_levels(rng, step, batch):
     num_scales = schedules.ict_num_scales(step, config.train.num_steps, obj.s0, obj.s1)
     logits = schedules.lognormal_index_logits(num_scales, obj.s1 + 1, obj.p_mean, obj.p_std, **grid)
-    n = jax.random.categorical(rng, logits, shape=(batch,))
-    return schedules.karras_sigma(n, num_scales, **grid), schedules.karras_sigma(n + 1, num_scales, **grid), num_scales
+    return jax.random.categorical(rng, logits, shape=(batch,)), num_scales
 
   return make_discrete(config, model, edm, sample_levels, _data_estimate,
                        lambda sigma, sigma_next: 1.0 / (sigma_next - sigma))

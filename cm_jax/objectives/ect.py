@@ -4,8 +4,10 @@ import jax
 import jax.numpy as jnp
 
 from cm_jax import distances
+from cm_jax import sampling
 from cm_jax import schedules
-from cm_jax.objectives.base import Objective, labels, network
+from cm_jax.models.apply import network
+from cm_jax.objectives.base import Objective, labels
 from cm_jax.parameterization import EDM, bcast
 
 ECT_DISTANCES = ('l2_norm', 'pseudo_huber')
@@ -46,4 +48,4 @@ def make_ect(config, model, edm: EDM) -> Objective:
     loss = jnp.mean(weight(t, r) * distance(pred, target))
     return loss, {'loss': loss, 'stage': schedules.ect_stage(step, obj.stage_steps).astype(jnp.float32)}
 
-  return Objective(loss=loss, kind='consistency')
+  return Objective(loss=loss, sampler=sampling.CONSISTENCY)

@@ -1,0 +1,429 @@
+"""The latent space: a latent run is a pixel run whose data and samples pass through a frozen autoencoder.
+
+* The autoencoder is a diffusers `AutoencoderKL` folder (`config.json` + `diffusion_pytorch_model.safetensors`, e.g. a
+  Stable-Diffusion VAE) or a cm_jax autoencoder run, which exports itself in that format to `WORKDIR/autoencoder`.
+  `load_diffusers_autoencoder(path)` reads one: PyTorch names become Flax paths ('down_blocks.0' -> 'down_blocks_0',
+  the older 'query/key/value/proj_attn' -> 'to_q/to_k/to_v/to_out_0'), conv kernels OIHW -> HWIO, linear weights
+  transposed, norm 'weight' -> 'scale'. No PyTorch is needed.
+* Latents are the posterior mean (or a sample) of the encoder, normalised (`latent.normalization`):
+  'scaling_factor' z = (mean - shift_factor) * scaling_factor (LCM, Stable Diffusion), or with the data set's
+  statistics of a latent cache z = (mean - mu) / s * 0.5 per channel ('per_channel') or per element ('per_element',
+  improved latent CT's reference code).
+* Encoded on the fly by the frozen encoder inside the train step (LCM), or once by `--mode=encode` into an ArrayRecord
+  cache with its statistics (`write_cache`; improved latent CT), read back as the run's data set.
+* Samples are decoded (and clipped to [-1, 1]) for grids, the digits proxy and FID.
+"""
+
+import dataclasses
+import json
+import re
+from typing import Any
+
+from absl import logging
+from etils import epath
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cm_jax import data as data_lib
+from cm_jax.models.autoencoder import AutoencoderKL
+
+CONFIG_FILE = 'config.json'
+WEIGHTS_FILE = 'diffusion_pytorch_model.safetensors'
+RUN_EXPORT = 'autoencoder'  # where a cm_jax autoencoder run exports itself
+NORMALIZATIONS = ('scaling_factor', 'per_channel', 'per_element')
+POSTERIORS = ('mean', 'sample')
+_LEGACY_ATTENTION = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_attn': 'to_out_0'}
+_CACHE_JSON = 'cache.json'
+_CACHE_STATS = 'stats.npz'
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The diffusers AutoencoderKL format: config.json and PyTorch-named tensors.
+# ----------------------------------------------------------------------------------------------------------
+def flax_path(torch_key: str) -> str:
+  """'encoder.down_blocks.0.resnets.1.conv1.weight' -> 'encoder/down_blocks_0/resnets_1/conv1/weight'."""
+  parts = []
+  for part in torch_key.split('.'):
+    if part.isdigit() and parts:
+      parts[-1] += '_' + part
+    else:
+      parts.append(_LEGACY_ATTENTION.get(part, part))
+  return '/'.join(parts)
+
+
+def torch_key(path: str) -> str:
+  """The inverse of flax_path for a Flax parameter path ('.../to_out_0/kernel' -> '....to_out.0.weight')."""
+  parts = [re.sub(r'_(\d+)$', r'.\1', p) for p in path.split('/')]
+  parts[-1] = {'kernel': 'weight', 'scale': 'weight'}.get(parts[-1], parts[-1])
+  return '.'.join(parts)
+
+
+def _to_flax(value: np.ndarray, leaf: str, expected: tuple) -> np.ndarray:
+  """A PyTorch tensor in Flax layout: conv OIHW -> HWIO, linear [out, in] -> [in, out] (a 1x1 conv weight of the older
+  attention blocks becomes a linear one), others unchanged."""
+  if leaf == 'kernel' and value.ndim == 4 and len(expected) == 2:
+    value = value[:, :, 0, 0] if value.shape[2:] == (1, 1) else value
+  if leaf == 'kernel' and value.ndim == 4:
+    return np.transpose(value, (2, 3, 1, 0))
+  if leaf == 'kernel' and value.ndim == 2:
+    return value.T
+  return value
+
+
+def from_diffusers(state_dict: dict, abstract_params, where: str):
+  """Flax parameters from a diffusers state dict, checked leaf by leaf against `abstract_params` (shapes).
+
+  Raises ValueError naming the first missing, unexpected or mis-shaped tensor (both shapes).
+  """
+  expected = flax.traverse_util.flatten_dict(abstract_params, sep='/')
+  by_prefix = {}
+  for key, value in state_dict.items():
+    path = flax_path(key)
+    prefix, leaf = path.rsplit('/', 1)
+    if leaf == 'weight':
+      leaf = 'scale' if f'{prefix}/scale' in expected else 'kernel'
+    by_prefix[f'{prefix}/{leaf}'] = (key, np.asarray(value))
+  unexpected = sorted(key for path, (key, _) in by_prefix.items() if path not in expected)
+  if unexpected:
+    raise ValueError(f'{where} has tensors this AutoencoderKL does not have, e.g. {unexpected[:3]}: is its config.json '
+                     'the one written with these weights?')
+  params = {}
+  for path, abstract in expected.items():
+    if path not in by_prefix:
+      raise ValueError(f'{where} lacks the tensor {torch_key(path)} (shape {tuple(abstract.shape)} in Flax layout).')
+    key, value = by_prefix[path]
+    converted = _to_flax(value, path.rsplit('/', 1)[1], tuple(abstract.shape))
+    if converted.shape != tuple(abstract.shape):
+      raise ValueError(f'{where}: tensor {key} has shape {value.shape} ({converted.shape} in Flax layout), but the '
+                       f'network described by its config.json needs {tuple(abstract.shape)}.')
+    params[path] = converted.astype(np.float32)
+  return flax.traverse_util.unflatten_dict(params, sep='/')
+
+
+def to_diffusers(params) -> dict:
+  """The diffusers state dict of Flax parameters (the inverse of from_diffusers)."""
+  out = {}
+  for path, value in flax.traverse_util.flatten_dict(params, sep='/').items():
+    value = np.asarray(value, np.float32)
+    if path.endswith('/kernel'):
+      value = np.transpose(value, (3, 2, 0, 1)) if value.ndim == 4 else value.T
+    out[torch_key(path)] = np.ascontiguousarray(value)
+  return out
+
+
+def module_from_config(config: dict, where: str) -> AutoencoderKL:
+  """The AutoencoderKL a diffusers config.json describes; an error for another model type or unsupported blocks."""
+  if config.get('_class_name') != 'AutoencoderKL':
+    raise ValueError(f'{where} describes a {config.get("_class_name")!r}, not an AutoencoderKL (the KL autoencoder of '
+                     'latent diffusion).')
+  widths = tuple(config.get('block_out_channels', (64,)))
+  for key, block in (('down_block_types', 'DownEncoderBlock2D'), ('up_block_types', 'UpDecoderBlock2D')):
+    types = tuple(config.get(key, (block,) * len(widths)))
+    if types != (block,) * len(widths):
+      raise ValueError(f'{where}: {key}={types}; cm_jax reads {block} blocks only, one per block_out_channels entry.')
+  if config.get('act_fn', 'silu') != 'silu' or config.get('in_channels', 3) != config.get('out_channels', 3):
+    raise ValueError(f'{where}: cm_jax reads act_fn "silu" with in_channels = out_channels.')
+  return AutoencoderKL(
+      in_channels=int(config.get('in_channels', 3)), block_out_channels=widths,
+      layers_per_block=int(config.get('layers_per_block', 1)), latent_channels=int(config.get('latent_channels', 4)),
+      norm_num_groups=int(config.get('norm_num_groups', 32)),
+      mid_block_add_attention=bool(config.get('mid_block_add_attention', True)),
+      use_quant_conv=bool(config.get('use_quant_conv', True)),
+      use_post_quant_conv=bool(config.get('use_post_quant_conv', True)))
+
+
+def config_of(module: AutoencoderKL, scaling_factor: float, sample_size: int, shift_factor=None) -> dict:
+  """The diffusers config.json of an AutoencoderKL."""
+  levels = len(module.block_out_channels)
+  return {'_class_name': 'AutoencoderKL', 'in_channels': module.in_channels, 'out_channels': module.in_channels,
+          'down_block_types': ['DownEncoderBlock2D'] * levels, 'up_block_types': ['UpDecoderBlock2D'] * levels,
+          'block_out_channels': list(module.block_out_channels), 'layers_per_block': module.layers_per_block,
+          'act_fn': 'silu', 'latent_channels': module.latent_channels, 'norm_num_groups': module.norm_num_groups,
+          'sample_size': sample_size, 'scaling_factor': scaling_factor, 'shift_factor': shift_factor,
+          'latents_mean': None, 'latents_std': None, 'force_upcast': True,
+          'use_quant_conv': module.use_quant_conv, 'use_post_quant_conv': module.use_post_quant_conv,
+          'mid_block_add_attention': module.mid_block_add_attention}
+
+
+class Autoencoder:
+  """A frozen AutoencoderKL with its parameters and latent scaling.
+
+  encode(images NHWC in [-1, 1]) -> (posterior mean - shift_factor) * scaling_factor; decode(latents) -> images.
+  `moments(params, images)` and `decode_raw(params, raw)` are the pure functions the train step and samplers use.
+  """
+
+  def __init__(self, module: AutoencoderKL, params, scaling_factor: float, shift_factor, path: str):
+    self.module, self.params, self.path = module, params, path
+    self.scaling_factor, self.shift_factor = float(scaling_factor), float(shift_factor or 0.0)
+    self._encode = jax.jit(self.moments)
+    self._decode = jax.jit(self.decode_raw)
+
+  def moments(self, params, images):
+    """(mean, logvar) of q(z | images), unscaled."""
+    return self.module.apply({'params': params}, images, method=AutoencoderKL.encode)
+
+  def decode_raw(self, params, raw):
+    """Images from unscaled latents."""
+    return self.module.apply({'params': params}, raw, method=AutoencoderKL.decode)
+
+  def posterior(self, images):
+    """(mean, logvar) of q(z | images), unscaled, with this autoencoder's parameters (jit-compiled)."""
+    return self._encode(self.params, jnp.asarray(images, jnp.float32))
+
+  def encode(self, images):
+    """Scaled latent means (mean - shift_factor) * scaling_factor of images [B, H, W, C] in [-1, 1]."""
+    return (self.posterior(images)[0] - self.shift_factor) * self.scaling_factor
+
+  def decode(self, latents):
+    """Images [B, H, W, C] from scaled latents."""
+    return self._decode(self.params, jnp.asarray(latents, jnp.float32) / self.scaling_factor + self.shift_factor)
+
+
+def load_diffusers_autoencoder(path) -> Autoencoder:
+  """The AutoencoderKL of a diffusers folder (config.json + diffusion_pytorch_model.safetensors)."""
+  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+  folder = epath.Path(path)
+  config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+  for needed in (config_path, weights_path):
+    if not needed.exists():
+      raise FileNotFoundError(f'{needed} does not exist: a diffusers AutoencoderKL folder holds {CONFIG_FILE} and '
+                              f'{WEIGHTS_FILE} (save_pretrained(..., safe_serialization=True) writes them).')
+  try:
+    config = json.loads(config_path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f'{config_path} is not valid JSON: {e}') from e
+  module = module_from_config(config, str(config_path))
+  try:
+    state_dict = safetensors_numpy.load_file(str(weights_path))
+  except Exception as e:  # the safetensors reader raises its own error type on a truncated or garbage file
+    raise ValueError(f'{weights_path} is not a readable safetensors file ({e}); download or export it again.') from e
+  side = 2 * module.downsampling  # parameter shapes do not depend on the image size
+  abstract = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, side, side, module.in_channels)))
+  params = from_diffusers(state_dict, abstract['params'], str(weights_path))
+  return Autoencoder(module, params, config.get('scaling_factor', 0.18215), config.get('shift_factor'), str(folder))
+
+
+def load_autoencoder(path) -> Autoencoder:
+  """A diffusers AutoencoderKL folder, or a cm_jax autoencoder run (read from its export `<run>/autoencoder`)."""
+  folder = epath.Path(path)
+  if (folder / RUN_EXPORT / CONFIG_FILE).exists():
+    return load_diffusers_autoencoder(folder / RUN_EXPORT)
+  if (folder / 'checkpoints').exists():
+    raise FileNotFoundError(f'The autoencoder run {path} has no export in {folder / RUN_EXPORT}: it is written when '
+                            'the run finishes (run its training command again to finish it).')
+  return load_diffusers_autoencoder(folder)
+
+
+def export_diffusers(folder, module: AutoencoderKL, params, scaling_factor: float, sample_size: int) -> None:
+  """Writes `params` as a diffusers AutoencoderKL folder (config.json + safetensors), config last."""
+  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+  folder = epath.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  safetensors_numpy.save_file(to_diffusers(jax.device_get(params)), str(folder / WEIGHTS_FILE))
+  (folder / CONFIG_FILE).write_text(json.dumps(config_of(module, scaling_factor, sample_size), indent=2))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The latent cache of --mode=encode.
+# ----------------------------------------------------------------------------------------------------------
+def _record(latent: np.ndarray, label: int) -> bytes:
+  return flax.serialization.msgpack_serialize({'latent': np.asarray(latent, np.float32), 'label': int(label)})
+
+
+class LatentCacheSource:
+  """The records of a latent cache: {'image': unscaled posterior means [n, h, w, c], 'label'} (data/source.py)."""
+
+  def __init__(self, directory):
+    from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
+    self.directory = epath.Path(directory)
+    meta = self.directory / _CACHE_JSON
+    if not meta.exists():
+      raise FileNotFoundError(f'No latent cache in {self.directory} ({_CACHE_JSON} is missing): write it with '
+                              '--mode=encode first.')
+    self.meta = json.loads(meta.read_text())
+    self.shape, self.num_classes = tuple(self.meta['shape']), int(self.meta['num_classes'])
+    stats = np.load(self.directory / _CACHE_STATS)
+    self.stats = {k: stats[k] for k in stats.files}
+    self._records = array_record_data_source.ArrayRecordDataSource(
+        [str(self.directory / name) for name in self.meta['shards']])
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def get(self, indices) -> dict:
+    examples = [flax.serialization.msgpack_restore(r) for r in self._records.__getitems__([int(i) for i in indices])]
+    return {'image': np.stack([e['latent'] for e in examples]).astype(np.float32),
+            'label': np.array([e['label'] for e in examples], np.int32)}
+
+
+def write_cache(config, directory) -> LatentCacheSource:
+  """Encodes config.data through config.latent.autoencoder into an ArrayRecord cache in `directory`.
+
+  Each process encodes its contiguous share of the records into its own shard; the per-element and per-channel
+  mean / std of the unscaled posterior means (over all records) go to stats.npz, and cache.json, written last by
+  process 0, marks the cache complete. A directory that already holds a complete cache is refused.
+  """
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  directory = epath.Path(directory)
+  if (directory / _CACHE_JSON).exists():
+    raise ValueError(f'{directory} already holds a latent cache; delete it or set another latent.cache.')
+  source = data_lib.build_source(config.data)
+  autoencoder = load_autoencoder(config.latent.autoencoder)
+  shape = autoencoder.module.latent_shape(source.shape)
+  directory.mkdir(parents=True, exist_ok=True)
+  count, index = jax.process_count(), jax.process_index()
+  mine = np.array_split(np.arange(len(source)), count)[index]
+  shards = [f'latents-{i:05d}-of-{count:05d}.array_record' for i in range(count)]
+  writer = array_record_module.ArrayRecordWriter(str(directory / shards[index]), 'group_size:1')
+  total, total_sq = np.zeros(shape, np.float64), np.zeros(shape, np.float64)
+  for chunk in np.array_split(mine, max(1, -(-len(mine) // config.latent.encode_batch_size))):
+    batch = source.get(chunk)
+    mean = np.asarray(autoencoder.posterior(batch['image'])[0], np.float64)
+    total, total_sq = total + mean.sum(0), total_sq + (mean**2).sum(0)
+    for latent, label in zip(mean, batch['label']):
+      writer.write(_record(latent, label))
+    logging.info('Encoded %d / %d records.', chunk[-1] + 1 - mine[0], len(mine))
+  writer.close()
+  sums = np.asarray(multihost_utils.process_allgather(np.stack([total, total_sq]))).reshape((-1, 2) + shape).sum(0)
+  n = len(source)
+  element_mean, element_sq = sums[0] / n, sums[1] / n
+  channel_mean, channel_sq = element_mean.mean((0, 1)), element_sq.mean((0, 1))
+  if jax.process_index() == 0:
+    with (directory / _CACHE_STATS).open('wb') as f:
+      np.savez(f, element_mean=element_mean, element_std=np.sqrt(np.maximum(element_sq - element_mean**2, 1e-12)),
+               channel_mean=channel_mean, channel_std=np.sqrt(np.maximum(channel_sq - channel_mean**2, 1e-12)))
+    (directory / _CACHE_JSON).write_text(json.dumps({
+        'autoencoder': str(autoencoder.path), 'data': {k: config.data[k] for k in ('name', 'split', 'path')},
+        'image_shape': list(source.shape), 'shape': list(shape), 'count': n, 'num_classes': source.num_classes,
+        'shards': shards}, indent=2))
+  multihost_utils.sync_global_devices('latent cache written')
+  return LatentCacheSource(directory)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The space a run's model works in.
+# ----------------------------------------------------------------------------------------------------------
+class PixelSpace:
+  """The data themselves: no autoencoder."""
+  params = None
+
+  def __init__(self, shape):
+    self.shape = tuple(shape)
+
+  def prepare(self, params, batch, rng):
+    """The batch unchanged."""
+    del params, rng
+    return batch
+
+  def decode(self, params, samples):
+    """The samples unchanged."""
+    del params
+    return samples
+
+  def describe(self) -> dict:
+    return {'space': 'pixels', 'shape': self.shape}
+
+
+@dataclasses.dataclass
+class LatentSpace:
+  """A frozen autoencoder's latent space: `prepare` turns a data batch into normalised latents inside the train step
+  (encoding it when `online`, else normalising the cache's means), `decode` turns samples back into images."""
+  autoencoder: Autoencoder
+  shape: tuple
+  normalization: str
+  online: bool
+  posterior: str
+  stats: Any  # (mean, std) of the unscaled latents for 'per_channel' / 'per_element', else None
+  params: Any = None  # the autoencoder's parameters on the mesh (frozen['space'] of the train step)
+
+  def normalize(self, raw):
+    """z = (raw - shift) * scaling_factor, or (raw - mu) / s * 0.5 with the cache's statistics."""
+    if self.stats is None:
+      return (raw - self.autoencoder.shift_factor) * self.autoencoder.scaling_factor
+    mean, std = self.stats
+    return (raw - mean) / std * 0.5
+
+  def denormalize(self, z):
+    """The inverse of `normalize`."""
+    if self.stats is None:
+      return z / self.autoencoder.scaling_factor + self.autoencoder.shift_factor
+    mean, std = self.stats
+    return z / 0.5 * std + mean
+
+  def prepare(self, params, batch, rng):
+    """batch['image'] as normalised latents: the encoder's posterior mean or sample (online) or the cache's mean."""
+    raw = batch['image']
+    if self.online:
+      mean, logvar = self.autoencoder.moments(params, raw)
+      raw = mean
+      if self.posterior == 'sample':
+        raw = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
+    return dict(batch, image=self.normalize(jax.lax.stop_gradient(raw)))
+
+  def decode(self, params, samples):
+    """Images in [-1, 1] from normalised latents."""
+    return jnp.clip(self.autoencoder.decode_raw(params, self.denormalize(samples)), -1.0, 1.0)
+
+  def describe(self) -> dict:
+    return {'space': 'latents', 'autoencoder': str(epath.Path(self.autoencoder.path).resolve()), 'shape': self.shape,
+            'normalization': self.normalization}
+
+
+def check_latent_config(latent) -> None:
+  """Fails on an inconsistent config.latent, before anything is read."""
+  if latent.normalization not in NORMALIZATIONS:
+    raise ValueError(f'latent.normalization={latent.normalization!r}; expected one of {NORMALIZATIONS}.')
+  if latent.posterior not in POSTERIORS:
+    raise ValueError(f'latent.posterior={latent.posterior!r}; expected one of {POSTERIORS}.')
+  if latent.encode_batch_size < 1:
+    raise ValueError(f'latent.encode_batch_size={latent.encode_batch_size} must be positive.')
+  if not latent.autoencoder and (latent.cache or latent.normalization != 'scaling_factor'):
+    raise ValueError('latent.cache / latent.normalization set without latent.autoencoder: name the autoencoder (a '
+                     'diffusers AutoencoderKL folder or a cm_jax autoencoder run).')
+  if latent.cache and latent.posterior == 'sample':
+    raise ValueError("latent.posterior='sample' draws from the encoder in the train step; a latent cache stores the "
+                     "posterior means: use 'mean' with latent.cache, or encode on the fly (latent.cache='').")
+  if not latent.cache and latent.normalization != 'scaling_factor':
+    raise ValueError(f'latent.normalization={latent.normalization!r} uses the data set\'s statistics, which a latent '
+                     'cache holds: set latent.cache and write it with --mode=encode.')
+
+
+def build(config, mesh=None):
+  """(space, data source) of a run: pixels and config.data, or a latent space with config.data encoded on the fly or
+  its latent cache. The autoencoder's parameters are placed replicated on `mesh`."""
+  latent = config.get('latent')
+  if latent is None or not latent.autoencoder:
+    if latent is not None:
+      check_latent_config(latent)
+    source = data_lib.build_source(config.data)
+    return PixelSpace(source.shape), source
+  check_latent_config(latent)
+  autoencoder = load_autoencoder(latent.autoencoder)
+  if latent.cache:
+    source = LatentCacheSource(latent.cache)
+    made_with = epath.Path(source.meta['autoencoder']).resolve()
+    if made_with != epath.Path(autoencoder.path).resolve():
+      raise ValueError(f'The latent cache {latent.cache} was encoded with {made_with}, not with latent.autoencoder='
+                       f'{autoencoder.path}.')
+    expected = autoencoder.module.latent_shape(tuple(source.meta['image_shape']))
+    if source.shape != expected:
+      raise ValueError(f'The latent cache {latent.cache} holds latents of shape {source.shape}; the autoencoder makes '
+                       f'{expected}.')
+    shape, online = source.shape, False
+    stats = None
+    if latent.normalization != 'scaling_factor':
+      kind = 'element' if latent.normalization == 'per_element' else 'channel'
+      stats = (jnp.asarray(source.stats[f'{kind}_mean'], jnp.float32),
+               jnp.asarray(source.stats[f'{kind}_std'], jnp.float32))
+  else:
+    source = data_lib.build_source(config.data)
+    shape, online, stats = autoencoder.module.latent_shape(source.shape), True, None
+  params = autoencoder.params
+  if mesh is not None:
+    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  space = LatentSpace(autoencoder, shape, latent.normalization, online, latent.posterior, stats, params)
+  return space, source
+

@@ -1,0 +1,37 @@
+"""Networks bound to their parameters, labels, guidance scale and dropout: how objectives and samplers call them."""
+
+from cm_jax.models import lora
+
+NULL_LABEL = -1  # the unconditional label of every network (a label < 0 embeds as zero)
+
+
+def takes_guidance(model) -> bool:
+  """Whether the network has a guidance-scale input (model.guidance_embedding)."""
+  return bool(getattr(model, 'guidance_embedding', False))
+
+
+def without_guidance(model):
+  """The same network without its guidance input: how a guidance-input student's diffusion teacher is applied."""
+  return model.clone(guidance_embedding=False) if takes_guidance(model) else model
+
+
+def without_label_dropout(model):
+  """The network with its training label dropout off, for a distillation student: it learns the teacher's output for
+  the batch's labels, and a dropped label would pair "no label" with a conditional target (model.label_dropout is
+  the teacher's setting)."""
+  return model.clone(label_dropout=0.0) if getattr(model, 'label_dropout', 0.0) else model
+
+
+def network(model, params, cond=None, dropout_rng=None, guidance=None):
+  """F(x_in, c_noise) with parameters, labels, guidance scale and dropout bound; dropout is on iff a key is given.
+
+  guidance: per-example guidance scale s [B] (or None); it reaches the model only when the model takes it
+  (`takes_guidance`), other networks ignore it. `params` may be lora.LoRAParams (a frozen base with adapters):
+  the network then runs in LoRA's un-merged form.
+  """
+  train = dropout_rng is not None
+  rngs = {'dropout': dropout_rng} if train else None
+  extra = {'guidance': guidance} if takes_guidance(model) else {}
+  if isinstance(params, lora.LoRAParams):
+    return lambda x, c_noise: lora.apply_unmerged(model, params, x, c_noise, cond, train=train, rngs=rngs, **extra)
+  return lambda x, c_noise: model.apply({'params': params}, x, c_noise, cond, train=train, rngs=rngs, **extra)
