@@ -17,7 +17,6 @@ reconstruction FD is printed when it finishes). Prints each run's wall time.
 
 import importlib
 import pathlib
-import shutil
 import time
 
 from absl import app

@@ -23,7 +23,6 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from cm_jax import checkpoint
-from cm_jax import data as data_lib
 from cm_jax import distributed
 from cm_jax import latents
 from cm_jax import models

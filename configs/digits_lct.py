@@ -20,8 +20,6 @@ The digits iCT settings of configs/digits_ict.py (s1 = 80 for the 8000-step run,
 curriculum and RAdam (lr 1e-4, weight decay 1e-4) are in the 256x256 configs (celebahq256_lct.py).
 """
 
-import ml_collections
-
 from configs import digits_ict
 
 ABLATION = ('ict', 'cauchy', 'diffusion', 'ot', 'adaptive', 'full')
