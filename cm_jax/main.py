@@ -6,6 +6,7 @@ A multi-process run joins its processes first (cm_jax/distributed.py: the --coor
 a checkpoint at a step all processes agree on and exits 0; rerunning the command resumes there.
 """
 
+import functools
 import sys
 
 from absl import app
@@ -14,6 +15,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from cm_jax import checkpoint
+from cm_jax import console
 from cm_jax import distributed
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
@@ -34,24 +36,29 @@ _USER_ERRORS = (ValueError, FileNotFoundError, checkpoint.CheckpointError, Float
 
 
 def _run(mode, config, workdir):
-  """Joins the run's processes (before devices start), then trains, samples or evaluates."""
+  """Joins the run's processes (before devices start), sends the logs to the workdir, then trains, samples,
+  evaluates or encodes."""
   distributed.initialize(distributed.plan(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
   from cm_jax import train  # pylint: disable=g-import-not-at-top
+  console.route_logs(workdir)
   logging.info('Config:\n%s', config)
-  modes = {'train': train.train_and_evaluate, 'sample': train.sample, 'eval': train.evaluate, 'encode': train.encode}
+  name = config_flags.get_config_filename(flags.FLAGS['config'])
+  modes = {'train': functools.partial(train.train_and_evaluate, name=name), 'sample': train.sample,
+           'eval': train.evaluate, 'encode': train.encode}
   modes[mode](config, workdir)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  console.hold_logs()
   try:
     _run(_MODE.value, _CONFIG.value, _WORKDIR.value)
   except distributed.Preempted as e:
     logging.warning('%s', e)
     print(f'cm_jax: {e}', flush=True)
   except _USER_ERRORS as e:
-    logging.exception('Stopped.')
+    logging.exception('Stopped.')  # the traceback goes to the log file (and to stderr with --verbosity)
     print(f'cm_jax: error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)
 

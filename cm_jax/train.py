@@ -12,7 +12,6 @@ import functools
 import re
 from typing import Any, Optional
 
-from absl import logging
 from clu import metrics as clu_metrics
 from clu import parameter_overview
 import jax
@@ -23,6 +22,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from cm_jax import checkpoint
+from cm_jax import console
 from cm_jax import distributed
 from cm_jax import latents
 from cm_jax import models
@@ -198,13 +198,29 @@ def write_config(config, workdir) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # train
 # ----------------------------------------------------------------------------------------------------------
-def train_and_evaluate(config, workdir: str, devices=None):
-  """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final state.
+def describe(exp: Experiment, name: str, workdir) -> str:
+  """The console's line naming a run: config, objective, network and its trained parameters, mesh, per-device state
+  bytes, workdir."""
+  state = exp.abstract_state
+  trained = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  per_device = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in jax.tree.leaves(state))
+  mesh = ' '.join(f'{k}={v}' for k, v in exp.mesh.shape.items())
+  space = exp.space.describe()
+  where = '' if space['space'] == 'pixels' else f' on {"x".join(map(str, exp.shape))} latents'
+  return (f'cm_jax: {name or "config"}: {exp.config.objective.name}, {exp.config.model.name} '
+          f'({trained / 1e6:.2f}M trained parameters){where}, mesh {mesh}, state {per_device / 2**20:.1f} MiB per '
+          f'device, workdir {workdir}')
+
+
+def train_and_evaluate(config, workdir: str, devices=None, name: str = ''):
+  """Trains `config` (named `name` on the console) in `workdir`, resuming from its newest checkpoint; returns the
+  final state.
 
   Raises distributed.Preempted after saving a checkpoint when a SIGTERM reached any process.
   """
   exp = Experiment(config, devices)
   workdir = epath.Path(workdir)
+  console.say(describe(exp, name, workdir))
   write_config(config, workdir)
   teacher = load_teacher(config, exp)
   teacher_params = None if teacher is None else teacher.params
@@ -221,21 +237,23 @@ def train_and_evaluate(config, workdir: str, devices=None):
       raise checkpoint.CheckpointError(
           f'Checkpoint {ckpt.directory / str(start)} stores data position {position} but state step {start} '
           f'and seed {config.seed}.')
-    logging.info('Resumed from %s at step %d.', ckpt.directory, start)
+    console.say(f'Resuming from step {start} ({ckpt.directory / str(start)}).')
   else:
     if config.teacher.init:
       if teacher is None:
         raise ValueError('teacher.init=True needs teacher.workdir.')
-      logging.warning('Initialising the network from the teacher in %s (teacher.init=True).', config.teacher.workdir)
+      console.say('Starting from the teacher\'s parameters (teacher.init=True).')
     state = exp.init_state(teacher_params if config.teacher.init else None)
     parameter_overview.log_parameter_overview(state.params, include_stats='global', jax_logging_process=0)
 
   step_fn = exp.train_step()
 
-  writer = writers.MetricWriter(workdir / 'tensorboard')
-  progress = writers.Progress(config.train.num_steps, config.train.log_every, start)
+  writer = writers.make_writers(config, workdir)
+  writer.write_config(config)
+  progress = console.Progress(config.train.num_steps,
+                              console.console_every(config.train.num_steps, config.train.log_every), start)
   batches = exp.batches(start)
-  collection, accumulated, previous, preempted = None, None, None, False
+  collection, accumulated, averages, previous, preempted = None, None, {}, None, False
   try:
     with distributed.PreemptionWatch() as preemption:
       for step in range(start + 1, config.train.num_steps + 1):
@@ -248,15 +266,20 @@ def train_and_evaluate(config, workdir: str, devices=None):
         accumulated = update if accumulated is None else accumulated.merge(update)
 
         if step % config.train.log_every == 0 or step == config.train.num_steps:
-          writer.write_scalars(step, {k: v for k, v in accumulated.compute().items()})
+          averages = {k: float(v) for k, v in accumulated.compute().items()}
+          writer.write_scalars(step, averages)
           accumulated = None
-        progress(step, writer)
         if config.sampling.grid_every and (step % config.sampling.grid_every == 0):
           write_samples(exp, state, writer, workdir, step, teacher_params)
+          progress.note('samples')
         preempted = preemption.reached(step)
         if preempted or ckpt.should_save(step) or step == config.train.num_steps:
           _check_finite(config, *previous, ckpt)
           ckpt.save(step, state, {'position': step, 'seed': config.seed}, force=True)
+          progress.note('checkpoint')
+        rate = progress.end_step(step, averages)
+        if rate is not None:
+          writer.write_scalars(step, {'steps_per_sec': rate})
         if preempted:
           break
   finally:
@@ -360,7 +383,7 @@ def load_teacher(config, exp: Experiment) -> Optional[Teacher]:
     state, _ = ckpt.restore(teacher_exp.abstract_state)
   finally:
     ckpt.close()
-  logging.info('Loaded teacher EMA parameters from %s (step %d).', config.teacher.workdir, int(state.step))
+  console.say(f'Teacher: {config.teacher.workdir} ({teacher_config.objective.name}, step {int(state.step)}).')
   return Teacher(state.ema[0], teacher_exp)
 
 
@@ -387,7 +410,7 @@ def sample(config, workdir: str, devices=None):
     if jax.process_index() == 0:
       with (out / f'final_{num_steps}_step.npz').open('wb') as f:
         np.savez(f, samples=samples)
-    print(f'Wrote {len(samples)} samples ({num_steps} steps) to {out}.')
+    console.say(f'Wrote {len(samples)} samples ({num_steps} steps) to {out}.')
 
 
 def evaluate(config, workdir: str, devices=None):
@@ -403,7 +426,7 @@ def encode(config, workdir: str, devices=None):
     raise ValueError('--mode=encode writes config.latent.cache from config.data through config.latent.autoencoder: '
                      'set both.')
   cache = latents.write_cache(config, config.latent.cache)
-  print(f'Wrote the latent cache {config.latent.cache}: {len(cache)} records of shape {cache.shape}.', flush=True)
+  console.say(f'Wrote the latent cache {config.latent.cache}: {len(cache)} records of shape {cache.shape}.')
 
 
 def quality_report(exp: Experiment, state, teacher: Optional[Teacher], workdir) -> dict:

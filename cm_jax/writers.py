@@ -1,48 +1,144 @@
-"""Metric and image writing (TensorBoard event files via tensorboardX) and progress reporting.
+"""Experiment trackers behind one small interface, and the images they receive.
 
-Only process 0 writes; on other processes the writer is a no-op. See BUILD_NOTES.md for why tensorboardX
-and not clu.metric_writers (which imports TensorFlow).
+A writer has write_scalars(step, {name: value}), write_images(step, {name: uint8 [H, W, C]}),
+write_config(config) (the resolved config, for comparing runs), flush() and close(). `make_writers` builds the
+run's: TensorBoard event files (tensorboardX) always, Weights & Biases when config.logging.wandb.mode is 'online' or
+'offline' (the `wandb` extra). Only process 0 writes. Another tracker is one more class here.
+BUILD_NOTES.md says why tensorboardX and not clu.metric_writers (which imports TensorFlow).
 """
 
-import time
+import importlib.util
+import uuid
 
 from absl import logging
+import flax
 import jax
 import numpy as np
 from PIL import Image
 from etils import epath
 
+WANDB_MODES = ('off', 'online', 'offline')
+WANDB_ID_FILE = 'wandb_run_id'
 
-class MetricWriter:
-  """Scalars and images into TensorBoard event files under `logdir`, on process 0 only."""
+
+def flat_config(config) -> dict:
+  """The config as {'optim.learning_rate': 0.001, ...}, sequences as strings: what trackers take as hyperparameters."""
+  flat = flax.traverse_util.flatten_dict(config.to_dict(), sep='.')
+  return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items()}
+
+
+class TensorBoardWriter:
+  """Scalars, images and the config (TensorBoard's HParams view) into event files under `logdir`."""
 
   def __init__(self, logdir):
-    self._writer = None
-    if jax.process_index() == 0:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._writer = SummaryWriter(logdir=str(logdir), flush_secs=30)
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._writer = SummaryWriter(logdir=str(logdir), flush_secs=30)
 
   def write_scalars(self, step: int, scalars: dict):
-    if self._writer is None:
-      return
     for name, value in scalars.items():
       self._writer.add_scalar(name, float(value), global_step=step)
-    logging.info('[%d] %s', step, ', '.join(f'{k}={float(v):.5g}' for k, v in sorted(scalars.items())))
 
   def write_images(self, step: int, images: dict):
-    """images: name -> uint8 [H, W, C]."""
-    if self._writer is None:
-      return
     for name, image in images.items():
       self._writer.add_image(name, image, global_step=step, dataformats='HWC')
 
+  def write_config(self, config):
+    from tensorboardX.summary import hparams  # pylint: disable=g-import-not-at-top
+    experiment, start, _ = hparams(flat_config(config), {'loss': None})
+    self._writer.file_writer.add_summary(experiment)
+    self._writer.file_writer.add_summary(start)
+
   def flush(self):
-    if self._writer is not None:
-      self._writer.flush()
+    self._writer.flush()
 
   def close(self):
-    if self._writer is not None:
-      self._writer.close()
+    self._writer.close()
+
+
+class WandbWriter:
+  """A Weights & Biases run in `workdir`: its id is kept in WORKDIR/wandb_run_id, so a restarted (preempted) run
+  continues the same W&B run."""
+
+  def __init__(self, workdir, settings, name: str):
+    import wandb  # pylint: disable=g-import-not-at-top
+    self._wandb = wandb
+    id_file = epath.Path(workdir) / WANDB_ID_FILE
+    if not id_file.exists():
+      id_file.write_text(uuid.uuid4().hex[:12])
+    self._run = wandb.init(project=settings.project, entity=settings.entity or None, mode=settings.mode,
+                           id=id_file.read_text().strip(), resume='allow', dir=str(workdir), name=name,
+                           reinit='finish_previous', settings=wandb.Settings(silent=True, console='off'))
+
+  def write_scalars(self, step: int, scalars: dict):
+    self._run.log({k: float(v) for k, v in scalars.items()}, step=step)
+
+  def write_images(self, step: int, images: dict):
+    self._run.log({k: self._wandb.Image(v) for k, v in images.items()}, step=step)
+
+  def write_config(self, config):
+    self._run.config.update(flat_config(config), allow_val_change=True)
+
+  def flush(self):
+    pass
+
+  def close(self):
+    self._run.finish()
+
+
+def check_logging_config(config) -> None:
+  """Fails at start on an unknown tracker mode, or a tracker that is configured but not installed."""
+  settings = config.get('logging', {}).get('wandb')
+  if settings is None:
+    return
+  if settings.mode not in WANDB_MODES:
+    raise ValueError(f'logging.wandb.mode={settings.mode!r}; expected one of {WANDB_MODES}.')
+  if settings.mode != 'off':
+    if not settings.project:
+      raise ValueError('logging.wandb.project is empty: name the W&B project the run logs to.')
+    if importlib.util.find_spec('wandb') is None:
+      raise ValueError(f'logging.wandb.mode={settings.mode!r} needs the wandb package: pip install -e '
+                       "'.[wandb]' (or pip install wandb).")
+
+
+class Writers:
+  """The run's trackers (process 0; elsewhere none): each call goes to every one; scalars are also logged."""
+
+  def __init__(self, writers):
+    self._writers = writers
+
+  def write_scalars(self, step: int, scalars: dict):
+    for w in self._writers:
+      w.write_scalars(step, scalars)
+    if self._writers:
+      logging.info('[%d] %s', step, ', '.join(f'{k}={float(v):.5g}' for k, v in sorted(scalars.items())))
+
+  def write_images(self, step: int, images: dict):
+    for w in self._writers:
+      w.write_images(step, images)
+
+  def write_config(self, config):
+    for w in self._writers:
+      w.write_config(config)
+
+  def flush(self):
+    for w in self._writers:
+      w.flush()
+
+  def close(self):
+    for w in self._writers:
+      w.close()
+
+
+def make_writers(config, workdir) -> Writers:
+  """TensorBoard under WORKDIR/tensorboard, and W&B when config.logging.wandb.mode is not 'off' (process 0)."""
+  check_logging_config(config)
+  if jax.process_index() != 0:
+    return Writers([])
+  writers = [TensorBoardWriter(epath.Path(workdir) / 'tensorboard')]
+  settings = config.get('logging', {}).get('wandb')
+  if settings is not None and settings.mode != 'off':
+    writers.append(WandbWriter(workdir, settings, epath.Path(workdir).name))
+  return Writers(writers)
 
 
 def image_grid(images: np.ndarray, columns: int = 8) -> np.ndarray:
@@ -77,28 +173,3 @@ def save_png(path, image: np.ndarray):
   path.parent.mkdir(parents=True, exist_ok=True)
   with path.open('wb') as f:
     Image.fromarray(image).save(f, format='PNG')
-
-
-class Progress:
-  """Logs steps/s and the ETA every `every_steps` steps."""
-
-  def __init__(self, total_steps: int, every_steps: int, start_step: int = 0):
-    self.total_steps, self.every_steps = total_steps, every_steps
-    self._last_step, self._last_time = start_step, time.monotonic()
-
-  def __call__(self, step: int, writer: MetricWriter):
-    if step % self.every_steps and step != self.total_steps:
-      return
-    now = time.monotonic()
-    rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
-    eta = (self.total_steps - step) / max(rate, 1e-9)
-    self._last_step, self._last_time = step, now
-    if jax.process_index() == 0:
-      logging.info('step %d/%d  %.2f steps/s  ETA %s', step, self.total_steps, rate, _format_seconds(eta))
-      print(f'step {step}/{self.total_steps}  {rate:.2f} steps/s  ETA {_format_seconds(eta)}', flush=True)
-    writer.write_scalars(step, {'steps_per_sec': rate})
-
-
-def _format_seconds(seconds: float) -> str:
-  seconds = int(seconds)
-  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s'

@@ -61,6 +61,10 @@ def get_config():
   # rules: regexes of the adapted kernels' paths (like mesh.rules); each gets alpha / rank (x A) B.
   c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=1.0, rules=(r'kernel$',)))
 
+  # Experiment trackers besides TensorBoard (always on): Weights & Biases with mode 'online' or 'offline' (the
+  # `wandb` extra); 'off' by default. A restarted run continues the same W&B run (WORKDIR/wandb_run_id).
+  c.logging = ml_collections.ConfigDict(dict(wandb=dict(mode='off', project='cm_jax', entity='')))
+
   # The digits proxy table printed at the end of training (and by --mode=eval).
   c.eval = ml_collections.ConfigDict(dict(proxy=False, num_samples=1000, steps=(1, 2)))
 

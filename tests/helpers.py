@@ -101,7 +101,12 @@ def logged(log_path, fragment: str):
 
 def scalars(workdir, tag: str) -> dict[int, float]:
   """step -> value of one scalar in the TensorBoard event files of a run (later files win)."""
-  values = {}
+  return {step: value.simple_value for step, t, value in event_summaries(workdir) if t == tag}
+
+
+def event_summaries(workdir, plugin: str = '') -> list:
+  """(step, tag, Summary.Value) of every summary value in a run's TensorBoard event files (of one plugin if given)."""
+  out = []
   for path in sorted((pathlib.Path(workdir) / 'tensorboard').glob('events.out.tfevents.*'),
                      key=lambda p: p.stat().st_mtime):
     data = path.read_bytes()
@@ -110,10 +115,28 @@ def scalars(workdir, tag: str) -> dict[int, float]:
       (length,) = struct.unpack('<Q', data[offset:offset + 8])
       event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
       offset += 16 + length
-      for value in event.summary.value:
-        if value.tag == tag:
-          values[event.step] = value.simple_value
-  return values
+      out += [(event.step, v.tag, v) for v in event.summary.value
+              if not plugin or v.metadata.plugin_data.plugin_name == plugin]
+  return out
+
+
+def wandb_records(run_file) -> list:
+  """The protobuf records of an offline W&B run file (run-<id>.wandb): a 7-byte header, then a LevelDB-style log of
+  32 KiB blocks whose chunks (crc u32, length u16, type u8: 1 full, 2 first, 3 middle, 4 last) make the records."""
+  from wandb.proto import wandb_internal_pb2  # pylint: disable=g-import-not-at-top
+  data = pathlib.Path(run_file).read_bytes()
+  block, pos, chunks, records = 32768, 7, b'', []
+  while pos + 7 <= len(data):
+    if block - pos % block < 7:
+      pos += block - pos % block
+      continue
+    _, length, kind = struct.unpack('<IHB', data[pos:pos + 7])
+    chunks += data[pos + 7:pos + 7 + length]
+    pos += 7 + length
+    if kind in (1, 4):
+      records.append(wandb_internal_pb2.Record.FromString(chunks))
+      chunks = b''
+  return records
 
 
 def saved_steps(workdir) -> list[int]:

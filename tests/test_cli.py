@@ -24,6 +24,12 @@ def test_default_experiment_end_to_end(tmp_path):
                  '--config.teacher.workdir=edm', *TINY, cwd=tmp_path)
   assert run.returncode == 0, run.stderr[-3000:]
   assert 'steps/s' in run.stdout and 'ETA' in run.stdout
+  # The console shows the run (at most 40 lines for both commands), the log file the rest.
+  assert not teacher.stderr and not run.stderr
+  assert len((teacher.stdout + run.stdout).splitlines()) <= 40, teacher.stdout + run.stdout
+  assert run.stdout.startswith('cm_jax: ') and 'ict, mlp (' in run.stdout.splitlines()[0]
+  log = (tmp_path / 'ict' / 'logs' / 'process_0.log').read_text()
+  assert 'Total:' in log and 'checkpoint_manager' in log and '[20] ' in log  # parameter table, Orbax, metrics
   for row in ('teacher (EDM Heun) | 35 |', 'ict (1-step) | 1 |', 'ict (2-step) | 2 |'):
     assert row in run.stdout, run.stdout
   workdir = tmp_path / 'ict'

@@ -24,8 +24,8 @@ def test_sigterm_saves_on_every_process_at_one_step_and_the_rerun_continues_the_
   args = helpers.tiny_cli_args(tmp_path / 'run', train__num_steps=steps, checkpoint__every_steps=1000)
   processes = local_multiprocess.start(args, num_processes=2, devices_per_process=1, log_dir=tmp_path / 'first')
   try:
-    helpers.wait_until(helpers.logged(tmp_path / 'first' / 'process_0.log', f'step 5/{steps}'), processes,
-                           timeout=180, what='step 5')
+    helpers.wait_until(helpers.logged(tmp_path / 'first' / 'process_0.log', f'step 10/{steps}'), processes,
+                           timeout=180, what='step 10')
   except BaseException:
     local_multiprocess.kill(processes)
     raise
@@ -36,14 +36,14 @@ def test_sigterm_saves_on_every_process_at_one_step_and_the_rerun_continues_the_
   saved = [re.findall(r'cm_jax: Preempted: saved step (\d+) to ', log) for log in logs]
   assert saved[0] == saved[1] and len(saved[0]) == 1, saved
   stop = int(saved[0][0])
-  assert 5 < stop < steps
+  assert 10 <= stop < steps
   assert helpers.saved_steps(tmp_path / 'run') == [stop]
 
   processes = local_multiprocess.start(args, num_processes=2, devices_per_process=1, log_dir=tmp_path / 'second')
   codes = local_multiprocess.wait(processes, timeout=180)
   log = (tmp_path / 'second' / 'process_0.log').read_text()
   assert codes == [0, 0], log[-3000:]
-  assert f'at step {stop}.' in log
+  assert f'Resuming from step {stop} ' in log
 
   expected, _ = helpers.losses(helpers.tiny_cli_config(train__num_steps=steps), jax.devices()[:2], steps)
   got = helpers.scalars(tmp_path / 'run', 'loss')
@@ -70,11 +70,12 @@ def test_sigterm_to_a_lone_process_saves_at_its_next_step(tmp_path):
   assert signal.getsignal(signal.SIGTERM) is handler
 
 
-def _assert_resumed_from(log, step, seed):
-  """The run logged in `log` started afresh (step None) or resumed from `step`, reading no partial checkpoint."""
-  text = log.read_text()
-  assert 'Skipping unreadable' not in text, f'seed {seed}'
-  assert re.findall(r'Resumed from .* at step (\d+)\.', text) == ([] if step is None else [str(step)]), f'seed {seed}'
+def _assert_resumed_from(log, step, seed, workdir):
+  """The run whose console is `log` started afresh (step None) or resumed from `step`, and no run in `workdir` has
+  met a partial checkpoint (its log file, WORKDIR/logs, is appended to by every run)."""
+  assert 'Skipping unreadable' not in (workdir / 'logs' / 'process_0.log').read_text(), f'seed {seed}'
+  assert re.findall(r'Resuming from step (\d+) ', log.read_text()) == ([] if step is None else [str(step)]), (
+      f'seed {seed}')
 
 
 def test_sigkill_while_saving_never_leaves_a_checkpoint_that_is_chosen(tmp_path):
@@ -103,7 +104,7 @@ def test_sigkill_while_saving_never_leaves_a_checkpoint_that_is_chosen(tmp_path)
       process.wait()
     assert process.returncode == -signal.SIGKILL
     killed_mid_save += saving()
-    _assert_resumed_from(log, resumed_from, seed)
+    _assert_resumed_from(log, resumed_from, seed, tmp_path / 'run')
     resumed_from = newest()
 
   log = tmp_path / 'final.log'
@@ -112,7 +113,7 @@ def test_sigkill_while_saving_never_leaves_a_checkpoint_that_is_chosen(tmp_path)
     assert final.wait(timeout=180) == 0, log.read_text()[-3000:]
   finally:
     final.kill()
-  _assert_resumed_from(log, resumed_from, seed)
+  _assert_resumed_from(log, resumed_from, seed, tmp_path / 'run')
   assert killed_mid_save >= 1, f'no kill landed inside a save (seed {seed})'
 
   config = helpers.tiny_cli_config(train__num_steps=steps)

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from cm_jax import console
 from cm_jax import data as data_lib
 from cm_jax import distances
 from cm_jax import latents
@@ -97,9 +98,9 @@ def make_autoencoder(config, model, process) -> Objective:
     folder = epath.Path(workdir) / latents.RUN_EXPORT
     if jax.process_index() == 0:
       latents.export_diffusers(folder, model, params, scaling_factor, int(source.shape[0]))
-      print(f'Autoencoder exported to {folder}: latents {model.latent_shape(source.shape)}, scaling_factor '
-            f'{scaling_factor:.4f}, reconstruction l1 {np.mean(np.abs(recons - images)):.4f} on {len(indices)} '
-            'training records.', flush=True)
+    console.say(f'Autoencoder exported to {folder}: latents {model.latent_shape(source.shape)}, scaling_factor '
+                f'{scaling_factor:.4f}, reconstruction l1 {np.mean(np.abs(recons - images)):.4f} on {len(indices)} '
+                'training records.')
     if experiment.config.eval.proxy:
       from cm_jax.evaluation import report  # pylint: disable=g-import-not-at-top
       held_out = ml_collections.ConfigDict(experiment.config.data.to_dict())
