@@ -17,6 +17,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from cm_jax import sharding
+
 
 class CheckpointError(RuntimeError):
   """A checkpoint directory exists but no step in it can be restored."""
@@ -40,7 +42,9 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=save_every,
         enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=writer)
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'data'))
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler()})
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -66,6 +70,12 @@ class Checkpointer:
     candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
     errors = []
     for s in candidates:
+      mismatch = self._other_network(s, abstract_state)
+      if mismatch:
+        raise CheckpointError(
+            f'Checkpoint {self.directory / str(s)} was written by another network or method: {mismatch}. Resume '
+            'it with the config it was trained with (config.json beside it), or train this config in another '
+            '--workdir; the checkpoint is left as it is.')
       try:
         restored = self._manager.restore(s, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
@@ -78,6 +88,27 @@ class Checkpointer:
       return restored.state, restored.data
     raise CheckpointError(f'No readable checkpoint in {self.directory} (tried {"; ".join(errors)}). '
                           'Remove the directory to start afresh, or point --workdir elsewhere.')
+
+  def _other_network(self, step, abstract_state) -> str:
+    """The first difference between the state saved at `step` and `abstract_state` (leaf paths and shapes), or ''
+    when they agree or the step's metadata cannot be read (then the restore decides)."""
+    try:
+      saved = self._manager.item_metadata(step)['state']
+    except Exception:  # pylint: disable=broad-except
+      return ''
+    if saved is None:
+      return ''
+    shapes = lambda tree: {sharding.tree_path(p): tuple(leaf.shape)
+                           for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    theirs, ours = shapes(saved), shapes(abstract_state)
+    for path in sorted(set(theirs) | set(ours)):
+      if path not in theirs:
+        return f'{path} (shape {ours[path]}) is not in it'
+      if path not in ours:
+        return f'it has {path} (shape {theirs[path]}), which this run does not'
+      if theirs[path] != ours[path]:
+        return f'{path} has shape {theirs[path]} there and {ours[path]} here'
+    return ''
 
   def _set_aside(self, steps):
     """Renames unreadable step directories to `<step>.unreadable-<time>` (process 0), so they can be saved anew."""

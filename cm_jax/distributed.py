@@ -94,6 +94,24 @@ class Preempted(Exception):
   """The run stopped at a preemption sync point after saving a checkpoint there; rerun to resume."""
 
 
+def stop_on_sigterm() -> None:
+  """Outside the training steps, a SIGTERM to a lone process stops it at once (distributed.Preempted): during start-up,
+  compilation before the loop, sampling or evaluation. Checkpoints are written only inside the loop, where
+  PreemptionWatch takes over; with jax.distributed initialised, JAX's runtime handles SIGTERM instead."""
+  if not jax.distributed.is_initialized() and threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, _raise_preempted)
+
+
+class PreemptedOutsideSteps(Preempted):
+  """A SIGTERM outside the training steps: the process exits at once (os._exit), since JAX may be mid-compilation."""
+
+
+def _raise_preempted(signum, frame):
+  del signum, frame
+  raise PreemptedOutsideSteps('Preempted outside the training steps (SIGTERM): stopped without writing anything; run '
+                              'the same command again to continue from the last checkpoint.')
+
+
 class PreemptionWatch:
   """Says at which step to save and stop after a SIGTERM reached any process; the same step on all of them.
 

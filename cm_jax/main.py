@@ -7,6 +7,7 @@ a checkpoint at a step all processes agree on and exits 0; rerunning the command
 """
 
 import functools
+import os
 import sys
 
 from absl import app
@@ -39,6 +40,7 @@ def _run(mode, config, workdir):
   """Joins the run's processes (before devices start), sends the logs to the workdir, then trains, samples,
   evaluates or encodes."""
   distributed.initialize(distributed.plan(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
+  distributed.stop_on_sigterm()
   from cm_jax import train  # pylint: disable=g-import-not-at-top
   console.route_logs(workdir)
   logging.info('Config:\n%s', config)
@@ -57,18 +59,42 @@ def main(argv):
   except distributed.Preempted as e:
     logging.warning('%s', e)
     print(f'cm_jax: {e}', flush=True)
+    if isinstance(e, distributed.PreemptedOutsideSteps):
+      # Interrupted anywhere (a compilation, a library's threads): skip the interpreter's teardown, which can then
+      # crash or wait on threads; nothing of this run is being written outside the training steps.
+      logging.flush()
+      sys.stderr.flush()
+      os._exit(0)  # pylint: disable=protected-access
   except _USER_ERRORS as e:
     logging.exception('Stopped.')  # the traceback goes to the log file (and to stderr with --verbosity)
     print(f'cm_jax: error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)
 
 
+def _reason(error: BaseException) -> str:
+  """The last line of what went wrong (a config file's own traceback ends with its exception)."""
+  if isinstance(error, SyntaxError):
+    return f'{error.filename}, line {error.lineno}: {error.msg}'
+  if error.args and isinstance(error.args[0], KeyError):  # ml_collections wraps the KeyError of an unknown field
+    error = error.args[0]
+  if isinstance(error, KeyError) and error.args:  # an override of a key the config does not have
+    key, *hint = [line.strip() for line in str(error.args[0]).splitlines() if line.strip()]
+    return f'no config key {key}' + (f' ({" ".join(hint)})' if hint else '')
+  lines = [line.strip() for line in str(error.__cause__ or error).splitlines() if line.strip()]
+  return lines[-1] if lines else type(error).__name__
+
+
 def parse_flags(argv):
-  """absl flag parsing that reports a bad flag or config override in one line (exit status 2)."""
+  """absl flag parsing that reports a bad flag, config file or config override in one line (exit status 2).
+
+  The config file is loaded here (ml_collections defers a failed load to the config's first use).
+  """
   try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    print(f'cm_jax: error: bad flag or config override: {" ".join(str(e).split())}', file=sys.stderr)
+    argv = flags.FLAGS(argv)
+    flags.FLAGS.config.keys()
+    return argv
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError, SyntaxError) as e:
+    print(f'cm_jax: error: bad flag, config file or config override: {_reason(e)}', file=sys.stderr)
     sys.exit(2)
 
 

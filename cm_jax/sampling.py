@@ -81,7 +81,12 @@ def mid_sigmas(config, process) -> tuple:
   code's ts, counted from sigma_max) sigma = karras_sigma(N - 1 - i, N) on the N = sampling.index_grid_size grid."""
   s = config.sampling
   if not s.mid_indices:
-    return tuple(s.mid_sigmas)
+    sigmas = tuple(s.mid_sigmas)
+    if not all(process.sigma_min < a < process.sigma_max for a in sigmas) or sorted(sigmas, reverse=True) != list(
+        sigmas):
+      raise ValueError(f'sampling.mid_sigmas={sigmas} must decrease strictly inside (sigma_min, sigma_max) = '
+                       f'({process.sigma_min}, {process.sigma_max}).')
+    return sigmas
   if s.mid_sigmas:
     raise ValueError(f'Set one of sampling.mid_sigmas={tuple(s.mid_sigmas)} and sampling.mid_indices='
                      f'{tuple(s.mid_indices)}, not both.')

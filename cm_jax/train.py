@@ -89,13 +89,30 @@ def _collection_for(names):
 # Building blocks shared by train / sample / eval.
 # ----------------------------------------------------------------------------------------------------------
 def check_config(config) -> None:
-  """Fails before any compilation on settings that cannot work together, naming the key."""
-  if config.train.nonfinite not in ('stop', 'skip'):
-    raise ValueError(f"train.nonfinite={config.train.nonfinite!r}; expected 'stop' or 'skip'.")
-  if config.train.num_steps <= 0 or config.train.batch_size <= 0:
-    raise ValueError('train.num_steps and train.batch_size must be positive.')
-  if any(not 0.0 <= r < 1.0 for r in config.ema.rates) or not config.ema.rates:
-    raise ValueError(f'ema.rates={tuple(config.ema.rates)} must be a non-empty list of rates in [0, 1).')
+  """Fails before any compilation on settings that cannot work, naming the key and its value."""
+  c = config
+  if c.train.nonfinite not in ('stop', 'skip'):
+    raise ValueError(f"train.nonfinite={c.train.nonfinite!r}; expected 'stop' or 'skip'.")
+  at_least = {'train.num_steps': (c.train.num_steps, 1), 'train.batch_size': (c.train.batch_size, 1),
+              'train.log_every': (c.train.log_every, 1), 'checkpoint.every_steps': (c.checkpoint.every_steps, 1),
+              'checkpoint.max_to_keep': (c.checkpoint.max_to_keep, 1), 'sampling.num_grid': (c.sampling.num_grid, 1),
+              'sampling.teacher_steps': (c.sampling.teacher_steps, 2), 'eval.num_samples': (c.eval.num_samples, 2),
+              'sampling.grid_every': (c.sampling.grid_every, 0), 'optim.warmup_steps': (c.optim.warmup_steps, 0)}
+  for key, (value, least) in at_least.items():
+    if value < least:
+      raise ValueError(f'{key}={value} must be at least {least}' + (' (0: off).' if least == 0 else '.'))
+  if not c.eval.steps or min(c.eval.steps) < 1:
+    raise ValueError(f'eval.steps={tuple(c.eval.steps)} must be a non-empty list of step counts >= 1.')
+  if c.optim.learning_rate < 0 or c.optim.grad_clip < 0 or not c.optim.eps > 0:
+    raise ValueError(f'optim.learning_rate={c.optim.learning_rate} and optim.grad_clip={c.optim.grad_clip} must be '
+                     f'>= 0 and optim.eps={c.optim.eps} positive.')
+  if not (0 <= c.optim.b1 < 1 and 0 <= c.optim.b2 < 1):
+    raise ValueError(f'optim.b1={c.optim.b1} and optim.b2={c.optim.b2} must be in [0, 1).')
+  for key in ('dropout', 'label_dropout'):
+    if not 0 <= c.model.get(key, 0.0) < 1:
+      raise ValueError(f'model.{key}={c.model[key]} must be in [0, 1).')
+  if any(not 0.0 <= r < 1.0 for r in c.ema.rates) or not c.ema.rates:
+    raise ValueError(f'ema.rates={tuple(c.ema.rates)} must be a non-empty list of rates in [0, 1).')
 
 
 class Experiment:

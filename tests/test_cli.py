@@ -1,7 +1,10 @@
 """`python -m cm_jax.main` end to end, and bad input stopping with one clear message and a non-zero exit."""
 
+import signal
+
 import pytest
 
+import helpers
 from helpers import ROOT
 from helpers import run_main
 
@@ -52,8 +55,11 @@ def _assert_one_clear_error(result, *fragments):
 
 
 def test_unknown_config_key(tmp_path):
+  """Exit status 2, and the text reads plainly (no escaped quotes or newlines)."""
   result = run_main('--config=configs/digits_ict.py', f'--workdir={tmp_path}', '--config.train.num_stepz=3')
-  _assert_one_clear_error(result, 'num_stepz')
+  assert result.returncode == 2 and result.stderr == (
+      'cm_jax: error: bad flag, config file or config override: no config key \'num_stepz\' (Did you mean '
+      '"num_steps" instead of "num_stepz"?)\n')
   assert not (tmp_path / 'checkpoints').exists()
 
 
@@ -92,3 +98,42 @@ def test_missing_teacher_workdir(tmp_path):
   result = run_main('--config=configs/digits_ict.py', f'--workdir={tmp_path / "run"}',
                     f'--config.teacher.workdir={tmp_path / "nowhere"}')
   _assert_one_clear_error(result, 'nowhere')
+
+
+@pytest.mark.parametrize('config, cause', [
+    ('configs/no_such_config.py', "No such file or directory: 'configs/no_such_config.py'"),
+    ('configs', "Is a directory: 'configs'"),
+    ('BAD', 'bad.py, line 1: invalid syntax'),
+    ('configs/digits_scd.py:nope', "Unknown digits_scd variant 'nope'")])
+def test_a_config_file_that_does_not_load_is_one_line(tmp_path, config, cause):
+  if config == 'BAD':
+    config = tmp_path / 'bad.py'
+    config.write_text('def get_config(:\n  return (\n')
+  result = run_main(f'--config={config}', f'--workdir={tmp_path / "run"}')
+  assert result.returncode == 2
+  assert result.stderr.startswith('cm_jax: error: bad flag, config file or config override: ')
+  assert len(result.stderr.splitlines()) == 1 and cause in result.stderr, result.stderr
+
+
+def test_a_workdir_that_cannot_be_written_is_refused_at_start(tmp_path):
+  (tmp_path / 'a_file').write_text('not a directory')
+  for workdir in (tmp_path / 'a_file', tmp_path / 'a_file' / 'run'):
+    result = run_main('--config=configs/toy2d_ict.py:gmm', f'--workdir={workdir}')
+    _assert_one_clear_error(result, f'cannot write the workdir {workdir}')
+    assert result.returncode == 1
+  assert (tmp_path / 'a_file').read_text() == 'not a directory'
+
+
+def test_sigterm_during_start_up_exits_cleanly(tmp_path):
+  """A SIGTERM before the first step (start-up, compilation) ends the run with exit 0 and the preemption line."""
+  log = tmp_path / 'console.log'
+  process = helpers.start_main(helpers.tiny_cli_args(tmp_path / 'run', train__num_steps=1_000_000), log)
+  try:
+    helpers.wait_until(lambda: (tmp_path / 'run' / 'logs' / 'process_0.log').exists(), [process], timeout=120,
+                       what='the log file')
+    process.send_signal(signal.SIGTERM)
+    code = process.wait(timeout=120)
+  finally:
+    process.kill()
+  text = log.read_text()
+  assert code == 0 and 'cm_jax: Preempted' in text and 'Traceback' not in text, text[-2000:]

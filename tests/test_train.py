@@ -9,6 +9,7 @@ from cm_jax import checkpoint
 from cm_jax import sampling
 from cm_jax import train
 from configs import digits_cd
+from configs import digits_ct
 from configs import digits_ict
 from configs import digits_scd
 from configs import digits_trigflow
@@ -181,3 +182,46 @@ def test_the_network_must_match_only_where_the_teacher_parameters_are_read(edm_t
   config.teacher.init = True
   with pytest.raises(ValueError, match="has network .* which does not match this run's network"):
     train.load_teacher(config, train.Experiment(config, devices))
+
+
+@pytest.mark.parametrize('key, value, fragment', [
+    ('train.log_every', 0, 'train.log_every=0 must be at least 1'),
+    ('checkpoint.every_steps', -5, 'checkpoint.every_steps=-5 must be at least 1'),
+    ('checkpoint.max_to_keep', 0, 'checkpoint.max_to_keep=0 must be at least 1'),
+    ('sampling.grid_every', -1, r'sampling.grid_every=-1 must be at least 0 \(0: off\)'),
+    ('sampling.num_grid', 0, 'sampling.num_grid=0'),
+    ('sampling.teacher_steps', 1, 'sampling.teacher_steps=1 must be at least 2'),
+    ('eval.num_samples', 0, 'eval.num_samples=0'),
+    ('eval.steps', (), 'eval.steps=()'),
+    ('optim.learning_rate', -1e-3, 'optim.learning_rate=-0.001'),
+    ('optim.grad_clip', -1.0, 'optim.grad_clip=-1.0'),
+    ('optim.b2', 1.0, 'optim.b2=1.0'),
+    ('model.dropout', 1.0, r'model.dropout=1.0 must be in \[0, 1\)'),
+    ('model.label_dropout', -0.1, 'model.label_dropout=-0.1'),
+    ('sampling.mid_sigmas', (100.0,), r'sampling.mid_sigmas=\(100.0,\) must decrease strictly inside'),
+    ('objective.s0', 0, 'iCT needs 1 <= s0 <= s1')])
+def test_settings_out_of_range_stop_before_any_work(key, value, fragment):
+  config = tiny_config(num_steps=2)
+  config.update_from_flattened_dict({key: value})
+  with pytest.raises(ValueError, match=fragment):
+    train.Experiment(config, jax.devices()[:1])
+
+
+def test_ct_with_one_level_is_refused():
+  """N(0) = s0 levels: s0 = 1 would sample from an empty range (a NaN loss at step 0 in the official code's terms)."""
+  config = tiny_config(num_steps=2)
+  config.objective = digits_ct.get_config().objective
+  config.objective.s0 = 1
+  with pytest.raises(ValueError, match='CT starts with N\\(0\\) = s0 levels, which needs s0 >= 2'):
+    train.Experiment(config, jax.devices()[:1])
+
+
+def test_resuming_with_another_network_names_the_leaf_and_leaves_the_checkpoint(tmp_path):
+  train.train_and_evaluate(tiny_config(num_steps=2), tmp_path, jax.devices()[:1])
+  wider = tiny_config(num_steps=4)
+  wider.model.hidden = 2 * wider.model.hidden
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r'written by another network or method: ema/0/block_0/affine/bias has shape \(32,\) there '
+                           r'and \(64,\) here'):
+    train.train_and_evaluate(wider, tmp_path, jax.devices()[:1])
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['1', '2']  # nothing moved aside

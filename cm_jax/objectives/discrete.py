@@ -166,9 +166,12 @@ def make_cd(config, model, edm: EDM) -> Objective:
 
 
 def make_ct(config, model, edm: EDM) -> Objective:
-  """Consistency training (CM paper): N(k) grows from s0 + 1 to s1 + 1, n ~ U{1..N(k)-1}, lambda = 1,
+  """Consistency training (CM paper): N(k) grows from s0 to s1 + 1, n ~ U{1..N(k)-1}, lambda = 1,
   theta- <- mu(k) theta- + (1 - mu(k)) theta with mu(k) = exp(s0 ln(mu0) / N(k)) (or / (N(k) - 1): 'code')."""
   obj = config.objective
+  if obj.s0 < 2 or obj.s1 < obj.s0:
+    raise ValueError(f'objective.s0={obj.s0}, s1={obj.s1}: CT starts with N(0) = s0 levels, which needs s0 >= 2 '
+                     '(one level has no pair to compare; the official code clamps it), and s1 >= s0.')
   if obj.mu_convention not in ('paper', 'code'):
     raise ValueError(f"Unknown objective.mu_convention {obj.mu_convention!r}; expected 'paper' or 'code'.")
   if not 0.0 < obj.mu0 < 1.0:
@@ -183,6 +186,8 @@ def make_ict(config, model, edm: EDM) -> Objective:
   """iCT: N(k) doubles from s0 to s1, n follows the lognormal index distribution, lambda = 1 / (sigma_{n+1} - sigma_n),
   d is pseudo-Huber over the whole sample and theta- = sg(theta)."""
   obj = config.objective
+  if obj.s0 < 1 or obj.s1 < obj.s0:
+    raise ValueError(f'objective.s0={obj.s0}, s1={obj.s1}: iCT needs 1 <= s0 <= s1.')
   grid = _grid(config, edm)
 
   def sample_levels(rng, step, batch):
