@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from cm_jax import schedules
 from cm_jax import solvers
-from cm_jax.models.apply import NULL_LABEL, network, takes_guidance
+from cm_jax.models.apply import can_guide, guided, network, takes_guidance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,20 +135,9 @@ def _consistency(config, model, process):
 # ----------------------------------------------------------------------------------------------------------
 # VP timesteps: DDIM (teachers) and LCM's multistep sampling (latent consistency models).
 # ----------------------------------------------------------------------------------------------------------
-def can_guide(model) -> bool:
-  """Whether a network has the unconditional branch classifier-free guidance needs (labels, trained with dropout)."""
-  return bool(getattr(model, 'num_classes', 0)) and getattr(model, 'label_dropout', 0.0) > 0
-
-
 def guided_prediction(process, model, params, cond, x, t, scale):
-  """(x0_hat, eps_hat) with classifier-free guidance: u + s (c - u) for both, u the prediction with the null label
-  (s = 1: the conditional prediction alone, one evaluation)."""
-  conditional = process.predict(network(model, params, cond), x, t)
-  if scale is None:
-    return conditional
-  null = process.predict(network(model, params, jnp.full_like(cond, NULL_LABEL)), x, t)
-  s = jnp.reshape(scale, jnp.shape(scale) + (1,) * (x.ndim - jnp.ndim(scale)))
-  return tuple(u + s * (c - u) for c, u in zip(conditional, null))
+  """(x0_hat, eps_hat) of a VP network with classifier-free guidance (models.apply.guided; scale None: none)."""
+  return guided(lambda labels: process.predict(network(model, params, labels), x, t), cond, scale)
 
 
 def _ddim_guidance(config, model):

@@ -113,6 +113,7 @@ def check_config(config) -> None:
       raise ValueError(f'model.{key}={c.model[key]} must be in [0, 1).')
   if any(not 0.0 <= r < 1.0 for r in c.ema.rates) or not c.ema.rates:
     raise ValueError(f'ema.rates={tuple(c.ema.rates)} must be a non-empty list of rates in [0, 1).')
+  writers.check_logging_config(c)
 
 
 class Experiment:

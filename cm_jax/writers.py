@@ -130,8 +130,8 @@ class Writers:
 
 
 def make_writers(config, workdir) -> Writers:
-  """TensorBoard under WORKDIR/tensorboard, and W&B when config.logging.wandb.mode is not 'off' (process 0)."""
-  check_logging_config(config)
+  """TensorBoard under WORKDIR/tensorboard, and W&B when config.logging.wandb.mode is not 'off' (process 0); the
+  settings were checked with the config (check_logging_config)."""
   if jax.process_index() != 0:
     return Writers([])
   writers = [TensorBoardWriter(epath.Path(workdir) / 'tensorboard')]

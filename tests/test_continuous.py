@@ -261,8 +261,11 @@ PROBE_CALLS = []
 
 
 class GuidanceProbe(nn.Module):
-  """F = alpha x (1 + s) (s = 1 without a guidance scale); appends the guidance of every call to PROBE_CALLS."""
+  """F = alpha x (1 + s) (s = 1 without a guidance scale); appends the guidance of every call to PROBE_CALLS. Declares
+  itself class-conditional with label dropout (the unconditional branch guidance needs); it ignores labels."""
   guidance_embedding: bool = True
+  num_classes: int = 3
+  label_dropout: float = 0.1
 
   @nn.compact
   def __call__(self, x_in, t, cond=None, train=False, guidance=None):

@@ -1,5 +1,8 @@
 """Networks bound to their parameters, labels, guidance scale and dropout: how objectives and samplers call them."""
 
+import jax
+import jax.numpy as jnp
+
 from cm_jax.models import lora
 
 NULL_LABEL = -1  # the unconditional label of every network (a label < 0 embeds as zero)
@@ -8,6 +11,24 @@ NULL_LABEL = -1  # the unconditional label of every network (a label < 0 embeds 
 def takes_guidance(model) -> bool:
   """Whether the network has a guidance-scale input (model.guidance_embedding)."""
   return bool(getattr(model, 'guidance_embedding', False))
+
+
+def can_guide(model) -> bool:
+  """Whether a network has the unconditional branch classifier-free guidance needs: labels, trained with label
+  dropout (model.label_dropout > 0), so that label -1 means "no label"."""
+  return bool(getattr(model, 'num_classes', 0)) and getattr(model, 'label_dropout', 0.0) > 0
+
+
+def guided(predict, cond, scale):
+  """Classifier-free guidance of `predict(labels)` (an array or a tuple of them): u + s (c - u) with c = predict(cond)
+  and u = predict(null labels), s per example [B] or a scalar; `scale` None: predict(cond) alone (one evaluation)."""
+  conditional = predict(cond)
+  if scale is None:
+    return conditional
+  unconditional = predict(jnp.full_like(cond, NULL_LABEL))
+  s = jnp.asarray(scale)
+  return jax.tree.map(lambda c, u: u + jnp.reshape(s, s.shape + (1,) * (c.ndim - s.ndim)) * (c - u),
+                      conditional, unconditional)
 
 
 def without_guidance(model):

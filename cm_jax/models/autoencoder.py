@@ -92,10 +92,8 @@ class Block(nn.Module):
   def __call__(self, x):
     for j in range(self.num_layers):
       x = ResnetBlock2D(self.features, self.groups, name=f'resnets_{j}')(x)
-    if self.resample == 'down':
-      x = Resample('down', name='downsamplers_0')(x)
-    elif self.resample == 'up':
-      x = Resample('up', name='upsamplers_0')(x)
+    if self.resample:
+      x = Resample(self.resample, name=f'{self.resample}samplers_0')(x)
     return x
 
 

@@ -65,11 +65,6 @@ def init(rng, params, paths, rank: int):
   return flax.traverse_util.unflatten_dict(adapters, sep='/')
 
 
-def count(adapters) -> int:
-  """Number of adapter parameters."""
-  return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(adapters))
-
-
 def delta(adapter, scale: float):
   """The merged update scale A B of one kernel, with the kernel's shape."""
   return scale * jnp.einsum('...r,ro->...o', adapter['a'], adapter['b'])

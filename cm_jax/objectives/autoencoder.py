@@ -43,17 +43,15 @@ VAE_PRIOR = sampling.Sampler(lambda num_steps: 'VAE prior', _prior_samples, eval
                              nfe=lambda config, num_steps: 1)
 
 
-def _encode_records(model, params, source, indices, batch_size=256):
-  """(images, posterior means, reconstructions from the means) of the records at `indices` (host numpy)."""
-  fn = jax.jit(lambda p, x: model.apply({'params': p}, x, method=AutoencoderKL.encode)[0])
-  decode = jax.jit(lambda p, z: model.apply({'params': p}, z, method=AutoencoderKL.decode))
+def _encode_records(autoencoder: latents.Autoencoder, source, indices, batch_size=256):
+  """(images, unscaled posterior means, reconstructions from the means) of the records at `indices` (host numpy)."""
   images, means, recons = [], [], []
   for chunk in np.array_split(indices, max(1, -(-len(indices) // batch_size))):
     x = source.get(chunk)['image']
-    mean = fn(params, x)
+    mean = autoencoder.posterior(x)[0]
     images.append(x)
     means.append(np.asarray(mean))
-    recons.append(np.clip(np.asarray(decode(params, mean)), -1.0, 1.0))
+    recons.append(np.clip(np.asarray(autoencoder.decode(mean)), -1.0, 1.0))
   return np.concatenate(images), np.concatenate(means), np.concatenate(recons)
 
 
@@ -91,9 +89,10 @@ def make_autoencoder(config, model, process) -> Objective:
   def finish(experiment, state, workdir):
     """Exports the first EMA as WORKDIR/autoencoder with its scaling factor; prints the reconstruction error."""
     params = jax.device_get(state.ema[0])
+    autoencoder = latents.Autoencoder(model, params, scaling_factor=1.0, shift_factor=None, path=str(workdir))
     source = experiment.source
     indices = np.arange(min(len(source), obj.scale_records))
-    images, means, recons = _encode_records(model, params, source, indices)
+    images, means, recons = _encode_records(autoencoder, source, indices)
     scaling_factor = float(1.0 / np.std(means))
     folder = epath.Path(workdir) / latents.RUN_EXPORT
     if jax.process_index() == 0:
@@ -106,7 +105,7 @@ def make_autoencoder(config, model, process) -> Objective:
       held_out = ml_collections.ConfigDict(experiment.config.data.to_dict())
       held_out.split = 'test'
       test = data_lib.build_source(held_out)
-      _, _, recons = _encode_records(model, params, test, np.arange(len(test)))
+      _, _, recons = _encode_records(autoencoder, test, np.arange(len(test)))
       report.proxy_table([('autoencoder reconstructions (test split)', 1, recons)],
                          epath.Path(workdir) / 'proxy_classifier.msgpack')
 

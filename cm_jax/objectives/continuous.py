@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from cm_jax import distances
 from cm_jax import sampling
 from cm_jax import solvers
-from cm_jax.models.apply import NULL_LABEL, network, without_guidance, without_label_dropout
+from cm_jax.models.apply import can_guide, guided, network, without_guidance, without_label_dropout
 from cm_jax.objectives.base import Objective, labels, sample_guidance
 from cm_jax.objectives.weighting import AdaptiveWeighting
 from cm_jax.parameterization import EDM, TrigFlow, bcast
@@ -121,7 +121,7 @@ def _teacher(frozen, name):
 # ----------------------------------------------------------------------------------------------------------
 # sCT and sCD.
 # ----------------------------------------------------------------------------------------------------------
-def _check_scm(config, tf, distill):
+def _check_scm(config, model, tf, distill):
   obj = config.objective
   _check_common(config, _SCD_KEYS if distill else _SCM_KEYS)
   if not isinstance(tf, TrigFlow):
@@ -139,13 +139,13 @@ def _check_scm(config, tf, distill):
     lo, hi = obj.guidance_scale
     if not 0 <= lo <= hi:
       raise ValueError(f'objective.guidance_scale={tuple(obj.guidance_scale)} must be (lo, hi) with 0 <= lo <= hi.')
-    if (lo, hi) != (1.0, 1.0) and not (config.model.num_classes and config.model.get('label_dropout', 0) > 0):
+    if (lo, hi) != (1.0, 1.0) and not can_guide(model):
       raise ValueError(f'objective.guidance_scale={tuple(obj.guidance_scale)} needs a class-conditional teacher '
                        'trained with model.label_dropout > 0 (a network where label -1 is the unconditional branch).')
 
 
 def _guided_velocity(config, teacher_model, tf: TrigFlow):
-  """dx_t/dt = v(x_t, t, c) + (s - 1)(v(x_t, t, c) - v(x_t, t, null)) per example (s = 1: no guidance)."""
+  """dx_t/dt = v(x_t, t, null) + s (v(x_t, t, c) - v(x_t, t, null)) per example (s = 1: no guidance)."""
   obj = config.objective
   edm = EDM(sigma_data=tf.sigma_data, sigma_min=tf.sigma_min, sigma_max=tf.sigma_max)
 
@@ -153,14 +153,9 @@ def _guided_velocity(config, teacher_model, tf: TrigFlow):
     net = network(teacher_model, params, cond)
     return tf.velocity(net, x_t, t) if obj.teacher == 'trigflow' else tf.edm_velocity(edm, net, x_t, t)
 
-  def guided(params, x_t, t, cond, s):
-    v = velocity(params, x_t, t, cond)
-    if tuple(obj.guidance_scale) == (1.0, 1.0):
-      return v
-    v_null = velocity(params, x_t, t, jnp.full_like(cond, NULL_LABEL))
-    return v + bcast(s - 1.0, v) * (v - v_null)
-
-  return guided
+  unguided = tuple(obj.guidance_scale) == (1.0, 1.0)
+  return lambda params, x_t, t, cond, s: guided(lambda labels: velocity(params, x_t, t, labels), cond,
+                                                None if unguided else s)
 
 
 def make_scm(config, model, tf: TrigFlow, distill: bool) -> Objective:
@@ -174,7 +169,7 @@ def make_scm(config, model, tf: TrigFlow, distill: bool) -> Objective:
   so its label dropout (model.label_dropout, the teacher's setting) is off: a dropped label would pair "no
   label" with a conditional target. The teacher is the same network without the guidance input.
   """
-  _check_scm(config, tf, distill)
+  _check_scm(config, model, tf, distill)
   obj = config.objective
   sd = tf.sigma_data
   if distill:

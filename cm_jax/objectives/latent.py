@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from cm_jax import distances
 from cm_jax import sampling
 from cm_jax import schedules
-from cm_jax.models.apply import network, without_guidance, without_label_dropout
+from cm_jax.models.apply import can_guide, network, without_guidance, without_label_dropout
 from cm_jax.objectives.base import Objective, labels, sample_guidance
 from cm_jax.parameterization import VP
 
@@ -36,7 +36,7 @@ def _check(config, model, vp, distill: bool):
   if not distill and lo != hi:
     raise ValueError(f'objective.guidance_scale={tuple(obj.guidance_scale)}: LCF has no teacher to guide; give one '
                      'scale (lo = hi), the s its guidance input is fed (1: the unguided flow it is trained on).')
-  if distill and (lo, hi) != (1.0, 1.0) and not sampling.can_guide(model):
+  if distill and (lo, hi) != (1.0, 1.0) and not can_guide(model):
     raise ValueError(f'objective.guidance_scale={tuple(obj.guidance_scale)} needs a class-conditional teacher '
                      'trained with model.label_dropout > 0 (a network where label -1 is the unconditional branch).')
   distances.get_distance(obj.distance)
