@@ -65,7 +65,7 @@ def console_every(num_steps: int, log_every: int, lines: int = 10) -> int:
   return log_every * max(1, math.ceil(num_steps / (lines * log_every)))
 
 
-def _format_seconds(seconds: float) -> str:
+def format_seconds(seconds: float) -> str:
   seconds = int(seconds)
   return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s'
 
@@ -97,7 +97,7 @@ class Progress:
     eta = (self.total_steps - step) / max(rate, 1e-9)
     self._last_step, self._last_time = step, now
     shown = '  '.join(f'{k} {float(v):.4g}' for k, v in sorted(metrics.items()) if k != 'nonfinite' or v)
-    say(f'step {step}/{self.total_steps}  {rate:.2f} steps/s  ETA {_format_seconds(eta)}  {shown}'
+    say(f'step {step}/{self.total_steps}  {rate:.2f} steps/s  ETA {format_seconds(eta)}  {shown}'
         + ''.join(f'  [{e}]' for e in events))
     return rate
 

@@ -10,6 +10,8 @@ comparison of improved latent CT (Dao et al. 2025), with D the dimensions of one
 
 import math
 
+import flax
+import jax
 import jax.numpy as jnp
 
 from cm_jax import lpips
@@ -77,11 +79,24 @@ DISTANCES = {'l2': squared_l2, 'l1': l1, 'l2_norm': l2_norm, 'pseudo_huber': pse
 SCALED = ('pseudo_huber', 'pseudo_huber_elementwise', 'cauchy', 'geman_mcclure')  # the distances c acts on
 
 
-def get_distance(name: str, lpips_weights: str = ''):
-  """Looks up a distance by its config name; 'lpips' reads its weights from `lpips_weights` on first use."""
+def get_distance(name: str):
+  """d(x, y, c=None, inputs=None) -> [B] by config name; 'lpips' reads its network from inputs['lpips']."""
   if name == 'lpips':
-    distance = lpips.lpips_distance(lpips_weights)
-    return lambda x, y, c=None: distance(x, y)
+    distance = lpips.lpips_distance()
+    return lambda x, y, c=None, inputs=None: distance(x, y, inputs['lpips'])
   if name not in DISTANCES:
     raise ValueError(f'Unknown distance {name!r}; expected one of {sorted(DISTANCES) + ["lpips"]}.')
-  return DISTANCES[name]
+  return lambda x, y, c=None, inputs=None: DISTANCES[name](x, y, c)
+
+
+def step_inputs(name: str, lpips_weights: str = ''):
+  """load(abstract=False) -> what the distance reads from the train step's inputs: {'lpips': weights} for 'lpips'
+  (read from `lpips_weights` when the trainer loads it, before compiling; shapes only when abstract), else {}."""
+  def load(abstract=False):
+    if name != 'lpips':
+      return {}
+    if abstract:
+      shapes = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in lpips.expected_shapes().items()}
+      return {'lpips': flax.traverse_util.unflatten_dict(shapes, sep='/')}
+    return {'lpips': lpips.load_params(lpips_weights)}
+  return load

@@ -90,8 +90,12 @@ def initialize(how: Plan) -> None:
                how.kind)
 
 
-class Preempted(Exception):
-  """The run stopped at a preemption sync point after saving a checkpoint there; rerun to resume."""
+class Preempted(BaseException):
+  """The run stopped at a preemption sync point after saving a checkpoint there; rerun to resume.
+
+  A BaseException, like KeyboardInterrupt: raised from the SIGTERM handler wherever the main thread is (an import,
+  a library call), it must not be swallowed by a library's `except Exception`.
+  """
 
 
 def stop_on_sigterm() -> None:

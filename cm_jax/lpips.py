@@ -4,14 +4,13 @@ d(x, y) = sum_l mean_hw sum_c w_lc (n_l(x) - n_l(y))^2, n_l = channel-unit-norma
 VGG-16 at stages l = 1..5, w_l >= 0 the linear heads. Images [B, H, W, 3] in [-1, 1] smaller than 256 pixels are
 first resized to 224x224 bilinearly, as the CM code does, then shifted and scaled as LPIPS expects.
 
-Weights file (config.objective.lpips_weights, loaded once per path): an .npz whose keys are the '/'-joined Flax
+Weights file (config.objective.lpips_weights, read by the trainer before it compiles the step): an .npz whose keys are the '/'-joined Flax
 parameter paths of `LPIPS` -- `conv{s}_{j}/kernel` [3, 3, in, out] and `conv{s}_{j}/bias` [out] for the thirteen
 VGG-16 convolutions (conv1_1 .. conv5_3), and `lin{l}/kernel` [C_l, 1] for the five heads (lin0 .. lin4). From the
 PyTorch LPIPS v0.1 release: kernel = torchvision vgg16 features weight.transpose(2, 3, 1, 0), lin kernel =
 lin{l}.model.1.weight.reshape(C_l, 1). `save_params` writes this format.
 """
 
-import functools
 from collections.abc import Sequence
 
 import flax
@@ -91,19 +90,13 @@ def load_params(path, model=None):
   return flax.traverse_util.unflatten_dict({k: v.astype(np.float32) for k, v in arrays.items()}, sep='/')
 
 
-@functools.lru_cache(maxsize=None)
-def _cached_params(path, widths, depths):
-  """Host (numpy) arrays, so that a first read inside a jit trace caches no tracers."""
-  return load_params(path, LPIPS(widths, depths))
+def lpips_distance(model: LPIPS = LPIPS()):
+  """d(x, y, params) [B, H, W, 3] x2 -> [B]: LPIPS after the 224 resize, with the network's weights as an argument
+  (a train step input, like the teacher: not a constant of the compiled program)."""
 
-
-def lpips_distance(weights_path: str, model: LPIPS = LPIPS()):
-  """d(x, y) [B, H, W, 3] x2 -> [B]: LPIPS after the 224 resize; weights load on first use, once per path."""
-
-  def distance(x, y):
+  def distance(x, y, params):
     if x.shape[-1] != 3:
       raise ValueError(f'LPIPS needs RGB images [B, H, W, 3]; got shape {x.shape}.')
-    params = _cached_params(str(weights_path), tuple(model.widths), tuple(model.depths))
     return model.apply({'params': params}, resize(x), resize(y))
 
   return distance

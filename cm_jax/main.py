@@ -1,4 +1,5 @@
-"""Command line: python -m cm_jax.main --config=configs/NAME.py[:arg] --workdir=DIR --mode=train|sample|eval|encode.
+"""Command line: python -m cm_jax.main --config=configs/NAME.py[:arg] --workdir=DIR
+                                        [--mode=train|sample|eval|fid|edit|encode].
 
 Config fields are overridden with --config.key=value; an unknown key stops the run before any work.
 A multi-process run joins its processes first (cm_jax/distributed.py: the --coordinator_address,
@@ -7,6 +8,7 @@ a checkpoint at a step all processes agree on and exits 0; rerunning the command
 """
 
 import functools
+import importlib
 import os
 import sys
 
@@ -16,13 +18,16 @@ from absl import logging
 from ml_collections import config_flags
 
 from cm_jax import checkpoint
+from cm_jax import cli
 from cm_jax import console
 from cm_jax import distributed
+from cm_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, event files, samples, config.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'encode'],
-                          'What to do (encode: write config.latent.cache, a latent run\'s pre-encoded data).')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'fid', 'edit', 'encode'],
+                          'What to do (fid: FID/IS of the newest checkpoint, config.eval.fid; edit: zero-shot editing, '
+                          'config.edit; encode: write config.latent.cache, a latent run\'s pre-encoded data).')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None,
     f'host:port of process 0 of a multi-process run (else ${distributed.ENV_COORDINATOR}; detected on TPU VMs, Slurm).')
@@ -37,17 +42,22 @@ _USER_ERRORS = (ValueError, FileNotFoundError, checkpoint.CheckpointError, Float
 
 
 def _run(mode, config, workdir):
-  """Joins the run's processes (before devices start), sends the logs to the workdir, then trains, samples,
-  evaluates or encodes."""
+  """Checks the workdir, joins the run's processes (before devices start), sends the logs to the workdir, then
+  trains, samples, evaluates or encodes."""
+  workdir_lib.check(workdir, mode)
   distributed.initialize(distributed.plan(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
   distributed.stop_on_sigterm()
-  from cm_jax import train  # pylint: disable=g-import-not-at-top
   console.route_logs(workdir)
   logging.info('Config:\n%s', config)
   name = config_flags.get_config_filename(flags.FLAGS['config'])
-  modes = {'train': functools.partial(train.train_and_evaluate, name=name), 'sample': train.sample,
-           'eval': train.evaluate, 'encode': train.encode}
-  modes[mode](config, workdir)
+  modes = {'train': ('cm_jax.train', 'train_and_evaluate'), 'sample': ('cm_jax.train', 'sample'),
+           'eval': ('cm_jax.train', 'evaluate'), 'fid': ('cm_jax.evaluation.fid', 'run'),
+           'edit': ('cm_jax.editing', 'run'), 'encode': ('cm_jax.train', 'encode')}
+  module, function = modes[mode]
+  run = getattr(importlib.import_module(module), function)  # after the processes joined: JAX starts here
+  if mode == 'train':
+    run = functools.partial(run, name=name)
+  run(config, workdir)
 
 
 def main(argv):
@@ -71,32 +81,5 @@ def main(argv):
     sys.exit(1)
 
 
-def _reason(error: BaseException) -> str:
-  """The last line of what went wrong (a config file's own traceback ends with its exception)."""
-  if isinstance(error, SyntaxError):
-    return f'{error.filename}, line {error.lineno}: {error.msg}'
-  if error.args and isinstance(error.args[0], KeyError):  # ml_collections wraps the KeyError of an unknown field
-    error = error.args[0]
-  if isinstance(error, KeyError) and error.args:  # an override of a key the config does not have
-    key, *hint = [line.strip() for line in str(error.args[0]).splitlines() if line.strip()]
-    return f'no config key {key}' + (f' ({" ".join(hint)})' if hint else '')
-  lines = [line.strip() for line in str(error.__cause__ or error).splitlines() if line.strip()]
-  return lines[-1] if lines else type(error).__name__
-
-
-def parse_flags(argv):
-  """absl flag parsing that reports a bad flag, config file or config override in one line (exit status 2).
-
-  The config file is loaded here (ml_collections defers a failed load to the config's first use).
-  """
-  try:
-    argv = flags.FLAGS(argv)
-    flags.FLAGS.config.keys()
-    return argv
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError, SyntaxError) as e:
-    print(f'cm_jax: error: bad flag, config file or config override: {_reason(e)}', file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

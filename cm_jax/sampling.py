@@ -2,7 +2,8 @@
 objective how to sample and never branches on the method:
 
   EDM_HEUN     diffusion models on EDM levels (EDM and TrigFlow teachers): EDM's Heun sampler.
-  CONSISTENCY  consistency models on EDM / TrigFlow: one step, or CM's multistep sampling (Algorithm 1).
+  CONSISTENCY  consistency models on EDM / TrigFlow: one step, or CM's multistep sampling (Algorithm 1); with
+               sampling.clip_denoised each x0 estimate is clamped to [-1, 1].
   DDIM         VP (DDPM) diffusion models: deterministic DDIM on the trailing grid, classifier-free guidance optional.
   LCM          latent consistency models on VP: LCM's multistep sampling (predict x0, re-noise to the next timestep).
 
@@ -76,6 +77,27 @@ def consistency_multistep(process, f, z, ts, noise_rng):
   return x
 
 
+def clip_denoised(config) -> bool:
+  """x0 <- clip(x0, -1, 1) after every consistency-function call (sampling.clip_denoised, as the CM code does).
+
+  Applies to every x0 estimate of multistep sampling and editing, the last included; False for runs written before
+  the key. A latent run is refused: its samples are latents, which have no data range.
+  """
+  clip = bool(config.sampling.get('clip_denoised', False))
+  if clip and config.get('latent', {}).get('autoencoder'):
+    raise ValueError('sampling.clip_denoised=True clamps pixels to [-1, 1], but this run samples latents '
+                     f'(latent.autoencoder={config.latent.autoencoder!r}): set it to False.')
+  return clip
+
+
+def consistency_fn(process, net, clip: bool):
+  """f(x, t) = process.consistency(net, x, t), or clip(f(x, t), -1, 1) with `clip` (sampling.clip_denoised)."""
+  def f(x, t):
+    x0 = process.consistency(net, x, t)
+    return jnp.clip(x0, -1.0, 1.0) if clip else x0
+  return f
+
+
 def mid_sigmas(config, process) -> tuple:
   """The levels after sigma_max of multistep sampling: sampling.mid_sigmas, or for sampling.mid_indices (the CM
   code's ts, counted from sigma_max) sigma = karras_sigma(N - 1 - i, N) on the N = sampling.index_grid_size grid."""
@@ -115,10 +137,12 @@ def _edm_heun(config, model, process):
 
 def _consistency(config, model, process):
   """`consistency_multistep` with `num_steps` evaluations at t_max and t_from_sigma of
-  mid_sigmas(config)[:num_steps - 1] (sCM's 2-step t = 1.1 is the level sigma = sd tan 1.1)."""
+  mid_sigmas(config)[:num_steps - 1] (sCM's 2-step t = 1.1 is the level sigma = sd tan 1.1), each output clamped to
+  [-1, 1] with sampling.clip_denoised."""
   sigmas = mid_sigmas(config, process)
   mids = tuple(float(process.t_from_sigma(s)) for s in sigmas)
   default = _guidance_input(config, model)
+  clip = clip_denoised(config)
 
   def sample(params, rng, cond, shape, num_steps, guidance=None):
     if num_steps - 1 > len(mids):
@@ -126,8 +150,8 @@ def _consistency(config, model, process):
                        f'the config gives {sigmas}.')
     net = network(model, params, cond, guidance=_per_example_guidance(model, default, guidance, shape[0]))
     rng_z, rng_noise = jax.random.split(rng)
-    return consistency_multistep(process, lambda x, t: process.consistency(net, x, t),
-                                 jax.random.normal(rng_z, shape), (process.t_max,) + mids[:num_steps - 1], rng_noise)
+    return consistency_multistep(process, consistency_fn(process, net, clip), jax.random.normal(rng_z, shape),
+                                 (process.t_max,) + mids[:num_steps - 1], rng_noise)
 
   return sample
 

@@ -54,13 +54,7 @@ def check_batch_divides(global_batch_size: int, mesh) -> None:
 
 def tree_path(path) -> str:
   """'/'-joined names of a pytree key path, e.g. 'params/down_0/res_1/conv_0/kernel'."""
-  parts = []
-  for key in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-  return '/'.join(parts)
+  return jax.tree_util.keystr(path, simple=True, separator='/')
 
 
 def _axis_names(entry) -> tuple:

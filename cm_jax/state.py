@@ -63,7 +63,3 @@ def create_state(rng, model, objective, tx, sample_input, num_ema: int) -> Train
       ema=tuple(params for _ in range(num_ema)),
       target=params if objective.target_rate is not None else None)
 
-
-def ema_update(ema, new, rate):
-  """ema <- rate ema + (1 - rate) new, leaf by leaf."""
-  return jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, ema, new)

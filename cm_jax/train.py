@@ -31,7 +31,7 @@ from cm_jax import sharding
 from cm_jax import writers
 from cm_jax.data import pipeline
 from cm_jax.parameterization import make_parameterization
-from cm_jax.state import TrainState, create_state, ema_update, make_optimizer
+from cm_jax.state import TrainState, create_state, make_optimizer
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -43,8 +43,9 @@ SPACE_STREAM = 7  # fold_in(step key, SPACE_STREAM): the randomness of the data 
 def make_train_step(objective, space, tx, ema_rates, seed: int, skip_nonfinite: bool, mesh):
   """train_step(state, batch, frozen) -> (state, metrics): one optimiser step, target and EMA updates.
 
-  `frozen` holds what the step reads but does not train: 'teacher' (parameters or None) and 'space' (the latent
-  space's autoencoder parameters or None); the batch passes through `space.prepare` first. Step k draws its
+  `frozen` holds what the step reads but does not train: 'teacher' (parameters or None), 'space' (the latent
+  space's autoencoder parameters or None) and 'objective' (the objective's own inputs, e.g. LPIPS's weights); the
+  batch passes through `space.prepare` first. Step k draws its
   randomness from fold_in(PRNGKey(seed), k). With `skip_nonfinite`, a step whose loss, gradient or updated parameters
   are not finite leaves the state unchanged except for the step counter (counted in the metrics). The mesh is the
   abstract mesh while the step is traced (couplings.py shards by it).
@@ -55,7 +56,7 @@ def make_train_step(objective, space, tx, ema_rates, seed: int, skip_nonfinite: 
     rng = jax.random.fold_in(base_key, state.step)
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       batch = space.prepare(frozen['space'], batch, jax.random.fold_in(rng, SPACE_STREAM))
-      inputs = {'target': state.target, 'teacher': frozen['teacher']}
+      inputs = {'target': state.target, 'teacher': frozen['teacher'], **frozen['objective']}
 
       def loss_fn(trainable):
         return objective.loss(trainable['params'], trainable['extra'], inputs, batch, rng, state.step)
@@ -67,9 +68,9 @@ def make_train_step(objective, space, tx, ema_rates, seed: int, skip_nonfinite: 
     params = trainable['params']
     new = state.replace(
         step=state.step + 1, params=params, extra=trainable['extra'], opt_state=opt_state,
-        ema=tuple(ema_update(e, params, r) for e, r in zip(state.ema, ema_rates)),
+        ema=tuple(optax.incremental_update(params, e, 1.0 - r) for e, r in zip(state.ema, ema_rates)),  # r e + (1-r) p
         target=(None if objective.target_rate is None
-                else ema_update(state.target, params, objective.target_rate(state.step))))
+                else optax.incremental_update(params, state.target, 1.0 - objective.target_rate(state.step))))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
     if skip_nonfinite:
       keep = lambda n, o: jnp.where(finite, n, o)
@@ -117,14 +118,17 @@ def check_config(config) -> None:
 
 
 class Experiment:
-  """Mesh, data source and space, model, objective and the abstract sharded state of one config."""
+  """Mesh, data source and space, model, objective and the abstract sharded state of one config.
 
-  def __init__(self, config, devices=None):
+  `build_space(config, mesh) -> (space, source)` is latents.build; the pre-flight passes one that reads nothing.
+  """
+
+  def __init__(self, config, devices=None, build_space=latents.build):
     check_config(config)
     self.config = config
     self.mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch_divides(config.train.batch_size, self.mesh)
-    self.space, self.source = latents.build(config, self.mesh)
+    self.space, self.source = build_space(config, self.mesh)
     self.shape = self.space.shape  # what the network sees: the data, or their latents
     self.num_classes = int(config.model.get('num_classes', 0))  # an autoencoder has no labels
     if self.num_classes > 0 and self.source.num_classes == 0:
@@ -134,13 +138,13 @@ class Experiment:
     self.objective = objectives.make_objective(config, self.model)
     self.sampler = self.objective.sampler
     self._sample_fn = None
-    self._decode = jax.jit(self.space.decode)
+    self._draw = jax.jit(self.draw, static_argnames=('batch', 'num_steps'))
     self.sample_fn()  # an inconsistent sampling config (levels, guidance scale) fails now, not after training
     self.tx = make_optimizer(config.optim)
     cond = jnp.zeros((1,), jnp.int32) if self.num_classes > 0 else None
+    self.sample_input = (jnp.zeros((1,) + self.shape), jnp.zeros((1,)), cond)  # (x, c_noise, cond) for init
     self._init = functools.partial(create_state, model=self.model, objective=self.objective, tx=self.tx,
-                                   sample_input=(jnp.zeros((1,) + self.shape), jnp.zeros((1,)), cond),
-                                   num_ema=len(config.ema.rates))
+                                   sample_input=self.sample_input, num_ema=len(config.ema.rates))
     abstract = jax.eval_shape(self._init, jax.random.PRNGKey(config.seed))
     self.state_sharding = sharding.tree_shardings(abstract, self.mesh, tuple(config.mesh.rules),
                                                   config.mesh.min_size)
@@ -171,9 +175,14 @@ class Experiment:
     return jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding, None),
                    out_shardings=(self.state_sharding, sharding.replicated(self.mesh)), donate_argnums=(0,))
 
-  def frozen(self, teacher_params=None) -> dict:
-    """The train step's and the samplers' frozen inputs: the teacher's parameters and the space's."""
-    return {'teacher': teacher_params, 'space': self.space.params}
+  def frozen(self, teacher_params=None, abstract: bool = False) -> dict:
+    """The train step's and the samplers' frozen inputs: the teacher's parameters, the space's and the objective's
+    own (`Objective.inputs`: read now, before any compilation, and replicated; shapes only when `abstract`)."""
+    replicated = sharding.replicated(self.mesh)
+    inputs = self.objective.inputs(abstract)
+    inputs = (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), inputs) if abstract
+              else jax.device_put(inputs, replicated))
+    return {'teacher': teacher_params, 'space': self.space.params, 'objective': inputs}
 
   def batches(self, start_step: int) -> pipeline.BatchIterator:
     """Global batches from `start_step` on, in the order fixed by (seed, step)."""
@@ -188,20 +197,30 @@ class Experiment:
       self._sample_fn = jax.jit(fn, static_argnames=('shape', 'num_steps'))
     return self._sample_fn
 
+  def draw(self, params, space_params, rng, batch: int, num_steps: int):
+    """`batch` samples of the sampling `params` (the objective's sample_params), decoded to the data's space and
+    split over the mesh's devices; traceable. Batch i of a run is draw(..., fold_in(PRNGKey(seed), i), ...): labels
+    (class-conditional runs) from fold_in(rng, 1), the sampler's noise from rng."""
+    cond = None
+    if self.num_classes > 0:
+      cond = jax.random.randint(jax.random.fold_in(rng, 1), (batch,), 0, self.num_classes)
+    samples = self.sample_fn()(params, rng, cond, shape=(batch,) + self.shape, num_steps=num_steps)
+    return jax.lax.with_sharding_constraint(self.space.decode(space_params, samples), self.batch_sharding)
+
+  def draw_fn(self):
+    """`draw` jit-compiled (batch and num_steps static), as --mode=sample and the sample grids run it."""
+    return self._draw
+
   def generate(self, params, num: int, num_steps: int, seed: int, teacher_params=None) -> np.ndarray:
     """`num` samples (host numpy, decoded to the data's space), generated in batches of train.batch_size across the
     mesh from the trained `params` (the objective's sample_params: LoRA merges them into the teacher)."""
-    fn = self.sample_fn()
-    params = self.objective.sample_params(params, self.frozen(teacher_params))
+    params = self.objective.sample_params(params, {'teacher': teacher_params})
     batch = self.config.train.batch_size
     out = []
     for i in range(-(-num // batch)):
-      rng = jax.random.fold_in(jax.random.PRNGKey(seed), i)
-      cond = None
-      if self.num_classes > 0:
-        cond = jax.random.randint(jax.random.fold_in(rng, 1), (batch,), 0, self.num_classes)
-      samples = fn(params, rng, cond, shape=(batch,) + self.shape, num_steps=num_steps)
-      out.append(np.asarray(multihost_utils.process_allgather(self._decode(self.space.params, samples), tiled=True)))
+      samples = self._draw(params, self.space.params, jax.random.fold_in(jax.random.PRNGKey(seed), i), batch=batch,
+                           num_steps=num_steps)
+      out.append(np.asarray(multihost_utils.process_allgather(samples, tiled=True)))
     return np.concatenate(out)[:num]
 
 
@@ -271,19 +290,19 @@ def train_and_evaluate(config, workdir: str, devices=None, name: str = ''):
   progress = console.Progress(config.train.num_steps,
                               console.console_every(config.train.num_steps, config.train.log_every), start)
   batches = exp.batches(start)
-  collection, accumulated, averages, previous, preempted = None, None, {}, None, False
+  collection, accumulated, averages, preempted = None, None, {}, False
+  first_bad = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))  # on device: no host round trip per step
   try:
     with distributed.PreemptionWatch() as preemption:
       for step in range(start + 1, config.train.num_steps + 1):
         state, metrics = step_fn(state, next(batches), frozen)
-        if previous is not None:
-          _check_finite(config, *previous, ckpt)
-        previous = (step, metrics)
+        first_bad = _first_nonfinite(first_bad, step, metrics['nonfinite'], metrics['loss'])
         collection = collection or _collection_for(tuple(metrics))
         update = collection.single_from_model_output(**metrics)
         accumulated = update if accumulated is None else accumulated.merge(update)
 
         if step % config.train.log_every == 0 or step == config.train.num_steps:
+          _check_finite(config, first_bad, ckpt)
           averages = {k: float(v) for k, v in accumulated.compute().items()}
           writer.write_scalars(step, averages)
           accumulated = None
@@ -292,7 +311,7 @@ def train_and_evaluate(config, workdir: str, devices=None, name: str = ''):
           progress.note('samples')
         preempted = preemption.reached(step)
         if preempted or ckpt.should_save(step) or step == config.train.num_steps:
-          _check_finite(config, *previous, ckpt)
+          _check_finite(config, first_bad, ckpt)
           ckpt.save(step, state, {'position': step, 'seed': config.seed}, force=True)
           progress.note('checkpoint')
         rate = progress.end_step(step, averages)
@@ -321,14 +340,22 @@ def train_and_evaluate(config, workdir: str, devices=None, name: str = ''):
   return state
 
 
-def _check_finite(config, step, metrics, ckpt):
-  """Stops the run on a non-finite loss (train.nonfinite='stop'), naming the step and the last checkpoint."""
-  if config.train.nonfinite == 'stop' and float(metrics['nonfinite']) > 0:
+@jax.jit
+def _first_nonfinite(first_bad, step, nonfinite, loss):
+  """(step, loss) of the first step whose loss, gradient or parameters were not finite; (0, 0) while none was."""
+  new = (first_bad[0] == 0) & (nonfinite > 0)
+  return jnp.where(new, step, first_bad[0]), jnp.where(new, loss, first_bad[1])
+
+
+def _check_finite(config, first_bad, ckpt):
+  """Stops the run (train.nonfinite='stop') if a step went non-finite, naming it and the last checkpoint. Asked at
+  logging and checkpoint steps only, so the loop never waits for a step's result in between."""
+  step, loss = (x.item() for x in jax.device_get(first_bad))
+  if config.train.nonfinite == 'stop' and step:
     ckpt.wait()
     last = ckpt.latest_step()
     where = f'{ckpt.directory / str(last)}' if last is not None else 'none (no checkpoint was saved yet)'
-    raise FloatingPointError(f'Non-finite loss, gradient or parameters at step {step} '
-                             f'(loss={float(metrics["loss"])}). '
+    raise FloatingPointError(f'Non-finite loss, gradient or parameters at step {step} (loss={loss}). '
                              f'Last good checkpoint: {where}.')
 
 
@@ -347,8 +374,8 @@ def write_samples(exp: Experiment, state, writer, workdir, step: int, teacher_pa
 # ----------------------------------------------------------------------------------------------------------
 def network_fields(model) -> dict:
   """A network's class and the fields that fix its function; rates that act only in training (dropout,
-  label_dropout), the compute dtype and the guidance input (a student's addition) aside."""
-  skip = {'parent', 'name', 'dropout', 'label_dropout', 'dtype', 'guidance_embedding'}
+  label_dropout), the compute dtype, rematerialisation and the guidance input (a student's addition) aside."""
+  skip = {'parent', 'name', 'dropout', 'label_dropout', 'dtype', 'remat', 'guidance_embedding'}
   return dict({f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in skip},
               network=type(model).__name__)
 
@@ -363,12 +390,15 @@ class Teacher:
 def load_teacher(config, exp: Experiment) -> Optional[Teacher]:
   """The run in config.teacher.workdir (None when unset).
 
-  A distillation loss (`Objective.teacher`) reads a diffusion run; teacher.init starts from any run. Where this run
+  A distillation loss (`Objective.distils`) reads a diffusion run; teacher.init starts from any run. Where this run
   reads its parameters, the network must be this run's (`network_fields`: a student may add a guidance input), the
   parameterisation the one they are read in and the space (pixels, or one autoencoder's latents) the same.
   Otherwise the run only heads the quality table, sampled its own way.
   """
   if not config.teacher.workdir:
+    if exp.objective.distils is not None:  # the one place this is checked
+      raise ValueError(f'objective.name={config.objective.name!r} distils a diffusion teacher: set teacher.workdir '
+                       'to its run.')
     return None
   from cm_jax import config_lib  # pylint: disable=g-import-not-at-top
   where = f'teacher.workdir={config.teacher.workdir!r}'
@@ -377,10 +407,10 @@ def load_teacher(config, exp: Experiment) -> Optional[Teacher]:
     raise ValueError(f'{where} holds LoRA adapters, which need their own teacher: name a run that trains its whole '
                      'network.')
   teacher_exp = Experiment(teacher_config, exp.mesh.devices.flatten().tolist())
-  if exp.objective.teacher is not None and not teacher_exp.sampler.diffusion:
+  if exp.objective.distils is not None and not teacher_exp.sampler.diffusion:
     raise ValueError(f'{where} holds a {teacher_config.objective.name!r} run, a consistency model; a distillation '
                      'teacher is a diffusion run (objective.name edm, trigflow or ddpm).')
-  reads = {'distillation (objective.name=' + config.objective.name + ')': exp.objective.teacher,
+  reads = {'distillation (objective.name=' + config.objective.name + ')': exp.objective.distils,
            'teacher.init': config.parameterization.name if config.teacher.init else None}
   reads = {use: wanted for use, wanted in reads.items() if wanted is not None}
   teacher_network, network = network_fields(teacher_exp.model), network_fields(exp.model)
@@ -452,14 +482,15 @@ def quality_report(exp: Experiment, state, teacher: Optional[Teacher], workdir) 
   evaluation step counts (a diffusion teacher: sampling.teacher_steps; a consistency model: eval.steps)."""
   from cm_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   c = exp.config
+  proxy = report.load_or_train_proxy(epath.Path(workdir) / 'proxy_classifier.msgpack')
   rows = []
   if teacher is not None:
     t = teacher.experiment
     for n in t.sampler.eval_steps(t.config):
       rows.append((f'teacher ({t.sampler.label(n)})', t.sampler.nfe(t.config, n),
-                   t.generate(teacher.params, c.eval.num_samples, n, c.seed + 3)))
+                   report.proxy_frechet(proxy, t, teacher.params, c.eval.num_samples, n, c.seed + 3)))
   for n in exp.sampler.eval_steps(c):
     rows.append((f'{c.objective.name} ({exp.sampler.label(n)})', exp.sampler.nfe(c, n),
-                 exp.generate(state.ema[0], c.eval.num_samples, n, c.seed + 3,
-                              None if teacher is None else teacher.params)))
-  return report.proxy_table(rows, epath.Path(workdir) / 'proxy_classifier.msgpack')
+                 report.proxy_frechet(proxy, exp, state.ema[0], c.eval.num_samples, n, c.seed + 3,
+                                      None if teacher is None else teacher.params)))
+  return report.proxy_table(rows, proxy)

@@ -45,9 +45,24 @@ def get_config():
   # mid_indices: indices counted from sigma_max on the index_grid_size-point Karras grid (the CM code's ts = [0, 11, 17]
   # is mid_indices=(11,) with index_grid_size=18; set mid_sigmas=() then).
   # guidance_scale: the s given to a network with a guidance input (model.guidance_embedding); must stay 1 otherwise.
+  # clip_denoised: clamp every x0 estimate of consistency sampling and editing to [-1, 1] before re-noising, as the CM
+  # code does (pixel runs only).
   c.sampling = ml_collections.ConfigDict(dict(
       teacher_steps=18, mid_sigmas=(0.821,), mid_indices=(), index_grid_size=18, grid_every=0, num_grid=64,
-      guidance_scale=1.0))
+      guidance_scale=1.0, clip_denoised=False))
+
+  # Zero-shot editing (--mode=edit, cm_jax/editing.py; CM paper Algorithm 4) with the newest checkpoint's first EMA.
+  # task: 'inpaint', 'colorize', 'super_resolve', 'stroke', 'denoise' or 'interpolate'. input: a PNG, or an .npy /
+  # .npz of images [N, H, W, C] in [-1, 1] ('': the first num_images images of config.data). sigmas: the decreasing
+  # noise levels of the loop, in (sigma_min, sigma_max]; () = the task's default: stroke (5.38, 2.24), the others the
+  # grid_size-point Karras grid from sigma_max down without sigma_min (the CM code's ts = 0..N-1).
+  # mask (inpaint; 1 = generate): 'center' (the middle half of each side), 'box' (box = (top, left, height, width)),
+  # or a binary PNG (0 / 255) or .npy (0 / 1) of [H, W] or [H, W, C]. patch_size: super_resolve's p (also the
+  # coarse strokes made from data images). noise_sigma: the noise level of denoise's input (data images get that
+  # noise added). num_points: interpolate's points per pair of noises (num_images pairs).
+  c.edit = ml_collections.ConfigDict(dict(
+      task='inpaint', input='', num_images=8, sigmas=(), grid_size=18, mask='center', box=(0, 0, 0, 0),
+      patch_size=4, noise_sigma=0.5, num_points=8))
 
   # The data space. autoencoder '': pixels. Else a diffusers AutoencoderKL folder or a cm_jax autoencoder run: the
   # model works on its latents, encoded on the fly in the train step, or read from `cache` (a directory written once
@@ -66,7 +81,17 @@ def get_config():
   c.logging = ml_collections.ConfigDict(dict(wandb=dict(mode='off', project='cm_jax', entity='')))
 
   # The digits proxy table printed at the end of training (and by --mode=eval).
-  c.eval = ml_collections.ConfigDict(dict(proxy=False, num_samples=1000, steps=(1, 2)))
+  # fid (--mode=fid): num_samples samples at each of the sampler's step counts (eval.steps; a diffusion run:
+  # sampling.teacher_steps) streamed through a feature network on every device: extractor 'inception' (the FID
+  # Inception-v3; inception_weights: the local path of pt_inception-2015-12-05-6726825d.pth) or 'digits' (the proxy
+  # classifier). reference: an .npz with mu and sigma (the official evaluators' format); if the file does not exist it
+  # is computed from config.data's reference_split and written there ('': WORKDIR/fid/reference_<extractor>_<data>_
+  # <split>.npz). batch_size 0: train.batch_size. The partial statistics are saved every save_every batches, so an
+  # interrupted evaluation continues where it stopped.
+  c.eval = ml_collections.ConfigDict(dict(
+      proxy=False, num_samples=1000, steps=(1, 2),
+      fid=dict(extractor='inception', inception_weights='', reference='', reference_split='train',
+               num_samples=50_000, batch_size=0, save_every=20, seed=0)))
 
   # Device mesh: axis name -> size (-1: the rest). Every device takes a slice of the batch. `rules` shard the
   # parameters, their EMAs, the target and the optimiser state alike: (regex searched in the leaf's

@@ -22,7 +22,7 @@ import ml_collections
 
 from configs import base
 
-ADM_32 = dict(name='adm', channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16, 8),
+ADM_32 = dict(name='adm', remat='', channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16, 8),
               head_dim=64, dropout=0.0, num_classes=0, label_dropout=0.0, time_embedding='positional',
               time_scale=1000.0, emb_mult=4, adaptive_norm='scale_shift', dtype='bfloat16', norm='nsln')
 LCT = dict(name='ict', s0=10, s1=640, p_mean=-1.1, p_std=2.0, distance='cauchy', c_schedule='adaptive',

@@ -38,4 +38,5 @@ def get_config(distance='lpips'):
   c.sampling.mid_sigmas = ()
   c.sampling.mid_indices = (11,)
   c.sampling.index_grid_size = 18
+  c.sampling.clip_denoised = True  # the CM code clamps every x0 to [-1, 1] (cifar10 notebook, karras_sample)
   return c

@@ -25,7 +25,7 @@ from configs import base
 # NCSN++ and DDPM++ as configured for CIFAR-10 in EDM (models/ncsnpp.py): 128 channels, mult (2, 2, 2),
 # 4 blocks per level, attention at 16x16. c_noise = 0.25 ln(sigma) (parameterization.py), fed unscaled to a
 # Fourier embedding of scale 16 (CM JAX code: jcm/models/utils.py cond_t = 0.25 log t, fourier_scale 16).
-NCSNPP = dict(name='ncsnpp', channels=128, channel_mult=(2, 2, 2), num_res_blocks=4, attn_resolutions=(16,),
+NCSNPP = dict(name='ncsnpp', remat='', channels=128, channel_mult=(2, 2, 2), num_res_blocks=4, attn_resolutions=(16,),
               dropout=0.0, num_classes=0, label_dropout=0.0, time_embedding='fourier', time_scale=16.0,
               noise_mult=2, emb_mult=4, residual_input=True, resample_filter=(1, 3, 3, 1),
               adaptive_norm='shift', dtype='float32')

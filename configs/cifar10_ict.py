@@ -37,4 +37,5 @@ def get_config(num_res_blocks=4):
   c.train.log_every = 1000
   c.checkpoint.every_steps = 10_000
   c.sampling.mid_sigmas = (0.821,)
+  c.sampling.clip_denoised = True  # unverified: no iCT code; the CM code's sampler (same authors) clamps
   return c

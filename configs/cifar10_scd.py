@@ -22,4 +22,5 @@ def get_config():
                                                guidance_scale=(1.0, 1.0)))
   c.model.dropout = 0.0
   c.teacher.init = True
+  c.sampling.clip_denoised = False  # as cifar10_sct (no sCM code)
   return c

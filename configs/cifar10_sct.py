@@ -24,4 +24,5 @@ def get_config():
   c = cifar10_trigflow.get_config()
   c.objective = ml_collections.ConfigDict(dict(SCM, name='sct'))
   c.model.dropout = 0.2
+  c.sampling.clip_denoised = False  # sCM publishes no code; its multistep sampler re-noises f's output as is
   return c

@@ -29,7 +29,7 @@ def get_config():
   c.data.name = 'cifar10'
   c.parameterization.name = 'trigflow'
   c.model = ml_collections.ConfigDict(dict(
-      name='ncsnpp', channels=128, channel_mult=(2, 2, 2), num_res_blocks=4, attn_resolutions=(16,), dropout=0.2,
+      name='ncsnpp', remat='', channels=128, channel_mult=(2, 2, 2), num_res_blocks=4, attn_resolutions=(16,), dropout=0.2,
       num_classes=0, label_dropout=0.0, time_embedding='positional', time_scale=1000.0, noise_mult=1, emb_mult=4,
       residual_input=False, resample_filter=(1, 1), adaptive_norm='double', dtype='float32'))
   c.objective = ml_collections.ConfigDict(dict(name='trigflow', p_mean=-1.0, p_std=1.4, adaptive_weighting=True))

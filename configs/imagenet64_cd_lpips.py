@@ -39,4 +39,5 @@ def get_config():
   c.sampling.mid_sigmas = ()
   c.sampling.mid_indices = (22,)
   c.sampling.index_grid_size = 40
+  c.sampling.clip_denoised = True  # scripts/image_sample.py: clip_denoised=True clamps every x0 to [-1, 1]
   return c

@@ -36,4 +36,5 @@ def get_config():
   c.train.log_every = 1000
   c.checkpoint.every_steps = 10_000
   c.sampling.mid_sigmas = (1.526,)
+  c.sampling.clip_denoised = False  # ECT's generator_fn (ct_eval.py) re-noises the unclamped x0
   return c

@@ -22,7 +22,7 @@ from configs import base
 
 # EDM's ADM for ImageNet-64 (models/adm.py). c_noise: the CM PyTorch code feeds 1000 * 0.25 ln(sigma) to the
 # positional embedding (cm/karras_diffusion.py rescaled_t), hence time_scale 1000 on this code's c_noise.
-ADM = dict(name='adm', channels=192, channel_mult=(1, 2, 3, 4), num_res_blocks=3, attn_resolutions=(32, 16, 8),
+ADM = dict(name='adm', remat='', channels=192, channel_mult=(1, 2, 3, 4), num_res_blocks=3, attn_resolutions=(32, 16, 8),
            head_dim=64, dropout=0.0, num_classes=1000, label_dropout=0.0, time_embedding='positional',
            time_scale=1000.0, emb_mult=4, adaptive_norm='scale_shift', dtype='bfloat16')
 BATCH = 4096

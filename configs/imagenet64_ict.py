@@ -31,4 +31,5 @@ def get_config():
   c.train.log_every = 1000
   c.checkpoint.every_steps = 10_000
   c.sampling.mid_sigmas = (1.526,)
+  c.sampling.clip_denoised = True  # unverified: no iCT code; the CM code's sampler (same authors) clamps
   return c

@@ -29,7 +29,7 @@ def get_config():
   c.data.name = 'imagenet_resized/64x64'
   c.parameterization.name = 'trigflow'
   c.model = ml_collections.ConfigDict(dict(
-      name='adm', channels=192, channel_mult=(1, 2, 3, 4), num_res_blocks=3, attn_resolutions=(32, 16, 8),
+      name='adm', remat='', channels=192, channel_mult=(1, 2, 3, 4), num_res_blocks=3, attn_resolutions=(32, 16, 8),
       head_dim=64, dropout=0.2, num_classes=1000, label_dropout=0.0, time_embedding='positional',
       time_scale=1000.0, emb_mult=4, adaptive_norm='double', dtype='bfloat16'))
   c.objective = ml_collections.ConfigDict(dict(cifar10_sct.SCM, name='sct', p_std=1.6))
@@ -43,4 +43,5 @@ def get_config():
   c.sampling.teacher_steps = 40  # 79 NFE
   c.sampling.mid_sigmas = (0.5 * math.tan(1.1),)
   c.sampling.grid_every = 10_000
+  c.sampling.clip_denoised = False  # as cifar10_sct (no sCM code)
   return c

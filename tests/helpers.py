@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import jax
 import ml_collections
 import numpy as np
 from tensorboardX.proto import event_pb2
@@ -143,8 +142,3 @@ def saved_steps(workdir) -> list[int]:
   """The complete checkpoint steps of a run (Orbax lists a step only once its save has finished)."""
   directory = pathlib.Path(workdir) / 'checkpoints'
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
-
-
-def assert_trees_equal(a, b):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

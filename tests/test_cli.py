@@ -74,11 +74,6 @@ def test_unknown_data_set_name(tmp_path):
   _assert_one_clear_error(result, 'not_a_dataset')
 
 
-def test_sample_without_checkpoint(tmp_path):
-  result = run_main('--config=configs/digits_ict.py', f'--workdir={tmp_path}', '--mode=sample')
-  _assert_one_clear_error(result, 'No checkpoint', str(tmp_path))
-
-
 def test_unreadable_checkpoint_stops_and_is_left_intact(tmp_path):
   """A step directory whose files are corrupt: the run names it and stops; nothing is deleted."""
   train_args = ['--config=configs/digits_edm.py', f'--workdir={tmp_path}', '--config.train.num_steps=10', *TINY,
@@ -113,15 +108,6 @@ def test_a_config_file_that_does_not_load_is_one_line(tmp_path, config, cause):
   assert result.returncode == 2
   assert result.stderr.startswith('cm_jax: error: bad flag, config file or config override: ')
   assert len(result.stderr.splitlines()) == 1 and cause in result.stderr, result.stderr
-
-
-def test_a_workdir_that_cannot_be_written_is_refused_at_start(tmp_path):
-  (tmp_path / 'a_file').write_text('not a directory')
-  for workdir in (tmp_path / 'a_file', tmp_path / 'a_file' / 'run'):
-    result = run_main('--config=configs/toy2d_ict.py:gmm', f'--workdir={workdir}')
-    _assert_one_clear_error(result, f'cannot write the workdir {workdir}')
-    assert result.returncode == 1
-  assert (tmp_path / 'a_file').read_text() == 'not a directory'
 
 
 def test_sigterm_during_start_up_exits_cleanly(tmp_path):

@@ -86,7 +86,7 @@ def test_cd_target_ema():
 
 
 @pytest.mark.parametrize('key, value, message', [
-    ('teacher.workdir', '', 'teacher.workdir'), ('objective.solver', 'rk4', 'objective.solver'),
+    ('objective.solver', 'rk4', 'objective.solver'),
     ('objective.target_ema', 1.0, 'objective.target_ema'), ('objective.num_scales', 1, 'objective.num_scales')])
 def test_cd_rejects_bad_config(key, value, message):
   config = _cd_config()
@@ -184,7 +184,6 @@ def test_mid_indices_are_the_cm_codes_ts():
   """ts = [0, 11, 17] on the 18-point grid: sigma = (T^(1/7) + 11/17 (eps^(1/7) - T^(1/7)))^7 = 0.5853."""
   expected = (T ** (1 / 7) + 11 / 17 * (EPS ** (1 / 7) - T ** (1 / 7))) ** 7
   assert sampling.mid_sigmas(_config({}, mid_indices=(11,)), EDM_) == pytest.approx((expected,), rel=1e-5)
-  assert expected == pytest.approx(0.5853, abs=1e-4)
   assert sampling.mid_sigmas(_config({}, mid_sigmas=(0.821,)), EDM_) == (0.821,)
   with pytest.raises(ValueError, match='not both'):
     sampling.mid_sigmas(_config({}, mid_indices=(11,), mid_sigmas=(0.821,)), EDM_)

@@ -19,7 +19,7 @@ from helpers import wandb_records
 
 def test_console_cadence_gives_about_ten_lines_on_multiples_of_log_every():
   assert console.console_every(6000, 500) == 1000  # digits_edm: 6 lines
-  assert console.console_every(8000, 500) == 1000  # digits_ict: 8 lines
+  assert console.console_every(16_000, 500) == 2000  # digits_ict: 8 lines
   assert console.console_every(100, 1) == 10 and console.console_every(5, 10) == 10
   assert console.console_every(400_000, 1000) == 40_000
 

@@ -25,31 +25,9 @@ from cm_jax.objectives import continuous, make_objective
 from cm_jax.parameterization import EDM, TrigFlow
 from configs import digits_scd, digits_trigflow
 from helpers import tiny_config
+from oracle import EDM_, EPS, SD, T, OracleNet, TrigFlowOracle
 
-SD = 0.5
 TF = TrigFlow(sigma_data=SD)
-
-
-def _v(t, a):
-  return a**2 * jnp.cos(t) ** 2 + SD**2 * jnp.sin(t) ** 2
-
-
-class TrigFlowOracle(nn.Module):
-  """teacher = 1: the exact teacher F = (dx_t/dt) / sd; teacher = 0: F with f = f* + alpha sin(t) x (alpha trainable).
-
-  The perturbation vanishes at t = 0 (f keeps its boundary condition, F = F* - alpha x / sd stays finite) and changes
-  along the trajectories, so it is visible to the tangent (a time-independent alpha x would not be for a = sd).
-  """
-  a: float
-
-  @nn.compact
-  def __call__(self, x_in, t, cond=None, train=False):
-    alpha = self.param('alpha', nn.initializers.zeros, ())
-    teacher = self.param('teacher', nn.initializers.zeros, ())
-    x, t = SD * x_in, t[:, None]
-    velocity = jnp.cos(t) * jnp.sin(t) * (SD**2 - self.a**2) / _v(t, self.a) * x
-    f = x * self.a / jnp.sqrt(_v(t, self.a)) + alpha * jnp.sin(t) * x
-    return teacher * velocity / SD + (1.0 - teacher) * (jnp.cos(t) * x - f) / (jnp.sin(t) * SD)
 
 
 def _scm_config(name='scd', **overrides):
@@ -166,6 +144,35 @@ def test_tangent_warmup_and_normalisation_bounds():
     assert after[-1] > 0.999 and after[0] < 1e-2  # large tangents -> unit norm, small ones ~ g / c
 
 
+class ZeroNet(nn.Module):
+  """F = 0: f_theta = f_theta- = 0, and the JVP of F- is 0."""
+
+  @nn.compact
+  def __call__(self, x_in, t, cond=None, train=False):
+    return self.param('w', nn.initializers.zeros, ()) * x_in
+
+
+@pytest.mark.parametrize('c, step, prior', [(1e-9, 20, True), (1e-9, 20, False), (1e4, 5, True), (1e4, 20, True)])
+def test_sct_loss_in_closed_form_for_a_zero_network(c, step, prior):
+  """F = 0 and x0 = 0: x_t = sin(t) z, dx_t/dt = cos(t) z, so g = -cos^2(t) (0 - dx_t/dt) - r (cos(t) sin(t) x_t + 0)
+  = cos(t) (cos^2 t - r sin^2 t) z, and the loss is lambda(t) ||g / (||g|| + c)||^2 / D with lambda = 1 / (sd tan t)
+  (prior weighting) or 1. With c << ||g|| that is lambda / D; with c >> ||g|| it is lambda ||g||^2 / (c^2 D), whose
+  mean over z ~ N(0, sd^2 I) is lambda cos^2(t) (cos^2 t - r sin^2 t)^2 sd^2 / c^2. Here t = arctan(0.3 / sd) for
+  every sample and r = min(1, step / 10)."""
+  config = _scm_config('sct', p_mean=float(np.log(0.3)), p_std=1e-8, tangent_norm_c=c, prior_weighting=prior)
+  objective = make_objective(config, ZeroNet())
+  dim = 4
+  loss = float(jax.jit(objective.loss)({'w': 0.0}, {}, {}, {'image': jnp.zeros((4096, dim))}, jax.random.PRNGKey(0),
+                                      step)[0])
+  t, r = np.arctan(0.3 / SD), min(1.0, step / 10)
+  weight = 1.0 / (SD * np.tan(t)) if prior else 1.0
+  if c < 1:
+    np.testing.assert_allclose(loss, weight / dim, rtol=1e-4)
+  else:
+    expected = weight * np.cos(t) ** 2 * (np.cos(t) ** 2 - r * np.sin(t) ** 2) ** 2 * SD**2 / c**2
+    np.testing.assert_allclose(loss, expected, rtol=0.03)
+
+
 def _continuous_tiny(name, **objective):
   c = tiny_config(num_steps=6)
   if name in ('sct', 'scd', 'trigflow'):
@@ -235,6 +242,8 @@ def test_trigflow_teacher_adaptive_weighting_is_exp_minus_w_loss_plus_w():
     ('sct', dict(tangent_norm='l1'), 'objective.tangent_norm'),
     ('sct', dict(jvp='reverse'), 'objective.jvp'),
     ('sct', dict(bogus=1), 'unknown objective key'),
+    ('ct_continuous', dict(bogus=1), 'unknown objective key'),
+    ('ct_continuous', dict(weighting='sum'), 'objective.weighting'),
     ('scd', dict(teacher='vp'), 'objective.teacher'),
     ('scd', dict(guidance_scale=(1.0, 3.0)), 'objective.guidance_scale'),
 ])
@@ -243,15 +252,13 @@ def test_inconsistent_settings_raise_naming_the_key(name, change, key):
     make_objective(_continuous_tiny(name, **change), build_model(dict(name='mlp', hidden=8, depth=1)))
 
 
-def test_scm_needs_trigflow_and_scd_needs_a_teacher():
+def test_scm_needs_trigflow_and_scd_reads_a_trigflow_teacher():
   config = _continuous_tiny('sct')
   config.parameterization.name = 'edm'
   with pytest.raises(ValueError, match="parameterization.name='trigflow'"):
     make_objective(config, build_model(config.model))
   config = _continuous_tiny('scd')
-  objective = make_objective(config, build_model(config.model))
-  with pytest.raises(ValueError, match='teacher.workdir'):
-    objective.loss({}, {}, {'teacher': None}, {'image': jnp.zeros((2, 2))}, jax.random.PRNGKey(0), 0)
+  assert make_objective(config, build_model(config.model)).distils == 'trigflow'  # train.load_teacher checks the run
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -396,3 +403,27 @@ def test_cm_continuous_gradient_is_limit_of_discrete_gradient(distill):
   assert errors[-1] < 1e-3, errors
   for coarse, fine in zip(errors, errors[1:]):
     assert 5.0 < coarse / fine < 20.0, errors  # first order in 1/N
+
+
+@pytest.mark.parametrize('weighting', ['paper', 'code'])
+def test_cm_continuous_weighting_in_closed_form(weighting):
+  """ct_continuous on the oracle f = k(sigma) x, k = c + a, c = sqrt(eps^2 + sd^2) / sqrt(sigma^2 + sd^2), a = 0.5
+  (tests/oracle.py), x0 ~ N(0, sd^2 I): f^T df-/dsigma = k k' |x|^2 + k^2 x^T z has expectation D a (c + a) sigma
+  (k' (sigma^2 + sd^2) = -c sigma). 'paper' weights a sample by 2 (dsigma/du) / D, so the loss is
+  2 a int_eps^T (c + a) sigma dsigma = 2 a [sqrt(eps^2 + sd^2) (sqrt(T^2 + sd^2) - sqrt(eps^2 + sd^2)) + a (T^2 - eps^2)
+  / 2] = 1639.75; 'code' by 1, so it is D a int_0^1 (c + a) sigma du on the Karras continuum sigma(u) = 13.53 (D = 4,
+  midpoint rule). Monte Carlo standard error ~1%."""
+  config = ml_collections.ConfigDict(dict(
+      objective=dict(name='ct_continuous', jvp='jvp', fd_eps=1e-3, weighting=weighting), model=dict(num_classes=0),
+      parameterization=dict(rho=7.0)))
+  objective = continuous.make_cm_continuous(config, OracleNet(), EDM_, distill=False)
+  batch = {'image': SD * jax.random.normal(jax.random.PRNGKey(0), (65536, 4))}
+  loss = float(jax.jit(objective.loss)({'a': 0.5, 'gate': 1.0}, {}, {}, batch, jax.random.PRNGKey(1), 0)[0])
+  a, c_eps = 0.5, np.sqrt(EPS**2 + SD**2)
+  if weighting == 'paper':
+    expected = 2 * a * (c_eps * (np.sqrt(T**2 + SD**2) - c_eps) + a * (T**2 - EPS**2) / 2)
+  else:
+    u = (np.arange(100_000) + 0.5) / 100_000
+    sigma = (EPS ** (1 / 7) + u * (T ** (1 / 7) - EPS ** (1 / 7))) ** 7
+    expected = 4 * a * np.mean((c_eps / np.sqrt(sigma**2 + SD**2) + a) * sigma)
+  np.testing.assert_allclose(loss, expected, rtol=0.05)

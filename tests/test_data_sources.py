@@ -314,11 +314,69 @@ def test_image_folder_errors(tmp_path):
 
 
 def test_image_folder_with_mixed_sizes_needs_image_size(tmp_path):
+  """Sizes are read from the headers when the folder is listed: the second image is named before any batch."""
   for name, size in (('a', 4), ('b', 5)):
     (tmp_path / 'train' / name).mkdir(parents=True)
     Image.new('RGB', (size, size)).save(tmp_path / 'train' / name / 'x.png')
-  source = data.build_source(folder_config(tmp_path))
-  with pytest.raises(ValueError, match='set image_size'):
-    source.get(np.arange(2))
+  with pytest.raises(ValueError, match=r'b/x.png is 5x5, not 4x4 like .*a/x.png; set image_size'):
+    data.build_source(folder_config(tmp_path))
   resized = data.build_source(folder_config(tmp_path, image_size=4))
   assert resized.get(np.arange(2))['image'].shape == (2, 4, 4, 3)
+
+
+def _break(path: pathlib.Path, how: str) -> None:
+  """Replaces an image file by text, or cuts it after its header."""
+  if how == 'text':
+    path.write_text('not an image')
+  else:
+    path.write_bytes(path.read_bytes()[:60])
+
+
+@pytest.mark.parametrize('how', ['text', 'truncated'])
+@pytest.mark.parametrize('which', ['cat/0.png', 'dog/2.png'])  # the first file listed, and a later one
+def test_a_broken_image_is_named_in_one_line(tmp_path, which, how):
+  """A file that is not an image is named when the folder is listed; one cut after its header (which lists) when
+  the batch holding it is decoded."""
+  write_image_folder(tmp_path / 'pets')
+  broken = tmp_path / 'pets' / 'train' / which
+  _break(broken, how)
+  message = f'^{broken} is not a readable image \\([^\n]+\\): remove or replace it.$'
+  if how == 'text':
+    with pytest.raises(ValueError, match=message):
+      data.build_source(folder_config(tmp_path / 'pets'))
+    return
+  source = data.build_source(folder_config(tmp_path / 'pets'))
+  with pytest.raises(ValueError, match=message):
+    source.get(np.arange(len(source)))
+
+
+def _archive(tmp_path, how: str) -> pathlib.Path:
+  """pets.tar.gz written complete and then cut to 60% ('truncated'), or 2 kB of random bytes ('garbage')."""
+  archive = tmp_path / 'pets.tar.gz'
+  if how == 'garbage':
+    archive.write_bytes(np.random.default_rng(0).integers(0, 256, 2048, np.uint8).tobytes())
+    return archive
+  write_image_folder(tmp_path / 'pets')
+  with tarfile.open(archive, 'w:gz') as tar:
+    tar.add(tmp_path / 'pets', arcname='pets')
+  archive.write_bytes(archive.read_bytes()[: archive.stat().st_size * 6 // 10])
+  return archive
+
+
+@pytest.mark.parametrize('how', ['truncated', 'garbage'])
+def test_a_broken_archive_is_named_and_leaves_nothing_behind(tmp_path, how):
+  archive = _archive(tmp_path, how)
+  cache = tmp_path / 'cache'
+  with pytest.raises(ValueError, match=f'^{archive} is not a complete .tar.gz archive \\([^\n]+\\): replace it'):
+    data.build_source(folder_config(archive, data_dir=str(cache)))
+  assert list(cache.iterdir()) == []  # no extracted folder and no temporary one
+
+
+def test_an_archive_cache_that_cannot_be_written_is_named(tmp_path):
+  write_image_folder(tmp_path / 'pets')
+  archive = tmp_path / 'pets.tar.gz'
+  with tarfile.open(archive, 'w:gz') as tar:
+    tar.add(tmp_path / 'pets', arcname='pets')
+  (tmp_path / 'a_file').write_text('')
+  with pytest.raises(ValueError, match=f'cannot extract {archive} into {tmp_path / "a_file"} .*data.data_dir'):
+    data.build_source(folder_config(archive, data_dir=str(tmp_path / 'a_file')))

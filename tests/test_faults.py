@@ -1,11 +1,15 @@
 """Faults: preemption (SIGTERM), processes killed while saving, unreadable checkpoints, another topology."""
 
-import random
+import os
+import pathlib
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,42 +74,60 @@ def test_sigterm_to_a_lone_process_saves_at_its_next_step(tmp_path):
   assert signal.getsignal(signal.SIGTERM) is handler
 
 
-def _assert_resumed_from(log, step, seed, workdir):
+# Runs cm_jax.main with Orbax's last act of a save, the rename of the finished temporary step directory, held for
+# step $CM_JAX_TEST_HOLD_STEP: the path of that directory is written to $CM_JAX_TEST_MARKER, then the save waits.
+_HOLD_A_SAVE = """
+import asyncio, os, pathlib, runpy
+from orbax.checkpoint._src.path import atomicity
+rename = atomicity.AtomicRenameTemporaryPath.finalize
+async def held(self):
+  if self.get_final().name == os.environ['CM_JAX_TEST_HOLD_STEP']:
+    pathlib.Path(os.environ['CM_JAX_TEST_MARKER']).write_text(str(self.get()))
+    await asyncio.sleep(3600)
+  await rename(self)
+atomicity.AtomicRenameTemporaryPath.finalize = held
+runpy.run_module('cm_jax.main', run_name='__main__', alter_sys=True)
+"""
+
+
+def _start_holding_a_save(args, log_path, step: int, marker) -> subprocess.Popen:
+  """helpers.start_main with the save of `step` held just before its directory is renamed into place."""
+  env = dict(os.environ, XLA_FLAGS=local_multiprocess.xla_flags(1, os.environ['XLA_FLAGS']), JAX_PLATFORMS='cpu',
+             CM_JAX_TEST_HOLD_STEP=str(step), CM_JAX_TEST_MARKER=str(marker))
+  with open(log_path, 'w') as log:
+    return subprocess.Popen([sys.executable, '-c', _HOLD_A_SAVE, *args], cwd=helpers.ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _assert_resumed_from(log, step, workdir):
   """The run whose console is `log` started afresh (step None) or resumed from `step`, and no run in `workdir` has
   met a partial checkpoint (its log file, WORKDIR/logs, is appended to by every run)."""
-  assert 'Skipping unreadable' not in (workdir / 'logs' / 'process_0.log').read_text(), f'seed {seed}'
-  assert re.findall(r'Resuming from step (\d+) ', log.read_text()) == ([] if step is None else [str(step)]), (
-      f'seed {seed}')
+  assert 'Skipping unreadable' not in (workdir / 'logs' / 'process_0.log').read_text()
+  assert re.findall(r'Resuming from step (\d+) ', log.read_text()) == ([] if step is None else [str(step)])
 
 
 def test_sigkill_while_saving_never_leaves_a_checkpoint_that_is_chosen(tmp_path):
-  """Kill -9 a run that saves every step, three times, at a random moment while a save is being written.
-
-  Each restart resumes from the newest complete step; the final parameters equal an uninterrupted run's.
-  """
-  steps, seed = 40, int(time.time())
-  rng = random.Random(seed)
-  args = helpers.tiny_cli_args(tmp_path / 'run', train__num_steps=steps, checkpoint__every_steps=1,
-                                   checkpoint__max_to_keep=2)
-  directory = tmp_path / 'run' / 'checkpoints'
-  newest = lambda: max(helpers.saved_steps(tmp_path / 'run'), default=None)
-  saving = lambda: bool(list(directory.glob('*.orbax-checkpoint-tmp*')))
-  resumed_from, killed_mid_save = None, 0
-  for attempt in range(3):
-    log = tmp_path / f'attempt_{attempt}.log'
-    process = helpers.start_main(args, log)
+  """Kill -9 a run that saves every step while the save of a chosen step is complete in its temporary directory but
+  not yet renamed (the save is held there), twice. Each restart resumes from the step before the killed save and
+  removes its leftover; the final parameters equal an uninterrupted run's."""
+  steps = 20
+  run = tmp_path / 'run'
+  args = helpers.tiny_cli_args(run, train__num_steps=steps, checkpoint__every_steps=1, checkpoint__max_to_keep=2)
+  resumed_from, leftovers = None, []
+  for held in (5, 12):
+    log, marker = tmp_path / f'killed_at_{held}.log', tmp_path / f'holding_{held}'
+    process = _start_holding_a_save(args, log, held, marker)
     try:
-      helpers.wait_until(lambda: (newest() or 0) > (resumed_from or 0), [process],
-                             timeout=120, what=f'a checkpoint after step {resumed_from} (seed {seed})')
-      time.sleep(rng.uniform(0.0, 0.3))
-      helpers.wait_until(saving, [process], timeout=10, what=f'a save in progress (seed {seed})')
+      helpers.wait_until(marker.exists, [process], timeout=120, what=f'the held save of step {held}')
+      leftovers.append(pathlib.Path(marker.read_text()))
+      assert leftovers[-1].is_dir() and max(helpers.saved_steps(run)) == held - 1
     finally:
       process.kill()
       process.wait()
     assert process.returncode == -signal.SIGKILL
-    killed_mid_save += saving()
-    _assert_resumed_from(log, resumed_from, seed, tmp_path / 'run')
-    resumed_from = newest()
+    _assert_resumed_from(log, resumed_from, run)
+    assert max(helpers.saved_steps(run)) == held - 1 and leftovers[-1].is_dir()
+    resumed_from = held - 1
 
   log = tmp_path / 'final.log'
   final = helpers.start_main(args, log)
@@ -113,13 +135,13 @@ def test_sigkill_while_saving_never_leaves_a_checkpoint_that_is_chosen(tmp_path)
     assert final.wait(timeout=180) == 0, log.read_text()[-3000:]
   finally:
     final.kill()
-  _assert_resumed_from(log, resumed_from, seed, tmp_path / 'run')
-  assert killed_mid_save >= 1, f'no kill landed inside a save (seed {seed})'
+  _assert_resumed_from(log, resumed_from, run)
+  assert not any(p.exists() for p in leftovers) and helpers.saved_steps(run) == [steps - 1, steps]
 
   config = helpers.tiny_cli_config(train__num_steps=steps)
   _, uninterrupted = helpers.losses(config, jax.devices()[:1], steps)
-  _, restored = train.restore_latest(config, tmp_path / 'run', jax.devices()[:1])
-  helpers.assert_trees_equal(restored, uninterrupted)
+  _, restored = train.restore_latest(config, run, jax.devices()[:1])
+  chex.assert_trees_all_equal(restored, uninterrupted)
 
 
 def test_unreadable_newest_checkpoint_is_skipped_named_and_set_aside(tmp_path, caplog):
@@ -165,7 +187,7 @@ def test_checkpoint_restores_onto_another_topology_and_back(tmp_path):
     ckpt.save(step, state, {'position': step, 'seed': 0}, force=True)
     ckpt.wait()
     state, _ = ckpt.restore(target.abstract_state, step)
-    helpers.assert_trees_equal(state, saved)
+    chex.assert_trees_all_equal(state, saved)
     for leaf, expected in zip(jax.tree.leaves(state), jax.tree.leaves(target.state_sharding), strict=True):
       assert leaf.sharding.is_equivalent_to(expected, leaf.ndim)
     shard = state.params['block_0']['dense_0']['kernel'].addressable_shards[0].data.shape

@@ -100,7 +100,7 @@ def test_lcd_loss_is_the_guided_ddim_step_of_the_reference(target_ema):
   expected = np.mean((_np_f(STUDENT, x_t, t, cond, s) - target) ** 2)
   np.testing.assert_allclose(float(loss), expected, rtol=2e-4)
   np.testing.assert_allclose(float(metrics['guidance_scale']), s.mean(), rtol=1e-5)
-  assert objective.sampler.label(2) == '2-step' and objective.teacher == 'vp'
+  assert objective.sampler.label(2) == '2-step' and objective.distils == 'vp'
   assert (objective.target_rate is None) == (target_ema == 0.0)
 
   # The gradient is that of mean (f_theta(x_t) - const)^2.
@@ -131,7 +131,7 @@ def test_lcf_is_the_one_sample_estimate_without_a_teacher():
   x_prev = ALPHA[t_prev][:, None] * x0 + SIGMA[t_prev][:, None] * eps
   expected = np.mean((_np_f(STUDENT, x_t, t, cond, s) - _np_f(STUDENT, x_prev, t_prev, cond, s)) ** 2)
   np.testing.assert_allclose(float(loss), expected, rtol=2e-4)
-  assert objective.teacher is None
+  assert objective.distils is None
 
 
 def test_latent_objectives_refuse_bad_settings():

@@ -1,5 +1,7 @@
 """LPIPS: VGG-16 structure, the weights file format and its errors, metric properties with random weights."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,9 @@ import pytest
 
 from cm_jax import distances
 from cm_jax import lpips
+from cm_jax.models import build_model
+from cm_jax.objectives import make_objective
+from configs import digits_ct
 
 # A narrow VGG (same depths, 4-8 channels) keeps the 224x224 forward passes cheap on 2 cores.
 TINY = lpips.LPIPS(widths=(4, 8, 8, 8, 8))
@@ -30,7 +35,8 @@ def _random_params(model, seed=0):
 def tiny_distance(tmp_path_factory):
   path = tmp_path_factory.mktemp('lpips') / 'tiny.npz'
   np.savez(path, **_random_params(TINY))
-  return jax.jit(lpips.lpips_distance(str(path), TINY)), str(path)
+  params = lpips.load_params(path, TINY)
+  return jax.jit(functools.partial(lpips.lpips_distance(TINY), params=params)), str(path)
 
 
 def _images(seed, batch=3, size=32):
@@ -64,13 +70,21 @@ def test_inputs_are_resized_to_224_bilinearly(tiny_distance):
   assert lpips.resize(_images(4, batch=1, size=256)).shape == (1, 256, 256, 3)  # large images are left as is
 
 
-def test_registered_distance_names_a_missing_weights_file(tmp_path):
+def test_registered_distance_reads_its_weights_as_a_step_input(tmp_path, tiny_distance):
   missing = tmp_path / 'nowhere' / 'lpips_vgg16.npz'
-  distance = distances.get_distance('lpips', str(missing))  # builds without reading: configs stay buildable
+  load = distances.step_inputs('lpips', str(missing))  # builds without reading: configs stay buildable
+  assert set(load(abstract=True)['lpips']) == {k.split('/')[0] for k in lpips.expected_shapes()}
   with pytest.raises(FileNotFoundError, match=r'nowhere/lpips_vgg16\.npz.*lpips_weights'):
-    distance(_images(0), _images(1))
+    load()
   with pytest.raises(FileNotFoundError, match='lpips_weights'):
-    distances.get_distance('lpips')(_images(0), _images(1))
+    distances.step_inputs('lpips')()
+  assert distances.step_inputs('l2', str(missing))() == {}
+  distance, path = tiny_distance
+  x, y = _images(5), _images(6)
+  params = lpips.load_params(path, TINY)
+  np.testing.assert_allclose(lpips.lpips_distance(TINY)(x, y, params), distance(x, y), rtol=1e-6)
+  registered = distances.get_distance('lpips')  # the full VGG-16: its wiring checked on shapes only
+  assert jax.eval_shape(registered, x, y, inputs=load(abstract=True)).shape == (3,)
 
 
 def test_weights_file_is_checked_against_the_network(tmp_path):
@@ -95,3 +109,18 @@ def _save(tmp_path, params):
   path = tmp_path / 'w.npz'
   np.savez(path, **params)
   return str(path)
+
+
+def test_lpips_weights_are_an_input_of_the_loss_not_constants_of_its_program():
+  config = digits_ct.get_config()
+  config.objective.update(distance='lpips', lpips_weights='read by the trainer, not here')
+  model = build_model(config.model)
+  objective = make_objective(config, model)
+  x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, jax.ShapeDtypeStruct((2,), jnp.float32))['params']
+  frozen = {'target': params, 'teacher': None, **objective.inputs(abstract=True)}
+  jaxpr = jax.make_jaxpr(functools.partial(objective.loss, extra={}, rng=jax.random.PRNGKey(0), step=0))(
+      params, frozen=frozen, batch={'image': x})
+  constant_bytes = sum(np.asarray(c).nbytes for c in jaxpr.consts)
+  weight_bytes = 4 * sum(int(np.prod(s)) for s in lpips.expected_shapes().values())
+  assert constant_bytes < 1e-3 * weight_bytes, constant_bytes  # the 59 MB of VGG-16 come in through `frozen`

@@ -1,5 +1,6 @@
 """Tests for cm_jax.models: shapes, conditioning, dropout, init, naming, JVP."""
 
+import functools
 import re
 
 import flax
@@ -133,16 +134,14 @@ def test_param_paths_are_regular():
   params = jax.eval_shape(model.init, {'params': jax.random.key(0)}, x,
                           c_noise)['params']
   paths = set(flax.traverse_util.flatten_dict(params, sep='/'))
-  for expected in ('conv_in/kernel', 'time_embed/dense_0/kernel',
-                   'down_0/res_1/conv_0/kernel', 'down_0/downsample/kernel',
-                   'down_1/attn_0/qkv/kernel', 'mid/attn/qkv/kernel',
-                   'mid/res_1/affine/kernel', 'up_1/res_2/skip/kernel',
-                   'up_1/upsample/kernel', 'conv_out/kernel'):
+  for expected in ('enc_8x8/conv/kernel', 'embed/dense_0/kernel', 'enc_8x8/block_1/conv_0/kernel',
+                   'enc_4x4/down/conv_0/kernel', 'enc_4x4/block_0/qkv/kernel', 'dec_4x4/in_0/qkv/kernel',
+                   'dec_4x4/in_1/affine/kernel', 'dec_8x8/block_2/skip/kernel', 'dec_8x8/up/conv_1/kernel',
+                   'out_conv/kernel'):
     assert expected in paths
   pattern = re.compile(
-      r'^(conv_in|conv_out|norm_out|time_embed/(dense_\d|label|guidance)'
-      r'|(down|up)_\d/((res|attn)_\d/\w+|downsample|upsample)'
-      r'|mid/(res_\d|attn)/\w+)/(kernel|bias|scale|embedding)$')
+      r'^(out_conv|out_norm|embed/(dense_\d|label|guidance)|enc_\d+x\d+/(conv|(down|block_\d)/\w+)'
+      r'|dec_\d+x\d+/(in_\d|up|block_\d)/\w+)/(kernel|bias|scale|embedding)$')
   assert all(pattern.match(p) for p in paths), sorted(
       p for p in paths if not pattern.match(p))
 
@@ -174,6 +173,7 @@ def test_unknown_time_embedding_raises():
 
 def test_jvp_matches_central_difference_in_float64(unet):
   model, params, (x, c_noise, cond), _ = unet
+  model = model.clone(dtype='float64')  # compute in float64 (the output follows the compute dtype)
   with jax.enable_x64(True):
     params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64),
                           _perturbed(params))
@@ -184,12 +184,14 @@ def test_jvp_matches_central_difference_in_float64(unet):
 
     f = jax.jit(lambda x, c: model.apply({'params': params}, x, c, cond))
     _, tangent = jax.jvp(f, (x, c_noise), (dx, dc))
-    eps = 1e-6
+    eps = 1e-4
     finite_diff = (f(x + eps * dx, c_noise + eps * dc) -
                    f(x - eps * dx, c_noise - eps * dc)) / (2 * eps)
     assert tangent.dtype == jnp.float64
     rel_err = jnp.linalg.norm(tangent - finite_diff) / jnp.linalg.norm(tangent)
-    assert rel_err < 1e-6, rel_err
+    # jax.nn.dot_product_attention takes its softmax in float32 whatever the input dtype, which bounds the agreement
+    # near 3e-4 (a tangent that misses a path through the network is off by O(1)).
+    assert rel_err < 2e-3, rel_err
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -322,3 +324,23 @@ def test_guidance_student_from_its_teacher_computes_the_teacher_for_every_scale(
                                reference, rtol=1e-6, atol=1e-6)
   with pytest.raises(ValueError, match='time_embed/label/kernel'):
     init_from_teacher(_without(fresh, 'label'), teacher)
+
+
+@pytest.mark.parametrize('policy', ['block', 'dots_with_no_batch_dims_saveable'])
+def test_remat_keeps_the_function_and_its_gradient(policy):
+  config = dict(name='adm', channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), head_dim=8,
+                dropout=0.1, num_classes=0)
+  x, c_noise, _ = _inputs((2, 8, 8, 1), 0)
+  plain, remat = build_model(config), build_model(dict(config, remat=policy))
+  params = plain.init({'params': jax.random.key(0)}, x, c_noise)['params']
+  params = _perturbed(params)  # non-zero output convs, so every block's gradient is non-zero
+
+  def loss(model, params):
+    out = model.apply({'params': params}, x, c_noise, train=True, rngs={'dropout': jax.random.key(1)})
+    return jnp.sum(out**2)
+
+  expected, actual = (jax.jit(jax.value_and_grad(functools.partial(loss, m)))(params) for m in (plain, remat))
+  for e, a in zip(jax.tree.leaves(expected), jax.tree.leaves(actual)):  # recomputation reorders float32 sums only
+    np.testing.assert_allclose(a, e, rtol=1e-3, atol=1e-4 * float(np.max(np.abs(e))))
+  with pytest.raises(ValueError, match='model.remat'):
+    build_model(dict(config, remat='everything')).init({'params': jax.random.key(0)}, x, c_noise)

@@ -4,6 +4,7 @@ The multistep consistency sampler on the exact consistency function of Gaussian 
 test_consistency_objectives.py (EDM, 1-3 steps) and test_continuous.py (TrigFlow, 1-2 steps, and the Heun branch).
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -13,6 +14,7 @@ import pytest
 from cm_jax import sampling
 from cm_jax.models import build_model
 from cm_jax.parameterization import EDM, TrigFlow
+from oracle import EPS, OracleNet
 
 SD = 0.5
 MLP = dict(name='mlp', hidden=16, depth=1, num_classes=3, time_embedding='positional', time_scale=1000.0)
@@ -80,3 +82,56 @@ def test_guidance_scale_for_a_network_without_the_input_stops_with_a_clear_error
   with pytest.raises(ValueError, match='model.guidance_embedding=False'):
     sample(_params(model), jax.random.PRNGKey(0), jnp.zeros(SHAPE[:1], jnp.int32), shape=SHAPE, num_steps=1,
            guidance=2.0)
+
+
+class _Linear(nn.Module):
+  """F(x_in, c_noise) = b x_in: with b = -3 the TrigFlow consistency function is (cos t + 3 sin t) x."""
+  b: float
+
+  @nn.compact
+  def __call__(self, x_in, c_noise, cond=None, train=False):
+    return self.b * x_in
+
+
+def _clip_config(clip, **sampling_keys):
+  config = _config()
+  config.sampling.update(dict(mid_sigmas=(2.0, 0.5), clip_denoised=clip, **sampling_keys))
+  return config
+
+
+@pytest.mark.parametrize('process', [EDM(sigma_data=SD), TrigFlow(sigma_data=SD)], ids=['edm', 'trigflow'])
+@pytest.mark.parametrize('clip', [False, True])
+def test_clip_denoised_clamps_every_x0_estimate(process, clip):
+  """3-step sampling with a consistency function that leaves [-1, 1] (EDM: the oracle f* + 2 x; TrigFlow:
+  (cos t + 3 sin t) x) equals the numpy recursion x <- c(k(t) renoise(x, z, t)), c = clip to [-1, 1] or the
+  identity, with CM's renoise (EDM: x + sqrt(t^2 - eps^2) z; TrigFlow: cos(t) x + sin(t) sd z) and the same draws."""
+  if isinstance(process, EDM):
+    model, params, ts = OracleNet(), {'a': 2.0, 'gate': 1.0}, np.array([80.0, 2.0, 0.5])
+    k = lambda t: np.sqrt(EPS**2 + SD**2) / np.sqrt(t**2 + SD**2) + 2.0
+    renoise = lambda x, z, t: x + np.sqrt(t**2 - EPS**2) * z
+    start = 80.0
+  else:
+    model, params, ts = _Linear(-3.0), {}, np.arctan(np.array([80.0, 2.0, 0.5]) / SD)
+    k = lambda t: np.cos(t) + 3.0 * np.sin(t)
+    renoise = lambda x, z, t: np.cos(t) * x + np.sin(t) * SD * z
+    start = SD
+  sample = _sample_fn(_clip_config(clip), model, process)
+  rng = jax.random.PRNGKey(3)
+  out = np.asarray(sample(params, rng, None, shape=SHAPE, num_steps=3), np.float64)
+  rng_z, rng_noise = jax.random.split(rng)  # the sampler's draws
+  noise = [np.asarray(jax.random.normal(jax.random.fold_in(rng_noise, i), SHAPE), np.float64) for i in range(2)]
+  c = (lambda v: np.clip(v, -1.0, 1.0)) if clip else (lambda v: v)
+  x = k(ts[0]) * start * np.asarray(jax.random.normal(rng_z, SHAPE), np.float64)
+  assert np.abs(x).max() > 1.5  # the one-step estimate leaves the data range
+  x = c(x)
+  for z, t in zip(noise, ts[1:]):
+    x = c(k(t) * renoise(x, z, t))
+  np.testing.assert_allclose(out, x, rtol=1e-4, atol=1e-5)
+  assert (np.abs(out).max() <= 1.0) == clip
+
+
+def test_clip_denoised_refuses_a_latent_run():
+  config = _clip_config(True)
+  config.latent = ml_collections.ConfigDict(dict(autoencoder='runs/digits_autoencoder'))
+  with pytest.raises(ValueError, match=r'sampling.clip_denoised=True clamps pixels .*\(latent.autoencoder='):
+    sampling.CONSISTENCY.build(config, build_model(MLP), EDM(sigma_data=SD))

@@ -71,3 +71,9 @@ def test_curricula_trace_without_recompiling():
 def test_ema_rate_from_halflife():
   rate = schedules.ema_rate_from_halflife(500_000, 512)
   np.testing.assert_allclose(rate ** (500_000 / 512), 0.5, rtol=1e-6)
+
+
+def test_lognormal_sigma_has_its_logarithm_normal():
+  """ln sigma ~ N(-1.2, 1.2^2): over 10^5 draws the mean and std of ln sigma are within 0.02 of -1.2 and 1.2."""
+  log_sigma = np.log(np.asarray(schedules.sample_lognormal_sigma(jax.random.PRNGKey(0), (100_000,), -1.2, 1.2)))
+  assert abs(log_sigma.mean() + 1.2) < 0.02 and abs(log_sigma.std() - 1.2) < 0.02

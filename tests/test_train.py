@@ -1,11 +1,17 @@
 """The trainer: exact resume, device-count invariance, compile-once, skipping non-finite steps, teachers."""
 
+import importlib
+
+import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from cm_jax import checkpoint
+from cm_jax import models
+from cm_jax import objectives
 from cm_jax import sampling
 from cm_jax import train
 from configs import digits_cd
@@ -13,7 +19,6 @@ from configs import digits_ct
 from configs import digits_ict
 from configs import digits_scd
 from configs import digits_trigflow
-from helpers import assert_trees_equal
 from helpers import losses
 from helpers import tiny_config
 
@@ -37,7 +42,7 @@ def test_resume_is_bitwise_exact(tmp_path):
   resumed = train.train_and_evaluate(config, tmp_path / 'resumed', devices)
 
   assert int(resumed.step) == int(straight.step) == 12
-  assert_trees_equal(straight, resumed)
+  chex.assert_trees_all_equal(straight, resumed)
 
 
 def test_eight_devices_match_one_device():
@@ -74,7 +79,7 @@ def test_ema_and_optimizer_are_applied():
   step_fn = exp.train_step()
   with exp.batches(0) as batches:
     s1, _ = step_fn(init, next(batches), exp.frozen())
-    assert_trees_equal(params0, s1.params)  # linear warm-up starts at learning rate 0
+    chex.assert_trees_all_equal(params0, s1.params)  # linear warm-up starts at learning rate 0
     s2, _ = step_fn(s1, next(batches), exp.frozen())
   leaf = lambda t: np.asarray(t['dense_out']['kernel'])  # zero-initialised: only it moves first
   assert not np.allclose(leaf(s2.params), leaf(params0))
@@ -103,7 +108,7 @@ def test_nonfinite_steps_can_be_skipped():
   before = jax.tree.map(np.asarray, state)  # the step donates its input state
   new, metrics = step_fn(state, bad, exp.frozen())
   assert float(metrics['nonfinite']) == 1.0 and int(new.step) == 1
-  assert_trees_equal(before.replace(step=new.step), new)
+  chex.assert_trees_all_equal(before.replace(step=new.step), new)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -185,19 +190,29 @@ def test_the_network_must_match_only_where_the_teacher_parameters_are_read(edm_t
 
 
 @pytest.mark.parametrize('key, value, fragment', [
+    ('train.nonfinite', 'ignore', "train.nonfinite='ignore'; expected 'stop' or 'skip'"),
+    ('train.num_steps', 0, 'train.num_steps=0 must be at least 1'),
+    ('train.batch_size', 0, 'train.batch_size=0 must be at least 1'),
     ('train.log_every', 0, 'train.log_every=0 must be at least 1'),
     ('checkpoint.every_steps', -5, 'checkpoint.every_steps=-5 must be at least 1'),
     ('checkpoint.max_to_keep', 0, 'checkpoint.max_to_keep=0 must be at least 1'),
     ('sampling.grid_every', -1, r'sampling.grid_every=-1 must be at least 0 \(0: off\)'),
-    ('sampling.num_grid', 0, 'sampling.num_grid=0'),
+    ('sampling.num_grid', 0, 'sampling.num_grid=0 must be at least 1'),
     ('sampling.teacher_steps', 1, 'sampling.teacher_steps=1 must be at least 2'),
-    ('eval.num_samples', 0, 'eval.num_samples=0'),
-    ('eval.steps', (), 'eval.steps=()'),
+    ('eval.num_samples', 1, 'eval.num_samples=1 must be at least 2'),
+    ('optim.warmup_steps', -1, r'optim.warmup_steps=-1 must be at least 0 \(0: off\)'),
+    ('eval.steps', (), r'eval.steps=\(\) must be a non-empty list'),
+    ('eval.steps', (1, 0), r'eval.steps=\(1, 0\) must be a non-empty list of step counts >= 1'),
     ('optim.learning_rate', -1e-3, 'optim.learning_rate=-0.001'),
     ('optim.grad_clip', -1.0, 'optim.grad_clip=-1.0'),
+    ('optim.eps', 0.0, 'optim.eps=0.0 positive'),
+    ('optim.b1', -0.1, r'optim.b1=-0.1 and optim.b2=0.995 must be in \[0, 1\)'),
     ('optim.b2', 1.0, 'optim.b2=1.0'),
     ('model.dropout', 1.0, r'model.dropout=1.0 must be in \[0, 1\)'),
     ('model.label_dropout', -0.1, 'model.label_dropout=-0.1'),
+    ('ema.rates', (), r'ema.rates=\(\) must be a non-empty list of rates in \[0, 1\)'),
+    ('ema.rates', (0.9, 1.0), r'ema.rates=\(0.9, 1.0\) must be'),
+    ('logging.wandb.mode', 'cloud', "logging.wandb.mode='cloud'"),
     ('sampling.mid_sigmas', (100.0,), r'sampling.mid_sigmas=\(100.0,\) must decrease strictly inside'),
     ('objective.s0', 0, 'iCT needs 1 <= s0 <= s1')])
 def test_settings_out_of_range_stop_before_any_work(key, value, fragment):
@@ -205,6 +220,17 @@ def test_settings_out_of_range_stop_before_any_work(key, value, fragment):
   config.update_from_flattened_dict({key: value})
   with pytest.raises(ValueError, match=fragment):
     train.Experiment(config, jax.devices()[:1])
+
+
+def test_settings_at_the_edge_of_their_range_are_accepted():
+  """The least value of every checked count or rate passes check_config (a check off by one would refuse it)."""
+  config = tiny_config(num_steps=1, batch_size=1)
+  config.update_from_flattened_dict({
+      'train.log_every': 1, 'checkpoint.every_steps': 1, 'checkpoint.max_to_keep': 1, 'sampling.num_grid': 1,
+      'sampling.teacher_steps': 2, 'eval.num_samples': 2, 'sampling.grid_every': 0, 'optim.warmup_steps': 0,
+      'eval.steps': (1,), 'optim.learning_rate': 0.0, 'optim.grad_clip': 0.0, 'optim.b1': 0.0, 'optim.b2': 0.0,
+      'model.dropout': 0.0, 'model.label_dropout': 0.0, 'ema.rates': (0.0,), 'train.nonfinite': 'skip'})
+  train.check_config(config)
 
 
 def test_ct_with_one_level_is_refused():
@@ -216,6 +242,44 @@ def test_ct_with_one_level_is_refused():
     train.Experiment(config, jax.devices()[:1])
 
 
+def _ct_tiny(num_steps=4):
+  """The tiny experiment trained with CT (s0 2, s1 40, mu0 0.9, the paper's mu) and no learning-rate warm-up."""
+  config = tiny_config(num_steps=num_steps)
+  config.objective = digits_ct.get_config().objective
+  config.optim.warmup_steps = 0
+  return config
+
+
+def test_the_target_moves_at_the_rate_of_the_step_being_taken():
+  """theta- <- mu(k) theta- + (1 - mu(k)) theta_{k+1} at step k = 0, 1, ... (the counter before the update).
+  K = 4, s0 = 2, s1 = 40: N(0) = 2, mu(0) = exp(2 ln 0.9 / 2) = 0.9; N(1) = ceil(sqrt(1/4 (41^2 - 4) + 4) - 1) + 1
+  = ceil(19.57) + 1 = 21, mu(1) = exp(2 ln 0.9 / 21) = 0.990016."""
+  exp = train.Experiment(_ct_tiny(), jax.devices()[:1])
+  state, step_fn = exp.init_state(), exp.train_step()
+  initial = jax.tree.map(np.array, state.target)  # copies: the step donates the state
+  before = initial
+  with exp.batches(0) as batches:
+    for mu in (0.9, 0.990016):
+      state, _ = step_fn(state, next(batches), exp.frozen())
+      expected = jax.tree.map(lambda t, p: mu * t + (1.0 - mu) * np.asarray(p), before, state.params)
+      for got, want in zip(jax.tree.leaves(state.target), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+      before = jax.tree.map(np.array, state.target)
+  moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(initial))]
+  assert any(moved)
+
+
+def test_init_from_the_teacher_sets_the_network_its_emas_and_its_target():
+  """teacher.init: theta, every sampling EMA and theta- start equal to the teacher's parameters."""
+  exp = train.Experiment(_ct_tiny(), jax.devices()[:1])
+  fresh = jax.tree.map(np.array, exp.init_state().params)
+  teacher = jax.tree.map(lambda p: p + 0.25, fresh)
+  state = exp.init_state(teacher)
+  assert len(state.ema) == 2 and int(state.step) == 0
+  for tree in (state.params, *state.ema, state.target):
+    chex.assert_trees_all_equal(tree, teacher)
+
+
 def test_resuming_with_another_network_names_the_leaf_and_leaves_the_checkpoint(tmp_path):
   train.train_and_evaluate(tiny_config(num_steps=2), tmp_path, jax.devices()[:1])
   wider = tiny_config(num_steps=4)
@@ -225,3 +289,30 @@ def test_resuming_with_another_network_names_the_leaf_and_leaves_the_checkpoint(
                            r'and \(64,\) here'):
     train.train_and_evaluate(wider, tmp_path, jax.devices()[:1])
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['1', '2']  # nothing moved aside
+
+
+def test_a_distillation_run_needs_a_teacher_run(tmp_path):
+  config = tiny_config()
+  config.objective = ml_collections.ConfigDict(dict(name='cd', num_scales=18, solver='heun', target_ema=0.0,
+                                                    distance='l2'))
+  with pytest.raises(ValueError, match=r"objective.name='cd' distils a diffusion teacher: set teacher.workdir"):
+    train.train_and_evaluate(config, tmp_path, jax.devices()[:1])
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+@pytest.mark.parametrize('name', ['edm', 'trigflow', 'latent_ddpm', 'cd', 'ct', 'ict', 'ect', 'sct', 'scd', 'lcd',
+                                  'lcf', 'autoencoder'])
+def test_every_objective_refuses_a_key_it_does_not_read_and_names_a_missing_one(name):
+  config = importlib.import_module(f'configs.digits_{name}').get_config()
+  model = models.build_model(config.model)
+  objectives.make_objective(config, model)  # the config as shipped builds
+  extra = config.copy_and_resolve_references()
+  extra.objective.unlock()['bogus'] = 1  # e.g. a key of another method
+  with pytest.raises(ValueError, match=r"unknown objective key\(s\) \['bogus'\]"):
+    objectives.make_objective(extra, model)
+  required = sorted(objectives.objective_keys(config.objective.name)[0] - {'name'})
+  if required:  # ddpm reads its name only
+    missing = config.copy_and_resolve_references()
+    del missing.objective.unlock()[required[0]]
+    with pytest.raises(ValueError, match=rf"missing objective key\(s\) \['{required[0]}'\]"):
+      objectives.make_objective(missing, model)

@@ -2,50 +2,89 @@
 
 `root` is a folder or a .tar.gz archive of one (possibly wrapped in a single
 top-level folder). An archive is extracted once into a cache folder keyed by
-its path, size and modification time, and reused by later runs.
+its path, size and modification time, and reused by later runs; it is
+extracted into a temporary folder beside that one and renamed when complete,
+so a truncated or garbage archive leaves nothing behind.
 
 Class folder names, sorted alphabetically, give the label ids. Files are
-listed at build time and decoded per batch with PIL, always to RGB (grayscale
-files get three equal channels). With a non-zero image_size every image is
-resized (not cropped) to image_size x image_size with bicubic filtering;
-otherwise all images must share the size of the first one.
+listed at build time and their headers read (about 50 us a file), so a file
+that is not an image, or an image of another size, is named before any
+training; they are decoded per batch with PIL, always to RGB (grayscale files
+get three equal channels), and a file that fails to decode then is named too.
+With a non-zero image_size every image is resized (not cropped) to
+image_size x image_size with bicubic filtering; otherwise all images must
+share the size of the first one.
 """
 
+import gzip
 import hashlib
 import os
 import pathlib
 import shutil
 import tarfile
 import tempfile
+import zlib
 
 import numpy as np
 from PIL import Image
+from PIL import UnidentifiedImageError
 
 from cm_jax.data import source
 
 DEFAULT_CACHE_DIR = os.path.expanduser('~/.cache/cm_jax/image_folder')
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
+# What reading a broken archive raises (gzip.BadGzipFile is an OSError).
+_ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
+# What PIL raises on a file it cannot identify or decode.
+_IMAGE_ERRORS = (
+    OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError
+)
+
+
+def _one_line(error: BaseException) -> str:
+  return ' '.join(str(error).split()) or type(error).__name__
 
 
 def extract_once(
     archive: pathlib.Path, cache_dir: pathlib.Path
 ) -> pathlib.Path:
-  """Returns a folder with the archive's files, extracting it on first use."""
+  """Returns a folder with the archive's files, extracting it on first use.
+
+  Raises:
+    ValueError: when the archive is not a complete .tar.gz (nothing is left
+      in `cache_dir`), or `cache_dir` cannot be written.
+  """
   stat = archive.stat()
   key = f'{archive.resolve()}:{stat.st_size}:{stat.st_mtime_ns}'
   digest = hashlib.sha256(key.encode()).hexdigest()[:16]
   target = cache_dir / f'{archive.name.removesuffix(".tar.gz")}-{digest}'
-  if not target.is_dir():
+  if target.is_dir():
+    return target
+  try:
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(
         tempfile.mkdtemp(prefix='.extracting-', dir=cache_dir)
     )
+  except OSError as e:
+    raise ValueError(
+        f'cannot extract {archive} into {cache_dir} ({_one_line(e)}): set'
+        ' data.data_dir to a writable folder.'
+    ) from e
+  try:
     with tarfile.open(archive, 'r:gz') as tar:
       tar.extractall(staging, filter='data')
-    try:
-      staging.rename(target)
-    except OSError:  # Another process finished the same extraction first.
-      shutil.rmtree(staging)
+  except BaseException as e:
+    shutil.rmtree(staging, ignore_errors=True)
+    if isinstance(e, _ARCHIVE_ERRORS):
+      raise ValueError(
+          f'{archive} is not a complete .tar.gz archive ({_one_line(e)}):'
+          ' replace it, or set data.path to the image folder itself.'
+      ) from e
+    raise
+  try:
+    staging.rename(target)
+  except OSError:  # Another process finished the same extraction first.
+    shutil.rmtree(staging)
   return target
 
 
@@ -82,13 +121,50 @@ def list_images(
   return files, np.array(labels, np.int32), classes
 
 
+def _unreadable(path: pathlib.Path, error: BaseException) -> ValueError:
+  # PIL's own message for an unknown format repeats the path.
+  unknown = isinstance(error, UnidentifiedImageError)
+  reason = 'PIL does not know its format' if unknown else _one_line(error)
+  return ValueError(
+      f'{path} is not a readable image ({reason}): remove or replace it.'
+  )
+
+
+def image_shape(files: list[pathlib.Path], image_size: int) -> tuple[int, ...]:
+  """Returns the (H, W, 3) the images are read at, from every file's header.
+
+  Raises:
+    ValueError: naming the first file that is not an image, or (with
+      image_size 0) whose size differs from the first one's.
+  """
+  shape = (image_size, image_size, 3) if image_size else None
+  for path in files:
+    try:
+      with Image.open(path) as image:
+        size = (image.height, image.width, 3)
+    except _IMAGE_ERRORS as e:
+      raise _unreadable(path, e) from e
+    shape = shape or size
+    if not image_size and size != shape:
+      raise ValueError(
+          f'{path} is {size[0]}x{size[1]}, not {shape[0]}x{shape[1]} like'
+          f' {files[0]}; set image_size to resize all images to one size.'
+      )
+  return shape
+
+
 def _read_rgb(path: pathlib.Path, image_size: int) -> np.ndarray:
   """Decodes one file to uint8 RGB, resized to image_size when non-zero."""
-  with Image.open(path) as image:
-    image = image.convert('RGB')
-    if image_size and image.size != (image_size, image_size):
-      image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return np.asarray(image)
+  try:
+    with Image.open(path) as image:
+      image = image.convert('RGB')
+      if image_size and image.size != (image_size, image_size):
+        image = image.resize(
+            (image_size, image_size), Image.Resampling.BICUBIC
+        )
+      return np.asarray(image)
+  except _IMAGE_ERRORS as e:
+    raise _unreadable(path, e) from e
 
 
 class ImageFolderSource:
@@ -105,11 +181,7 @@ class ImageFolderSource:
     self._labels = labels
     self._image_size = image_size
     self.num_classes = num_classes
-    if image_size:
-      self.shape = (image_size, image_size, 3)
-    else:
-      with Image.open(files[0]) as first:
-        self.shape = (first.height, first.width, 3)
+    self.shape = image_shape(files, image_size)
 
   def __len__(self) -> int:
     """Returns the number of image files."""
@@ -118,12 +190,6 @@ class ImageFolderSource:
   def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     """Decodes the images at `indices`, in that order."""
     images = [_read_rgb(self._files[i], self._image_size) for i in indices]
-    for i, image in zip(indices, images):
-      if image.shape != self.shape:
-        raise ValueError(
-            f'{self._files[i]} has shape {image.shape}, not {self.shape};'
-            ' set image_size to resize all images to one size.'
-        )
     return {
         'image': source.scale_uint8(np.stack(images)),
         'label': self._labels[indices],

@@ -76,6 +76,7 @@ class DigitsProxy:
   Attributes:
     params: the DigitsCNN parameters.
     test_accuracy: the classifier's accuracy on the held-out 'test' split.
+    reference: (mu, sigma) of the held-out 'test' digits' features.
   """
 
   def __init__(self, params):
@@ -84,7 +85,7 @@ class DigitsProxy:
     images, labels = load_digits('test')
     logits, features = _forward(params, images)
     self.test_accuracy = float(np.mean(np.argmax(logits, -1) == labels))
-    self._reference = feature_statistics(features)
+    self.reference = feature_statistics(features)
 
   @classmethod
   def train(cls, seed: int = 0, steps: int = 400, batch_size: int = 128,
@@ -102,7 +103,7 @@ class DigitsProxy:
   def frechet(self, images) -> float:
     """FD(N(mu_g, S_g), N(mu_test, S_test)) in feature space; lower is better."""
     return frechet_distance(*feature_statistics(self.features(images)),
-                            *self._reference)
+                            *self.reference)
 
   def save(self, path) -> None:
     """Writes the classifier parameters to `path` (msgpack)."""

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 
-from cm_jax.models.blocks import UNetBlock, unet
+from cm_jax.models.blocks import remat_block, unet
 from cm_jax.models.layers import NoiseLabelEmbedding
 
 
@@ -30,6 +30,8 @@ class ADM(nn.Module):
     adaptive_norm: 'scale_shift' (ADM), 'shift' or 'double' (sCM) conditioning of the blocks' second norm.
     dtype: compute dtype ('float32' or 'bfloat16'); parameters stay float32, the output is float32.
     norm: 'group' (GroupNorm) or 'nsln' (non-scaling LayerNorm, improved latent CT).
+    remat: rematerialisation of the UNet blocks in the backward pass: '', 'block' or a jax.checkpoint_policies
+      name (blocks.remat_block).
   """
   channels: int = 192
   channel_mult: Sequence[int] = (1, 2, 3, 4)
@@ -46,12 +48,13 @@ class ADM(nn.Module):
   adaptive_norm: str = 'scale_shift'
   dtype: str = 'float32'
   norm: str = 'group'
+  remat: str = ''
 
   @nn.compact
   def __call__(self, x, c_noise, cond=None, train=False, guidance=None):
     """Maps x [B, H, W, C], c_noise [B], cond [B] int (< 0: no label) or None, guidance [B] or None (s = 1) to
     [B, H, W, C] (float32)."""
-    block = functools.partial(UNetBlock, head_dim=self.head_dim, dropout=self.dropout,
+    block = functools.partial(remat_block(self.remat), head_dim=self.head_dim, dropout=self.dropout,
                               adaptive_norm=self.adaptive_norm, dtype=self.dtype, norm=self.norm)
     embed = NoiseLabelEmbedding(
         features=self.channels * self.emb_mult, kind=self.time_embedding, scale=self.time_scale,

@@ -45,7 +45,7 @@ class UNetBlock(nn.Module):
   up: bool = False
   down: bool = False
   attention: bool = False
-  head_dim: int = 0  # channels per attention head; 0: one head
+  head_dim: int = 0  # channels per attention head (at least one head); 0: one head
   dropout: float = 0.0
   skip_scale: float = 1.0
   adaptive_norm: str = 'scale_shift'
@@ -80,15 +80,27 @@ class UNetBlock(nn.Module):
     return x
 
   def _attention(self, x):
-    """Proj(softmax(q k^T / sqrt(d)) v) of GN(x) over the H*W positions, softmax in float32."""
+    """Proj(softmax(q k^T / sqrt(d)) v) of GN(x) over the H*W positions (jax.nn.dot_product_attention: logits and
+    softmax in float32, fused on TPU and cuDNN where available)."""
     b, hgt, wid, c = x.shape
-    heads = c // self.head_dim if self.head_dim else 1
+    heads = max(1, c // self.head_dim) if self.head_dim else 1
     h = feature_norm(self.norm, c, self.eps, self.dtype, 'norm_2')(x).reshape(b, hgt * wid, c)
     q, k, v = jnp.split(nn.Dense(3 * c, dtype=self.dtype, name='qkv')(h), 3, axis=-1)
-    q, k, v = (t.reshape(b, hgt * wid, heads, c // heads) for t in (q, k, v))
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / np.sqrt(c // heads)
-    h = jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
+    h = jax.nn.dot_product_attention(*(t.reshape(b, hgt * wid, heads, c // heads) for t in (q, k, v)))
     return nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name='proj')(h.reshape(b, hgt, wid, c))
+
+
+def remat_block(policy: str):
+  """UNetBlock, or UNetBlock recomputed in the backward pass instead of storing its activations: policy 'block'
+  recomputes everything, the name of a jax.checkpoint_policies policy (e.g. 'dots_with_no_batch_dims_saveable')
+  keeps what it names; '' is no rematerialisation."""
+  if not policy:
+    return UNetBlock
+  if policy != 'block' and not hasattr(jax.checkpoint_policies, policy):
+    raise ValueError(f"model.remat={policy!r}; expected '', 'block' or a jax.checkpoint_policies name such as "
+                     "'dots_with_no_batch_dims_saveable'.")
+  return nn.remat(UNetBlock, static_argnums=(3,),  # (self, x, emb, train): train is a Python bool
+                  policy=None if policy == 'block' else getattr(jax.checkpoint_policies, policy))
 
 
 class EncoderLevel(nn.Module):
@@ -152,7 +164,8 @@ def unet(x, c_noise, cond, train, guidance, *, net, block, embed, attention_bloc
   """The encoder-decoder of EDM's UNets on the fields of `net` (an NCSNpp or ADM module, inside its compact call).
 
   block: partial(UNetBlock, ...); embed: the NoiseLabelEmbedding (SiLU applied here); guidance: [B] or None;
-  attention_blocks(res) -> decoder block indices with attention at resolution res. Returns F [B, H, W, C] in float32.
+  attention_blocks(res) -> decoder block indices with attention at resolution res. Returns F [B, H, W, C] in float32
+  (float64 when net.dtype is).
   """
   levels = len(net.channel_mult)
   if x.shape[1] % 2 ** (levels - 1) or x.shape[2] % 2 ** (levels - 1):
@@ -174,4 +187,4 @@ def unet(x, c_noise, cond, train, guidance, *, net, block, embed, attention_bloc
                      bottom=level == levels - 1, block=block, name=f'dec_{res}x{res}')(h, skips.pop(), emb, train)
   h = nn.silu(feature_norm(net.norm, h.shape[-1], eps, dtype, 'out_norm')(h))
   out = nn.Conv(x.shape[-1], (3, 3), dtype=dtype, kernel_init=nn.initializers.zeros, name='out_conv')(h)
-  return out.astype(jnp.float32)
+  return out.astype(jnp.promote_types(dtype, jnp.float32))  # bfloat16 compute gives float32; float64 stays

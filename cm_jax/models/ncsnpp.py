@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import numpy as np
 
-from cm_jax.models.blocks import UNetBlock, unet
+from cm_jax.models.blocks import remat_block, unet
 from cm_jax.models.layers import NoiseLabelEmbedding
 
 
@@ -37,6 +37,8 @@ class NCSNpp(nn.Module):
     adaptive_norm: 'shift' (DDPM++), 'scale_shift' or 'double' (sCM) conditioning of the blocks' second norm.
     dtype: compute dtype ('float32' or 'bfloat16'); parameters stay float32, the output is float32.
     norm: 'group' (GroupNorm) or 'nsln' (non-scaling LayerNorm, improved latent CT).
+    remat: rematerialisation of the UNet blocks in the backward pass: '', 'block' or a jax.checkpoint_policies
+      name (blocks.remat_block).
   """
   channels: int = 128
   channel_mult: Sequence[int] = (2, 2, 2)
@@ -55,6 +57,7 @@ class NCSNpp(nn.Module):
   adaptive_norm: str = 'shift'
   dtype: str = 'float32'
   norm: str = 'group'
+  remat: str = ''
 
   @nn.compact
   def __call__(self, x, c_noise, cond=None, train=False, guidance=None):
@@ -62,7 +65,7 @@ class NCSNpp(nn.Module):
     [B, H, W, C] (float32)."""
     eps = 1e-6
     block = functools.partial(
-        UNetBlock, dropout=self.dropout, skip_scale=np.sqrt(0.5), adaptive_norm=self.adaptive_norm,
+        remat_block(self.remat), dropout=self.dropout, skip_scale=np.sqrt(0.5), adaptive_norm=self.adaptive_norm,
         resample_filter=tuple(self.resample_filter), resample_proj=True, eps=eps, dtype=self.dtype, norm=self.norm)
     embed = NoiseLabelEmbedding(
         features=self.channels * self.emb_mult, kind=self.time_embedding, scale=self.time_scale,

@@ -4,7 +4,8 @@ import functools
 
 from cm_jax.models.apply import takes_guidance
 from cm_jax.objectives.autoencoder import make_autoencoder
-from cm_jax.objectives.base import Objective
+from cm_jax.objectives import continuous
+from cm_jax.objectives.base import Objective, check_keys
 from cm_jax.objectives.continuous import make_cm_continuous, make_scm
 from cm_jax.objectives.ddpm import make_ddpm
 from cm_jax.objectives.diffusion import make_edm, make_trigflow_diffusion
@@ -14,12 +15,32 @@ from cm_jax.objectives.latent import make_lcd, make_lcf
 from cm_jax.objectives.lora import with_lora
 from cm_jax.parameterization import make_parameterization
 
-_REGISTRY = {'edm': make_edm, 'ict': make_ict, 'cd': make_cd, 'ct': make_ct, 'ect': make_ect,
-             'trigflow': make_trigflow_diffusion,
-             'sct': functools.partial(make_scm, distill=False), 'scd': functools.partial(make_scm, distill=True),
-             'ct_continuous': functools.partial(make_cm_continuous, distill=False),
-             'cd_continuous': functools.partial(make_cm_continuous, distill=True),
-             'ddpm': make_ddpm, 'lcd': make_lcd, 'lcf': make_lcf, 'autoencoder': make_autoencoder}
+# name -> (maker, the config.objective keys it reads, those it may read): make_objective refuses any other key.
+_DISCRETE_OPTIONAL = {'lpips_weights', 'distance_c', 'c_schedule', 'diffusion_loss_weight', 'diffusion_loss_fraction',
+                      'coupling', 'sinkhorn_epsilon'}
+_LATENT = {'name', 'distance', 'distance_c', 'guidance_scale', 'skip', 'target_ema'}
+_REGISTRY = {
+    'edm': (make_edm, {'name', 'p_mean', 'p_std'}, set()),
+    'trigflow': (make_trigflow_diffusion, {'name', 'p_mean', 'p_std'}, {'adaptive_weighting'}),
+    'ddpm': (make_ddpm, {'name'}, set()),
+    'cd': (make_cd, {'name', 'distance', 'num_scales', 'solver', 'target_ema'}, _DISCRETE_OPTIONAL),
+    'ct': (make_ct, {'name', 'distance', 's0', 's1', 'mu0', 'mu_convention'}, _DISCRETE_OPTIONAL),
+    'ict': (make_ict, {'name', 'distance', 's0', 's1', 'p_mean', 'p_std'}, _DISCRETE_OPTIONAL),
+    'ect': (make_ect, {'name', 'distance', 'p_mean', 'p_std', 'q', 'stage_steps', 'weighting'}, set()),
+    'sct': (functools.partial(make_scm, distill=False), continuous.SCT_KEYS, set()),
+    'scd': (functools.partial(make_scm, distill=True), continuous.SCD_KEYS, set()),
+    'ct_continuous': (functools.partial(make_cm_continuous, distill=False), continuous.CM_KEYS, {'weighting'}),
+    'cd_continuous': (functools.partial(make_cm_continuous, distill=True), continuous.CM_KEYS, {'weighting'}),
+    'lcd': (make_lcd, _LATENT, set()),
+    'lcf': (make_lcf, _LATENT, set()),
+    'autoencoder': (make_autoencoder, {'name', 'kl_weight', 'lpips_weight', 'lpips_weights', 'reconstruction',
+                                       'scale_records'}, set()),
+}
+
+
+def objective_keys(name: str) -> tuple[set, set]:
+  """(the config.objective keys objective `name` reads, the optional ones)."""
+  return set(_REGISTRY[name][1]), set(_REGISTRY[name][2])
 
 
 def make_objective(config, model) -> Objective:
@@ -28,13 +49,15 @@ def make_objective(config, model) -> Objective:
   With config.lora.rank > 0 the objective trains low-rank adapters on its frozen teacher (objectives/lora.py).
 
   Raises:
-    ValueError: on an unknown name, or when the network has a guidance input (model.guidance_embedding) and the
+    ValueError: on an unknown name or objective key, a missing key, or when the network has a guidance input (model.guidance_embedding) and the
       objective feeds no guidance scale, or the other way round.
   """
   name = config.objective.name
   if name not in _REGISTRY:
     raise ValueError(f'Unknown objective.name {name!r}; expected one of {sorted(_REGISTRY)}.')
-  objective = _REGISTRY[name](config, model, make_parameterization(config))
+  make, required, optional = _REGISTRY[name]
+  check_keys(config.objective, required, optional)
+  objective = make(config, model, make_parameterization(config))
   if takes_guidance(model) and not objective.feeds_guidance:
     raise ValueError(f'model.guidance_embedding=True but objective.name={name!r} feeds the network no guidance '
                      'scale: sCD with a range objective.guidance_scale=(lo, hi), lo < hi, and LCD / LCF do.')

@@ -66,10 +66,10 @@ def make_autoencoder(config, model, process) -> Objective:
   if obj.kl_weight < 0 or obj.lpips_weight < 0 or obj.scale_records < 2:
     raise ValueError('objective.kl_weight and lpips_weight must be >= 0 and objective.scale_records >= 2.')
   reconstruction = distances.get_distance(obj.reconstruction)
-  perceptual = distances.get_distance('lpips', obj.lpips_weights) if obj.lpips_weight else None
+  perceptual = distances.get_distance('lpips') if obj.lpips_weight else None
 
   def loss(params, extra, frozen, batch, rng, step):
-    del extra, frozen, step
+    del extra, step
     x = batch['image']
     mean, logvar = model.apply({'params': params}, x, method=AutoencoderKL.encode)
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
@@ -79,7 +79,7 @@ def make_autoencoder(config, model, process) -> Objective:
     loss = rec + obj.kl_weight * kl
     metrics = {'reconstruction': rec, 'kl': kl}
     if perceptual is not None:
-      metrics['lpips'] = jnp.mean(perceptual(recon, x))
+      metrics['lpips'] = jnp.mean(perceptual(recon, x, inputs=frozen))
       loss = loss + obj.lpips_weight * metrics['lpips']
     return loss, dict(metrics, loss=loss)
 
@@ -106,7 +106,8 @@ def make_autoencoder(config, model, process) -> Objective:
       held_out.split = 'test'
       test = data_lib.build_source(held_out)
       _, _, recons = _encode_records(autoencoder, test, np.arange(len(test)))
-      report.proxy_table([('autoencoder reconstructions (test split)', 1, recons)],
-                         epath.Path(workdir) / 'proxy_classifier.msgpack')
+      proxy = report.load_or_train_proxy(epath.Path(workdir) / 'proxy_classifier.msgpack')
+      report.proxy_table([('autoencoder reconstructions (test split)', 1, proxy.frechet(recons))], proxy)
 
-  return Objective(loss=loss, sampler=VAE_PRIOR, init_params=init_params, finish=finish)
+  return Objective(loss=loss, sampler=VAE_PRIOR, init_params=init_params, finish=finish,
+                   inputs=distances.step_inputs('lpips' if obj.lpips_weight else '', obj.lpips_weights))

@@ -26,11 +26,13 @@ class Objective:
   target_rate(step) -> mu of the target update theta- <- mu theta- + (1 - mu) theta; None keeps no target copy.
   feeds_guidance: the loss can give the network a per-example guidance scale, so a network with a guidance input
     (model.guidance_embedding) is fed; `make_objective` refuses such a network for an objective that cannot.
-  teacher: the parameterisation ('edm', 'trigflow' or 'vp') in which the loss reads frozen['teacher']; None when it
-    distils no teacher (train.load_teacher checks the teacher run's against it).
+  distils: the parameterisation ('edm', 'trigflow' or 'vp') in which the loss reads frozen['teacher'], the teacher
+    run's parameters; None when it distils no teacher (train.load_teacher checks the teacher run against it).
   init_params(model, rng, sample_input) -> the trained parameters at step 0 (default: the network's).
   sample_params(params, frozen) -> the network parameters its sampler uses (default: params; LoRA: the teacher
     merged with the adapters).
+  inputs(abstract=False) -> what the loss reads from `frozen` besides target and teacher ({} by default; LPIPS: its
+    network's weights): loaded by the trainer before it compiles the step and passed in replicated, like the teacher.
   finish(experiment, state, workdir): what a finished run of the method writes besides its checkpoint (the
     autoencoder exports itself); None: nothing.
   """
@@ -39,10 +41,20 @@ class Objective:
   init_extra: Callable[[jax.Array], PyTree] = lambda rng: {}
   target_rate: Optional[Callable[[jax.Array], jax.Array]] = None
   feeds_guidance: bool = False
-  teacher: Optional[str] = None
+  distils: Optional[str] = None
   init_params: Callable = _init_network
   sample_params: Callable = lambda params, frozen: params
+  inputs: Callable = lambda abstract=False: {}
   finish: Optional[Callable] = None
+
+
+def check_keys(objective_config, required, optional=frozenset()) -> None:
+  """Every config.objective key is one the method reads: `required` ones all present, nothing outside `optional`."""
+  got = set(objective_config.keys())
+  unknown, missing = got - set(required) - set(optional), set(required) - got
+  if unknown or missing:
+    raise ValueError(f'objective.name={objective_config.name!r}: unknown objective key(s) {sorted(unknown)}, '
+                     f'missing objective key(s) {sorted(missing)}.')
 
 
 def labels(batch, model_config):

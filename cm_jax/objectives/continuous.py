@@ -4,7 +4,9 @@
   normalisation, the adaptive weighting network w_phi(t) (weighting.py; trained jointly: its parameters are the
   objective's `extra`), optional prior weighting 1/sigma; theta- = sg(theta).
   CT / CD in continuous time with stop-gradient (Song et al. 2023, Appendix B) on EDM: a pseudo-loss whose gradient is
-  the N -> infinity limit of the (scaled) discrete CT/CD gradient.
+  the N -> infinity limit of the (scaled) discrete CT/CD gradient. objective.weighting (optional) weights each sample
+  f^T sg(df-/dsigma) by 2 (dsigma/du) / D ('paper', the default: the limit of the discrete loss) or by 1 ('code': the
+  official JAX code's sum over dimensions with unit weight).
 
 A finite-difference fallback (objective.jvp='finite_difference') replaces jax.jvp for kernels without forward-mode
 rules. Mixed precision: when the network computes in bfloat16 (model.dtype, paper networks), only the trained
@@ -13,6 +15,7 @@ loss are float32.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -25,10 +28,11 @@ from cm_jax.objectives.base import Objective, labels, sample_guidance
 from cm_jax.objectives.weighting import AdaptiveWeighting
 from cm_jax.parameterization import EDM, TrigFlow, bcast
 
-_COMMON_KEYS = {'name', 'jvp', 'fd_eps'}
-_SCM_KEYS = _COMMON_KEYS | {'p_mean', 'p_std', 'tangent_warmup_steps', 'tangent_norm', 'tangent_norm_c',
-                            'adaptive_weighting', 'prior_weighting'}
-_SCD_KEYS = _SCM_KEYS | {'teacher', 'guidance_scale'}
+CM_KEYS = {'name', 'jvp', 'fd_eps'}  # config.objective of ct_continuous / cd_continuous (and 'weighting', optional)
+SCT_KEYS = CM_KEYS | {'p_mean', 'p_std', 'tangent_warmup_steps', 'tangent_norm', 'tangent_norm_c', 'adaptive_weighting',
+                      'prior_weighting'}
+SCD_KEYS = SCT_KEYS | {'teacher', 'guidance_scale'}
+CM_WEIGHTINGS = ('paper', 'code')  # objective.weighting of ct_continuous / cd_continuous (optional; default 'paper')
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -100,22 +104,12 @@ def cm_pseudo_loss(f, f_minus, x, sigma, dx_dsigma, weight, method='jvp', fd_eps
   return 2.0 * weight * jnp.mean(flat(f(x, sigma)) * flat(jax.lax.stop_gradient(df)), axis=-1)
 
 
-def _check_common(config, expected_keys):
+def _check_common(config):
   obj = config.objective
-  got = set(obj.keys())
-  if got != expected_keys:
-    raise ValueError(f'objective.name={obj.name!r}: unknown objective key(s) {sorted(got - expected_keys)}, '
-                     f'missing objective key(s) {sorted(expected_keys - got)}.')
   if obj.jvp not in ('jvp', 'finite_difference'):
     raise ValueError(f"objective.jvp={obj.jvp!r}; expected 'jvp' or 'finite_difference'.")
   if not obj.fd_eps > 0:
     raise ValueError(f'objective.fd_eps={obj.fd_eps} must be positive.')
-
-
-def _teacher(frozen, name):
-  if frozen.get('teacher') is None:
-    raise ValueError(f'objective.name={name!r} distils a teacher: set teacher.workdir to a diffusion run.')
-  return frozen['teacher']
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -123,7 +117,7 @@ def _teacher(frozen, name):
 # ----------------------------------------------------------------------------------------------------------
 def _check_scm(config, model, tf, distill):
   obj = config.objective
-  _check_common(config, _SCD_KEYS if distill else _SCM_KEYS)
+  _check_common(config)
   if not isinstance(tf, TrigFlow):
     raise ValueError(f"objective.name={obj.name!r} needs parameterization.name='trigflow'.")
   if obj.tangent_norm not in ('l2', 'rms'):
@@ -188,7 +182,7 @@ def make_scm(config, model, tf: TrigFlow, distill: bool) -> Objective:
     s = None
     if distill:
       s = sample_guidance(rng_s, obj.guidance_scale, x0.shape[0])
-      dxdt = teacher_velocity(_teacher(frozen, obj.name), x_t, t, cond, s)
+      dxdt = teacher_velocity(frozen['teacher'], x_t, t, cond, s)
     else:
       dxdt = bcast(jnp.cos(t), x0) * z - bcast(jnp.sin(t), x0) * x0
     r = tangent_warmup(step, obj.tangent_warmup_steps)
@@ -205,22 +199,29 @@ def make_scm(config, model, tf: TrigFlow, distill: bool) -> Objective:
 
   feeds_guidance = distill and obj.guidance_scale[0] < obj.guidance_scale[1]
   return Objective(loss=loss, sampler=sampling.CONSISTENCY, init_extra=weighting.init, feeds_guidance=feeds_guidance,
-                   teacher=obj.teacher if distill else None)
+                   distils=obj.teacher if distill else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The CM paper's continuous-time CT and CD.
 # ----------------------------------------------------------------------------------------------------------
 def make_cm_continuous(config, model, edm: EDM, distill: bool) -> Objective:
-  """E_u[cm_pseudo_loss] with u ~ U(0, 1), sigma = sigma(u) (the Karras grid's limit), weight = d sigma/du, lambda = 1.
+  """E_u[cm_pseudo_loss] with u ~ U(0, 1), sigma = sigma(u) (the Karras grid's limit), lambda = 1 and weight =
+  d sigma/du (objective.weighting 'paper', the default) or D / 2 ('code': f^T sg(df-/dsigma) summed over dimensions).
 
   x = x0 + sigma z; dx/dsigma = z (CT: the score replaced by -(x - x0)/sigma^2) or (x - D_teacher(x, sigma)) / sigma
-  (CD: the EDM teacher's PF-ODE). theta- = sg(theta).
+  (CD: the EDM teacher's PF-ODE). theta- = sg(theta). 'paper' is the N -> infinity limit of the discrete loss's
+  gradient scaled by N - 1 (CM Appendix B); 'code' is the official JAX code's, which has the same samples of sigma but
+  weights a sample at sigma D / (2 dsigma/du) times as much.
   """
-  _check_common(config, _COMMON_KEYS)
+  _check_common(config)
   obj = config.objective
   if not isinstance(edm, EDM):
     raise ValueError(f"objective.name={obj.name!r} needs parameterization.name='edm'.")
+  weighting = obj.get('weighting', 'paper')
+  if weighting not in CM_WEIGHTINGS:
+    raise ValueError(f"objective.weighting={weighting!r}; expected 'paper' (2 (dsigma/du) / D per sample, the CM "
+                     "paper) or 'code' (1, summed over dimensions: the official JAX code).")
   if distill:
     model = without_label_dropout(model)
   model32 = float32_model(model)
@@ -235,15 +236,16 @@ def make_cm_continuous(config, model, edm: EDM, distill: bool) -> Objective:
     z = jax.random.normal(rng_z, x0.shape)
     x = x0 + bcast(sigma, x0) * z
     if distill:
-      teacher = network(model32, _teacher(frozen, obj.name), cond)
+      teacher = network(model32, frozen['teacher'], cond)
       dx_dsigma = solvers.pf_ode_derivative(lambda y, s: edm.denoise(teacher, y, s), x, sigma)
     else:
       dx_dsigma = z
     student = network(model, params, cond, rng_drop)
     target = network(model32, jax.lax.stop_gradient(params), cond, rng_drop)
+    weight = dsigma_du if weighting == 'paper' else jnp.full_like(sigma, math.prod(x0.shape[1:]) / 2.0)
     per_sample = cm_pseudo_loss(functools.partial(edm.consistency, student), functools.partial(edm.consistency, target),
-                                x, sigma, dx_dsigma, dsigma_du, obj.jvp, obj.fd_eps)
+                                x, sigma, dx_dsigma, weight, obj.jvp, obj.fd_eps)
     loss = jnp.mean(per_sample)
     return loss, {'loss': loss}
 
-  return Objective(loss=loss, sampler=sampling.CONSISTENCY, teacher='edm' if distill else None)
+  return Objective(loss=loss, sampler=sampling.CONSISTENCY, distils='edm' if distill else None)

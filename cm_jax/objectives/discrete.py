@@ -67,7 +67,7 @@ def make_discrete(config, model, edm: EDM, sample_levels, estimate_x_n, weight, 
   weight(sigma_n, sigma_next) -> lambda; target_rate: None for theta- = sg(theta), else mu(step) of the EMA target.
   """
   obj = config.objective
-  distance = distances.get_distance(obj.distance, obj.get('lpips_weights', ''))
+  distance = distances.get_distance(obj.distance)
   scale = distance_scale(config)
   coupling, diffusion_weight = obj.get('coupling', 'none'), float(obj.get('diffusion_loss_weight', 0.0))
   couplings.check(coupling)
@@ -96,7 +96,7 @@ def make_discrete(config, model, edm: EDM, sample_levels, estimate_x_n, weight, 
     pred = edm.consistency(student, x_next, sigma_next)
     target = jax.lax.stop_gradient(edm.consistency(target_net, jax.lax.stop_gradient(x_hat), sigma))
     c = scale(num_scales, math.prod(x0.shape[1:]))
-    loss = jnp.mean(weight(sigma, sigma_next) * distance(pred, target, c))
+    loss = jnp.mean(weight(sigma, sigma_next) * distance(pred, target, c, frozen))
     metrics = {'num_scales': jnp.asarray(num_scales, jnp.float32)}
     if c is not None:
       metrics['distance_c'] = jnp.asarray(c, jnp.float32)
@@ -106,7 +106,8 @@ def make_discrete(config, model, edm: EDM, sample_levels, estimate_x_n, weight, 
       loss = loss + diffusion_weight * metrics['diffusion_loss']
     return loss, dict(metrics, loss=loss)
 
-  return Objective(loss=loss, sampler=sampling.CONSISTENCY, target_rate=target_rate)
+  return Objective(loss=loss, sampler=sampling.CONSISTENCY, target_rate=target_rate,
+                   inputs=distances.step_inputs(obj.distance, obj.get('lpips_weights', '')))
 
 
 def _grid(config, edm: EDM):
@@ -143,8 +144,6 @@ def make_cd(config, model, edm: EDM) -> Objective:
   n ~ U{1..N-1}, lambda = 1, theta- <- mu theta- + (1 - mu) theta (mu = 0: theta- = sg(theta)).
   """
   obj = config.objective
-  if not config.teacher.workdir:
-    raise ValueError('objective.name=cd distils a diffusion teacher: set teacher.workdir to its run.')
   if obj.solver not in SOLVERS:
     raise ValueError(f'Unknown objective.solver {obj.solver!r}; expected one of {sorted(SOLVERS)}.')
   if obj.num_scales < 2:
@@ -162,7 +161,7 @@ def make_cd(config, model, edm: EDM) -> Objective:
   target_rate = None if mu == 0.0 else (lambda step: jnp.float32(mu))
   objective = make_discrete(config, model, edm, _uniform_levels(lambda step: num_scales),
                             estimate_x_n, _unit_weight, target_rate)
-  return dataclasses.replace(objective, teacher='edm')
+  return dataclasses.replace(objective, distils='edm')
 
 
 def make_ct(config, model, edm: EDM) -> Objective:

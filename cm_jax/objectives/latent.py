@@ -40,6 +40,9 @@ def _check(config, model, vp, distill: bool):
     raise ValueError(f'objective.guidance_scale={tuple(obj.guidance_scale)} needs a class-conditional teacher '
                      'trained with model.label_dropout > 0 (a network where label -1 is the unconditional branch).')
   distances.get_distance(obj.distance)
+  if obj.distance == 'lpips':
+    raise ValueError("objective.distance='lpips' compares RGB images; a latent consistency loss compares latents: "
+                     "use 'l2' or 'pseudo_huber_elementwise'.")
 
 
 def make_latent_consistency(config, model, vp: VP, distill: bool) -> Objective:
@@ -56,8 +59,6 @@ def make_latent_consistency(config, model, vp: VP, distill: bool) -> Objective:
     """x_hat at t_prev: the guided teacher's DDIM step (LCD) or alpha x0 + sigma eps (LCF)."""
     if not distill:
       return vp.noise(x0, eps, t_prev)
-    if frozen.get('teacher') is None:
-      raise ValueError(f'objective.name={obj.name!r} distils a teacher: set teacher.workdir to a ddpm run.')
     x0_g, eps_g = sampling.guided_prediction(vp, teacher_model, frozen['teacher'], cond, x_t, t,
                                              s if guided else None)
     return vp.ddim_step(x0_g, eps_g, t_prev)
@@ -76,12 +77,12 @@ def make_latent_consistency(config, model, vp: VP, distill: bool) -> Objective:
     pred = vp.consistency(network(student_model, params, cond, rng_drop, guidance=s), x_t, t)
     target = jax.lax.stop_gradient(
         vp.consistency(network(student_model, theta_minus, cond, rng_drop, guidance=s), x_hat, t_prev))
-    loss = jnp.mean(distance(pred, target, c))
+    loss = jnp.mean(distance(pred, target, c, frozen))
     return loss, {'loss': loss, 'guidance_scale': jnp.mean(s)}
 
   return Objective(loss=loss, sampler=sampling.LCM, target_rate=None if mu == 0.0 else (lambda step: jnp.float32(mu)),
                    feeds_guidance=True,
-                   teacher='vp' if distill else None)
+                   distils='vp' if distill else None)
 
 
 make_lcd = lambda config, model, vp: make_latent_consistency(config, model, vp, distill=True)

@@ -23,7 +23,7 @@ def with_lora(objective: Objective, config, model) -> Objective:
     return objective
   if c.rank < 0 or c.alpha <= 0:
     raise ValueError(f'lora.rank={c.rank} must be >= 0 (0: off) and lora.alpha={c.alpha} positive.')
-  if objective.teacher is None:
+  if objective.distils is None:
     raise ValueError(f'lora.rank={c.rank} trains adapters on a frozen teacher, but objective.name='
                      f'{config.objective.name!r} distils none.')
   if config.teacher.init:
