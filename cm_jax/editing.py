@@ -353,7 +353,7 @@ def run(config, workdir: str, devices=None):
   check_edit(config, exp)
   e = config.edit
   job = prepare(config, exp, jax.random.PRNGKey(config.seed))
-  teacher = train.load_teacher(config, exp) if config.lora.rank else None  # LoRA adapters apply to their teacher
+  teacher = train.load_teacher(config, exp, required=True) if config.lora.rank else None  # LoRA: on its teacher
   params = exp.objective.sample_params(state.ema[0], {'teacher': None if teacher is None else teacher.params})
   replicated = sharding.replicated(exp.mesh)
   fn = jax.jit(lambda params, cond, args: job.compute(_net_fn(exp, params, cond, job.batch), **args),

@@ -259,7 +259,7 @@ def train_and_evaluate(config, workdir: str, devices=None, name: str = ''):
   workdir = epath.Path(workdir)
   console.say(describe(exp, name, workdir))
   write_config(config, workdir)
-  teacher = load_teacher(config, exp)
+  teacher = load_teacher(config, exp, required=exp.objective.distils is not None)
   teacher_params = None if teacher is None else teacher.params
   frozen = exp.frozen(teacher_params)
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.max_to_keep, config.checkpoint.every_steps,
@@ -387,8 +387,9 @@ class Teacher:
   experiment: Experiment
 
 
-def load_teacher(config, exp: Experiment) -> Optional[Teacher]:
-  """The run in config.teacher.workdir (None when unset).
+def load_teacher(config, exp: Experiment, required: bool = False) -> Optional[Teacher]:
+  """The run in config.teacher.workdir (None when unset; an error when `required`: training a distillation objective,
+  sampling LoRA adapters).
 
   A distillation loss (`Objective.distils`) reads a diffusion run; teacher.init starts from any run. Where this run
   reads its parameters, the network must be this run's (`network_fields`: a student may add a guidance input), the
@@ -396,7 +397,7 @@ def load_teacher(config, exp: Experiment) -> Optional[Teacher]:
   Otherwise the run only heads the quality table, sampled its own way.
   """
   if not config.teacher.workdir:
-    if exp.objective.distils is not None:  # the one place this is checked
+    if required:  # the one place this is checked
       raise ValueError(f'objective.name={config.objective.name!r} distils a diffusion teacher: set teacher.workdir '
                        'to its run.')
     return None
@@ -449,7 +450,7 @@ def restore_latest(config, workdir, devices=None):
 def sample(config, workdir: str, devices=None):
   """Writes samples of the newest EMA parameters to workdir/samples (PNG grid and .npz)."""
   exp, state = restore_latest(config, workdir, devices)
-  teacher = load_teacher(config, exp)
+  teacher = load_teacher(config, exp, required=bool(config.lora.rank))  # LoRA adapters sample with their teacher
   out = epath.Path(workdir) / 'samples'
   for num_steps in exp.sampler.eval_steps(config):
     samples = exp.generate(state.ema[0], config.eval.num_samples, num_steps, config.seed + 2,
@@ -464,7 +465,7 @@ def sample(config, workdir: str, devices=None):
 def evaluate(config, workdir: str, devices=None):
   """Prints the small-data quality table of the newest checkpoint (and of the teacher, if configured)."""
   exp, state = restore_latest(config, workdir, devices)
-  return quality_report(exp, state, load_teacher(config, exp), workdir)
+  return quality_report(exp, state, load_teacher(config, exp, required=bool(config.lora.rank)), workdir)
 
 
 def encode(config, workdir: str, devices=None):

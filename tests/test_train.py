@@ -291,13 +291,18 @@ def test_resuming_with_another_network_names_the_leaf_and_leaves_the_checkpoint(
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['1', '2']  # nothing moved aside
 
 
-def test_a_distillation_run_needs_a_teacher_run(tmp_path):
-  config = tiny_config()
+def test_a_distillation_run_needs_a_teacher_run_to_train_not_to_sample(tmp_path, edm_teacher):
+  config = tiny_config(num_steps=2)
   config.objective = ml_collections.ConfigDict(dict(name='cd', num_scales=18, solver='heun', target_ema=0.0,
                                                     distance='l2'))
   with pytest.raises(ValueError, match=r"objective.name='cd' distils a diffusion teacher: set teacher.workdir"):
-    train.train_and_evaluate(config, tmp_path, jax.devices()[:1])
-  assert not (tmp_path / 'checkpoints').exists()
+    train.train_and_evaluate(config, tmp_path / 'alone', jax.devices()[:1])
+  assert not (tmp_path / 'alone' / 'checkpoints').exists()
+  config.teacher.workdir = str(edm_teacher)
+  train.train_and_evaluate(config, tmp_path / 'student', jax.devices()[:1])
+  config.teacher.workdir = ''  # sampling a trained CD model reads no teacher
+  train.sample(config, str(tmp_path / 'student'), jax.devices()[:1])
+  assert list((tmp_path / 'student' / 'samples').glob('final_*_step.npz'))
 
 
 @pytest.mark.parametrize('name', ['edm', 'trigflow', 'latent_ddpm', 'cd', 'ct', 'ict', 'ect', 'sct', 'scd', 'lcd',

@@ -311,7 +311,7 @@ def run(config, workdir):
   sharding.check_batch_divides(batch, exp.mesh)
   decoded = jax.eval_shape(exp.space.decode, exp.space.params, jax.ShapeDtypeStruct((1,) + exp.shape, jnp.float32))
   check_images(extractor, decoded.shape[1:])
-  teacher = train.load_teacher(config, exp)
+  teacher = train.load_teacher(config, exp, required=bool(config.lora.rank))  # LoRA samples with its teacher
   mu, sigma, count, reference = reference_statistics(config, workdir, extractor, exp.mesh, batch)
   step = int(state.step)
   results = {}
