@@ -39,13 +39,7 @@ _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Timing rounds of the Inception thro
 def random_inception() -> fid.Extractor:
   """The FID Inception with random weights (batch statistics at their initial mean 0, variance 1)."""
   x = jnp.zeros((1, inception.RESOLUTION, inception.RESOLUTION, 3))
-  params = jax.jit(inception.InceptionV3().init)(jax.random.key(0), x)
-
-  def apply(params, images):
-    out = inception.apply(params, fid.quantize(images))
-    return out['pool'], out['logits']
-
-  return fid.Extractor('inception', params, apply, inception.FEATURES)
+  return fid.inception_extractor(jax.jit(inception.InceptionV3().init)(jax.random.key(0), x))
 
 
 def inception_rate(rounds: int, batch: int = 64) -> float:

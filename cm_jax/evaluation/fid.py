@@ -50,15 +50,16 @@ def quantize(images):
   return jnp.clip(jnp.floor(127.5 * images + 128.0), 0, 255).astype(jnp.uint8)
 
 
-def inception_extractor(path) -> Extractor:
-  """The FID Inception-v3 on quantised samples: 2048-d pool features and the 1008 logits of the Inception Score."""
+def inception_extractor(params) -> Extractor:
+  """The FID Inception-v3 with `params` (inception.load(path).params) on quantised samples: 2048-d pool features
+  and the 1008 logits of the Inception Score."""
   from cm_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
 
   def apply(params, images):
     out = inception.apply(params, quantize(images))
     return out['pool'], out['logits']
 
-  return Extractor('inception', inception.load(path).params, apply, inception.FEATURES)
+  return Extractor('inception', params, apply, inception.FEATURES)
 
 
 @functools.lru_cache(maxsize=4)
@@ -255,7 +256,8 @@ def check_fid_config(config) -> None:
 def make_extractor(config, workdir) -> Extractor:
   """eval.fid.extractor with its weights: the Inception file, or the run's cached digits proxy classifier."""
   if config.eval.fid.extractor == 'inception':
-    return inception_extractor(config.eval.fid.inception_weights)
+    from cm_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
+    return inception_extractor(inception.load(config.eval.fid.inception_weights).params)
   from cm_jax.evaluation import report  # pylint: disable=g-import-not-at-top
   return digits_extractor(report.load_or_train_proxy(epath.Path(workdir) / 'proxy_classifier.msgpack'))
 
