@@ -1,18 +1,24 @@
 """Input pipeline at pod scale: records/s one host reads and decodes with the project's pipeline, for ImageNet-64-sized
 records in ArrayRecord, against what a train step needs per host.
 
-  python benchmarks/input_pipeline.py [--records=20000] [--batch_per_host=1024] [--steps=20] \
+  python benchmarks/input_pipeline.py [--records=20000] [--batch_per_host=1024] [--steps=20] [--workers=0,1,2] \
       [--step_s=0.1446] [--data_dir=/tmp/cm_jax_input_bench]
 
 Writes (once) a TFDS set of `records` random 64x64x3 uint8 images stored as PNG (as imagenet_resized/64x64 stores
 them; noise compresses worse than photographs, so decoding is pessimistic here) with 1000-class labels, in
 ArrayRecord, then reads it through the trainer's own path: data.tfds_source (tfds.data_source random access) and
-data.pipeline.BatchIterator (the per-host slice of each global batch, decoded in its prefetch thread, made a global
-array). Prints the median seconds per host batch for the source alone and through the iterator, records/s, and
-`input: records_per_s=<x> batch_s=<x> step_s=<x> share=<x.xxx>` for the iterator, share = seconds to read one host
-batch / step time
-(the step time default: the CIFAR-10 iCT pre-flight's XLA estimate on v5p:2x2x1, 1024 images per host; BUILD_NOTES).
-The aim is a share under 0.02; above it, the reading does not hide behind the step.
+data.pipeline.BatchIterator (the per-host slice of each global batch, decoded in its prefetch thread or, with
+workers=k (data.workers), in k grain worker processes, made a global array). Prints the median seconds per host batch
+for the source alone, then a row per worker count:
+- read: seconds per host batch through the iterator read back to back (the mean over --steps batches after each
+  worker's first batch: k workers deliver in bursts of k, so a median of single batches would not be the rate),
+  records/s (and per worker process), and read/step = those seconds / the step time;
+- wait: the iterator consumed as the trainer does, one batch per simulated step (the host sleeps --step_s while the
+  device would run the step, as JAX's asynchronous dispatch lets it), and wait/step = the mean time `next` blocks per
+  step / the step time: the input's share of the step, what the aim (under 0.02) is about.
+The step time default is the CIFAR-10 iCT pre-flight's XLA estimate on v5p:2x2x1, 1024 images per host (BUILD_NOTES).
+The last line, `input: workers=<k> records_per_s=<x> batch_s=<x> step_s=<x> share=<x.xxx>`, is the worker count with
+the least wait; share is its wait/step.
 """
 
 import io
@@ -33,7 +39,8 @@ from cm_jax.data import tfds_source
 
 _RECORDS = flags.DEFINE_integer('records', 20_000, 'Records in the synthetic set.')
 _BATCH = flags.DEFINE_integer('batch_per_host', 1024, 'Records one host reads per step.')
-_STEPS = flags.DEFINE_integer('steps', 20, 'Timed batches (after 2 warm-up batches).')
+_STEPS = flags.DEFINE_integer('steps', 20, 'Timed batches (after warm-up batches).')
+_WORKERS = flags.DEFINE_list('workers', ['0'], 'Worker process counts to time (data.workers), e.g. 0,1,2.')
 _STEP_S = flags.DEFINE_float('step_s', 0.1446, 'Train step time to compare with (seconds).')
 _DATA_DIR = flags.DEFINE_string('data_dir', '/tmp/cm_jax_input_bench', 'Where the synthetic set is written.')
 
@@ -75,6 +82,29 @@ def _median_seconds(fn, steps: int) -> float:
   return float(np.median(times))
 
 
+def _seconds_per_batch(batches, workers: int, steps: int) -> float:
+  """Mean seconds per batch over `steps` batches, after each worker's first batch and the iterator's prefetch."""
+  for _ in range(workers + 2):
+    jax.block_until_ready(next(batches))
+  start = time.perf_counter()
+  for _ in range(steps):
+    jax.block_until_ready(next(batches))
+  return (time.perf_counter() - start) / steps
+
+
+def _wait_per_step(batches, workers: int, steps: int, step_s: float) -> float:
+  """Mean seconds `next` blocks per step when each step takes `step_s` (slept: the device's time, host idle)."""
+  for _ in range(workers + 2):
+    jax.block_until_ready(next(batches))
+  waits = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(next(batches))
+    waits.append(time.perf_counter() - start)
+    time.sleep(step_s)
+  return float(np.mean(waits))
+
+
 def main(argv):
   del argv
   data_dir = pathlib.Path(_DATA_DIR.value) / str(_RECORDS.value)
@@ -86,11 +116,22 @@ def main(argv):
   alone = _median_seconds(lambda: source.get(rng.choice(len(source), batch, replace=False)), _STEPS.value)
   print(f'source.get of {batch} records: {alone:.4f} s ({batch / alone:.0f} records/s)', flush=True)
   mesh = sharding.make_mesh(ml_collections.ConfigDict({'shape': {'data': -1}}), jax.devices()[:1])
-  with pipeline.BatchIterator(source, batch, 0, 0, sharding.batch_sharding(mesh)) as batches:
-    piped = _median_seconds(lambda: jax.block_until_ready(next(batches)), _STEPS.value)
-  print(f'BatchIterator, {batch} records per host batch: {piped:.4f} s ({batch / piped:.0f} records/s)', flush=True)
-  print(f'input: records_per_s={batch / piped:.0f} batch_s={piped:.4f} step_s={_STEP_S.value} '
-        f'share={piped / _STEP_S.value:.3f}')
+  seconds, waits, step_s = {}, {}, _STEP_S.value
+  for workers in map(int, _WORKERS.value):
+    make = lambda: pipeline.BatchIterator(source, batch, 0, 0, sharding.batch_sharding(mesh), workers=workers)
+    with make() as batches:
+      seconds[workers] = _seconds_per_batch(batches, workers, _STEPS.value)
+    with make() as batches:
+      waits[workers] = _wait_per_step(batches, workers, _STEPS.value, step_s)
+    rate = batch / seconds[workers]
+    per_worker = f', {rate / workers:.0f} per worker process' if workers else ''
+    print(f'BatchIterator, workers={workers}, {batch} records per host batch: read {seconds[workers]:.4f} s ({rate:.0f} '
+          f'records/s{per_worker}), read/step {seconds[workers] / step_s:.3f}; wait {waits[workers]:.4f} s per step, '
+          f'wait/step {waits[workers] / step_s:.3f}', flush=True)
+  best = min(waits, key=waits.get)
+  print(f'input: workers={best} records_per_s={batch / seconds[best]:.0f} batch_s={seconds[best]:.4f} '
+        f'step_s={step_s} share={waits[best] / step_s:.3f}')
+
 
 if __name__ == '__main__':
   app.run(main)

@@ -7,7 +7,8 @@ Each (config, topology) pair is one pre-flight (cm_jax/preflight.py; TPU topolog
 '.[tpu]'). A config is a file name in configs/ without '.py', with an optional ':arg' (toy2d_ict:rings); each --set
 assigns a config key (a Python literal, else a string) in every config, e.g. --set=mesh.shape.data=1
 --set=mesh.shape.fsdp=-1 for FSDP over all chips. A paper network's train step takes minutes to a quarter of an hour
-to compile on a 2-core host: with --cache_dir a rerun reads the pre-flight's records. Prints one row per pair; the
+to compile on a 2-core host (the sampler a few minutes more: --sampler): with --cache_dir a rerun reads the
+pre-flight's records. Prints one row per pair; the
 collective columns count instructions in the compiled step (each once).
 """
 
@@ -18,11 +19,13 @@ from absl import app
 from absl import flags
 
 from cm_jax import preflight
+from cm_jax import program_analysis
 
 _CONFIGS = flags.DEFINE_list('configs', ['digits_ict'], 'Config names (configs/<name>.py), each with an optional :arg.')
 _TOPOLOGIES = flags.DEFINE_list('topologies', ['v5p:2x2x1'], 'Topologies, as --topology of the pre-flight.')
 _SET = flags.DEFINE_multi_string('set', [], 'key=value assigned in every config (e.g. mesh.shape.fsdp=4).')
 _CACHE_DIR = flags.DEFINE_string('cache_dir', None, 'Persistent compilation cache and pre-flight records.')
+_SAMPLER = flags.DEFINE_bool('sampler', False, 'Also compile each sampler (its bytes count towards HBM/chip).')
 COLUMNS = ('config', 'topology', 'chips (hosts)', 'mesh', 'batch', 'HBM GiB/chip', 'fits', 'TFLOP/chip/step',
            'step ms (est.)', 'images/s', 'MFU', 'all-gather', 'reduce-scatter', 'all-reduce')
 
@@ -54,8 +57,8 @@ def row(name: str, report: preflight.Report) -> str:
     cells += ['-'] * (len(COLUMNS) - len(cells))
   else:
     seconds = report.step_seconds()
-    cells += [f'{step.flops / 1e12:.3g}', f'{seconds * 1e3:.3g}', f'{exp.config.train.batch_size / seconds:.0f}',
-              f'{report.mfu():.2f}'] + [str(step.collectives[k][0]) for k in preflight.COLLECTIVES[:3]]
+    cells += [f'{step.flops / 1e12:.3g}', f'{seconds * 1e3:.3g}' + ('' if step.estimated else ' (roofline)'), f'{exp.config.train.batch_size / seconds:.0f}',
+              f'{report.mfu():.2f}'] + [str(step.collectives[k][0]) for k in program_analysis.COLLECTIVES[:3]]
   return '| ' + ' | '.join(cells) + ' |'
 
 
@@ -65,7 +68,7 @@ def main(argv):
   print('| ' + ' | '.join(COLUMNS) + ' |\n|' + '---|' * len(COLUMNS), flush=True)
   for name in _CONFIGS.value:
     for topology in _TOPOLOGIES.value:
-      print(row(name, preflight.run(load_config(name), topology, _CACHE_DIR.value)), flush=True)
+      print(row(name, preflight.run(load_config(name), topology, _CACHE_DIR.value, sampler=_SAMPLER.value)), flush=True)
 
 
 if __name__ == '__main__':

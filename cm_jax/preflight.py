@@ -50,6 +50,7 @@ from ml_collections import config_flags
 
 from cm_jax import cli
 from cm_jax import latents
+from cm_jax import program_analysis
 from cm_jax import sharding
 from cm_jax import train
 from cm_jax.data import source as source_lib
@@ -59,35 +60,17 @@ from cm_jax.models.apply import without_guidance
 GIB = 2**30
 
 
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  """One accelerator chip: HBM capacity, peak dense bf16 FLOP/s and HBM bandwidth (both per chip)."""
-  name: str
-  hbm_gib: float
-  peak_tflops: float
-  hbm_gbps: float
-
-
 # Per chip, from each generation's "system architecture" table of the Cloud TPU documentation
 # (https://cloud.google.com/tpu/docs/v4, .../v5e, .../v5p, .../v6e; read 2026). The HBM figures are those pages'
 # (16, 95, 32 "GB"; v4's 32 "GiB"), taken as GiB: libtpu reports a v5e's HBM as 15.75G available.
 CHIPS = {
-    'v4': Chip('TPU v4', hbm_gib=32.0, peak_tflops=275.0, hbm_gbps=1200.0),
-    'v5e': Chip('TPU v5e', hbm_gib=16.0, peak_tflops=197.0, hbm_gbps=819.0),
-    'v5p': Chip('TPU v5p', hbm_gib=95.0, peak_tflops=459.0, hbm_gbps=2765.0),
-    'v6e': Chip('TPU v6e', hbm_gib=32.0, peak_tflops=918.0, hbm_gbps=1638.0),
+    'v4': program_analysis.Chip('TPU v4', hbm_gib=32.0, peak_tflops=275.0, hbm_gbps=1200.0),
+    'v5e': program_analysis.Chip('TPU v5e', hbm_gib=16.0, peak_tflops=197.0, hbm_gbps=819.0),
+    'v5p': program_analysis.Chip('TPU v5p', hbm_gib=95.0, peak_tflops=459.0, hbm_gbps=2765.0),
+    'v6e': program_analysis.Chip('TPU v6e', hbm_gib=32.0, peak_tflops=918.0, hbm_gbps=1638.0),
 }
 # Not a measurement: a stand-in so that --topology=cpu:N runs (and is tested) where libtpu is absent.
-NOMINAL_CPU = Chip('host CPU (nominal)', hbm_gib=8.0, peak_tflops=0.1, hbm_gbps=20.0)
-COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all', 'collective-permute')
-_DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4,
-                's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16, 'f8e4m3fn': 1, 'f8e5m2': 1}
-_ARRAY = re.compile(r'\b([a-z][a-z0-9]*)\[([0-9,]*)\]')
-# An instruction: '%name = <shape> <opcode>(...'; async pairs are counted at their '-done' (whose shape is the result).
-_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.*?)\s(?P<op>[a-z][a-z0-9\-]*)\(',
-                          re.M)
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
-_NOT_BUFFERS = ('parameter', 'get-tuple-element', 'bitcast')
+NOMINAL_CPU = program_analysis.Chip('host CPU (nominal)', hbm_gib=8.0, peak_tflops=0.1, hbm_gbps=20.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -96,7 +79,7 @@ _NOT_BUFFERS = ('parameter', 'get-tuple-element', 'bitcast')
 class Topology(NamedTuple):
   """A topology's name, chip, devices (one per chip) and the number of hosts they are spread over."""
   name: str
-  chip: Chip
+  chip: program_analysis.Chip
   devices: list
   num_hosts: int
 
@@ -234,86 +217,8 @@ def shard_bytes(tree) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# What a compiled program tells.
+# Compiling.
 # ----------------------------------------------------------------------------------------------------------
-def shape_bytes(shape: str) -> int:
-  """Bytes of an HLO shape string: an array 'f32[8,128]{1,0}' or a tuple of them."""
-  return sum(_DTYPE_BYTES.get(dtype, 0) * math.prod(int(d) for d in dims.split(',') if d)
-             for dtype, dims in _ARRAY.findall(shape))
-
-
-def collectives(hlo_text: str) -> dict:
-  """{kind: [count, bytes]} of the collectives in an HLO module's text, for each kind in COLLECTIVES.
-
-  Each instruction is counted once where it appears (one inside a loop body runs once per iteration); bytes are its
-  result's per device. An async pair ('-start' / '-done') is counted at its '-done'.
-  """
-  found = {kind: [0, 0] for kind in COLLECTIVES}
-  for m in _INSTRUCTION.finditer(hlo_text):
-    kind = m.group('op').removesuffix('-done')
-    if kind in found:
-      found[kind][0] += 1
-      found[kind][1] += shape_bytes(m.group('shape'))
-  return found
-
-
-def largest_values(hlo_text: str, count: int = 8) -> list:
-  """The `count` largest arrays an HLO module's unfused computations make: [bytes, 'name shape op (source op)'].
-
-  Inputs (parameters), views (get-tuple-element, bitcast), tuples and the insides of fusions are left out.
-  """
-  values, fused = [], False
-  for line in hlo_text.splitlines():
-    if line.endswith('{') and '=' not in line.split('(')[0]:  # a computation's header
-      fused = 'fused' in line.split('(')[0]
-      continue
-    m = _INSTRUCTION.match(line)
-    if fused or not m or m.group('shape').startswith('(') or m.group('op') in _NOT_BUFFERS:
-      continue
-    source = _OP_NAME.search(line)
-    values.append([shape_bytes(m.group('shape')), f'{m.group("name")} {m.group("shape")} {m.group("op")}'
-                   + (f' ({source.group(1)})' if source else '')])
-  return sorted(values, key=lambda v: -v[0])[:count]
-
-
-@dataclasses.dataclass
-class Analysis:
-  """A compiled program's per-chip bytes (XLA memory analysis), FLOPs, bytes accessed and time estimate (cost
-  analysis; optimal_seconds is None where XLA gives none), collectives and largest values (HLO text)."""
-  argument_bytes: int
-  output_bytes: int
-  temp_bytes: int
-  alias_bytes: int
-  code_bytes: int
-  flops: float
-  bytes_accessed: float
-  optimal_seconds: Optional[float]
-  collectives: dict
-  largest: list
-  compile_s: float
-  cache: str = 'off'  # JAX's persistent cache: 'off', 'miss' or 'hit'; 'record': read from the pre-flight's record
-
-  @property
-  def hbm_bytes(self) -> int:
-    """Per-chip bytes while it runs: arguments + outputs + temporaries - donated (aliased) + the program."""
-    return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes + self.code_bytes
-
-  def step_seconds(self, chip: Chip) -> float:
-    """XLA's estimate, else the roofline max(FLOPs / peak, bytes accessed / bandwidth)."""
-    if self.optimal_seconds is not None:
-      return self.optimal_seconds
-    return max(self.flops / (chip.peak_tflops * 1e12), self.bytes_accessed / (chip.hbm_gbps * 1e9))
-
-
-def analyse(compiled, compile_s: float) -> Analysis:
-  """The Analysis of a jax Compiled object."""
-  memory, cost, text = compiled.memory_analysis(), compiled.cost_analysis(), compiled.as_text()
-  return Analysis(memory.argument_size_in_bytes, memory.output_size_in_bytes, memory.temp_size_in_bytes,
-                  memory.alias_size_in_bytes, memory.generated_code_size_in_bytes, float(cost.get('flops', 0.0)),
-                  float(cost.get('bytes accessed', 0.0)), cost.get('optimal_seconds'), collectives(text),
-                  largest_values(text), compile_s)
-
-
 class OutOfMemory(Exception):
   """The compiler refused the program: it needs more HBM than the chip has (its message says how much)."""
 
@@ -337,14 +242,14 @@ def _record_path(cache_dir, lowered, topo: Topology) -> epath.Path:
   return epath.Path(cache_dir) / 'preflight' / f'{key}.json'
 
 
-def compile_and_analyse(lowered, topo: Topology, cache_dir: Optional[str]) -> Analysis:
+def compile_and_analyse(lowered, topo: Topology, cache_dir: Optional[str]) -> program_analysis.Analysis:
   """Compiles a lowered program (or reads its record, TPU topologies with a cache_dir) and analyses it.
 
   Raises OutOfMemory when the TPU compiler finds that it does not fit.
   """
   record = _record_path(cache_dir, lowered, topo) if cache_dir and topo.chip is not NOMINAL_CPU else None
   if record is not None and record.exists():
-    return dataclasses.replace(Analysis(**json.loads(record.read_text())), cache='record')
+    return dataclasses.replace(program_analysis.Analysis(**json.loads(record.read_text())), cache='record')
   start = time.perf_counter()
   with _cache_events() as events:
     try:
@@ -353,7 +258,7 @@ def compile_and_analyse(lowered, topo: Topology, cache_dir: Optional[str]) -> An
       if 'RESOURCE_EXHAUSTED' in str(e):
         raise OutOfMemory(str(e).splitlines()[0]) from e
       raise
-  analysis = analyse(compiled, time.perf_counter() - start)
+  analysis = program_analysis.analyse(compiled, time.perf_counter() - start)
   if cache_dir:
     analysis.cache = 'hit' if 'cache_hits' in events else 'miss'
   if record is not None:
@@ -375,8 +280,8 @@ class Report:
   capacity_gib: float
   state_bytes: int
   largest_inputs: list
-  step: Optional[Analysis] = None
-  sampler: Optional[Analysis] = None
+  step: Optional[program_analysis.Analysis] = None
+  sampler: Optional[program_analysis.Analysis] = None
   sample_steps: int = 0
   refused: str = ''
 
@@ -424,9 +329,9 @@ def _largest_inputs(inputs, count: int = 8) -> list:
 
 
 def run(config, topology_name: str, cache_dir: Optional[str] = None, hbm_gib: Optional[float] = None,
-        config_name: str = 'config') -> Report:
+        config_name: str = 'config', sampler: bool = True) -> Report:
   """The pre-flight of `config` on a topology: builds the abstract experiment, compiles and analyses its train step
-  and (when the step fits) its sampler at its fewest steps."""
+  and (when the step fits and `sampler`) its sampler at its fewest steps."""
   topo = topology(topology_name)
   exp = experiment(config, topo.devices)  # the batch divides over the chips, hence over their hosts
   state, batch = exp.abstract_state, abstract_batch(exp)
@@ -437,6 +342,8 @@ def run(config, topology_name: str, cache_dir: Optional[str] = None, hbm_gib: Op
     report.step = compile_and_analyse(exp.train_step().lower(state, batch, frozen), topo, cache_dir)
   except OutOfMemory as e:
     report.refused = str(e)
+    return report
+  if not sampler:
     return report
   report.sample_steps = min(exp.sampler.eval_steps(config))
   replicated = sharding.replicated(exp.mesh)
@@ -458,7 +365,7 @@ def _gib(n) -> str:
   return f'{n / GIB:.2f} GiB' if n >= GIB else f'{n / 2**20:.1f} MiB'
 
 
-def _compiled(a: Analysis) -> str:
+def _compiled(a: program_analysis.Analysis) -> str:
   """How the program was obtained: compiled (with JAX's cache hit or miss) or read from the pre-flight's record."""
   if a.cache == 'record':
     return f'read from the pre-flight record (its compile took {a.compile_s:.1f} s)'
@@ -484,7 +391,8 @@ def describe(report: Report) -> list[str]:
     lines.append(f'train step: the compiler refused it: {report.refused}')
   else:
     seconds = report.step_seconds()
-    source = 'XLA\'s estimate' if step.optimal_seconds is not None else 'roofline at the nominal peak and bandwidth'
+    source = ('XLA\'s estimate' if step.estimated else 'roofline max(FLOPs / peak, bytes / HBM bandwidth)'
+              + ('' if step.optimal_seconds is None else f': XLA\'s estimate {step.optimal_seconds:.4g} s is unusable'))
     lines += [
         f'train step: {_compiled(step)}',
         f'  per chip: arguments {_gib(step.argument_bytes)}, outputs {_gib(step.output_bytes)}, temporaries '
@@ -531,6 +439,7 @@ def define_flags() -> None:
                       'v5p:4x4x4) or cpu:N (N host CPU devices, a nominal chip).')
   flags.DEFINE_string('cache_dir', None, 'Persistent compilation cache directory (and pre-flight records).')
   flags.DEFINE_float('hbm_gib', None, 'Per-chip capacity to check against instead of the chip\'s HBM.')
+  flags.DEFINE_bool('sampler', True, 'Also compile the sampler (its bytes beside the training inputs count).')
   flags.mark_flags_as_required(['config', 'topology'])
 
 
@@ -541,7 +450,7 @@ def main(argv):
   start_jax(cpu_count(f.topology), f.cache_dir)
   name = config_flags.get_config_filename(f['config'])
   try:
-    report = run(f.config, f.topology, f.cache_dir, f.hbm_gib, name)
+    report = run(f.config, f.topology, f.cache_dir, f.hbm_gib, name, f.sampler)
   except (ValueError, FileNotFoundError, ImportError) as e:
     print(f'cm_jax: error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)

@@ -98,7 +98,8 @@ def check_config(config) -> None:
               'train.log_every': (c.train.log_every, 1), 'checkpoint.every_steps': (c.checkpoint.every_steps, 1),
               'checkpoint.max_to_keep': (c.checkpoint.max_to_keep, 1), 'sampling.num_grid': (c.sampling.num_grid, 1),
               'sampling.teacher_steps': (c.sampling.teacher_steps, 2), 'eval.num_samples': (c.eval.num_samples, 2),
-              'sampling.grid_every': (c.sampling.grid_every, 0), 'optim.warmup_steps': (c.optim.warmup_steps, 0)}
+              'sampling.grid_every': (c.sampling.grid_every, 0), 'optim.warmup_steps': (c.optim.warmup_steps, 0),
+              'data.workers': (c.data.get('workers', 0), 0)}  # get: a teacher run's config may predate the key
   for key, (value, least) in at_least.items():
     if value < least:
       raise ValueError(f'{key}={value} must be at least {least}' + (' (0: off).' if least == 0 else '.'))
@@ -187,7 +188,7 @@ class Experiment:
   def batches(self, start_step: int) -> pipeline.BatchIterator:
     """Global batches from `start_step` on, in the order fixed by (seed, step)."""
     return pipeline.BatchIterator(self.source, self.config.train.batch_size, self.config.seed, start_step,
-                                  self.batch_sharding)
+                                  self.batch_sharding, workers=self.config.data.workers)
 
   def sample_fn(self):
     """The objective's jit-compiled sampler, sample(params, rng, cond, shape, num_steps), built once so that every

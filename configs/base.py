@@ -10,8 +10,11 @@ def get_config():
   c = ml_collections.ConfigDict()
   c.seed = 0
 
+  # workers: grain worker processes that read and decode each host's batches (0: one thread in the trainer's process,
+  # enough for in-memory sets). Decoding holds the GIL, so one process reads ~6.5k ImageNet-64 PNGs/s: raise it on
+  # TPU/GPU hosts with spare cores when the input share of the step (benchmarks/input_pipeline.py) is above a few %.
   c.data = ml_collections.ConfigDict(dict(
-      name='digits', split='train', data_dir='', path='', image_size=0, num_records=0, seed=0))
+      name='digits', split='train', data_dir='', path='', image_size=0, num_records=0, seed=0, workers=0))
 
   # A residual MLP on the flattened 8x8 digits: on a 2-core CPU a UNet of useful width runs at ~5 steps/s,
   # this at ~30 (BUILD_NOTES.md). Image experiments set a UNet (models/unet.py).

@@ -1,5 +1,5 @@
 """sCD on class-conditional ImageNet-64 (Lu and Song 2024): distils a TrigFlow teacher with imagenet64_sct's network
-(model fields identical except dropout; no imagenet64_trigflow config is included yet), initialised from it.
+(configs/imagenet64_trigflow.py; model fields identical except dropout), initialised from it.
 
 Command:
   python -m cm_jax.main --config=configs/imagenet64_scd.py --workdir=runs/imagenet64_scd \

@@ -219,6 +219,45 @@ def test_new_objectives_give_finite_nonzero_gradients(name, options):
   assert np.isfinite(float(metrics['loss'])) and np.isfinite(norm) and norm > 0
 
 
+def _bf16_operand_convolutions(jaxpr) -> int:
+  """Convolutions with a bfloat16 operand in a jaxpr, nested computations included."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'conv_general_dilated' and any(v.aval.dtype == jnp.bfloat16 for v in eqn.invars):
+      count += 1
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          count += _bf16_operand_convolutions(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          count += _bf16_operand_convolutions(sub)
+  return count
+
+
+@pytest.mark.parametrize('name', ['sct', 'scd'])
+def test_jvp_dtype_model_runs_the_jvp_in_the_network_dtype(name):
+  """objective.jvp_dtype: 'float32' (default) JVPs a float32 clone, so only the trained forward/backward convolves
+  in bfloat16; 'model' JVPs the bfloat16 network (more bfloat16 convolutions, the same loss up to bfloat16 rounding).
+  On a float32 network both are the same program."""
+  network = dict(name='ncsnpp', channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0,
+                 time_embedding='positional', time_scale=1000.0, adaptive_norm='double')
+  x0 = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 3))
+  params = build_model(network).init(jax.random.PRNGKey(1), x0, jnp.zeros(4))['params']
+  params = jax.tree.map(lambda p: p + 0.02, params)
+
+  def run(dtype, jvp_dtype):
+    model = build_model(dict(network, dtype=dtype))
+    objective = make_objective(_scm_config(name, jvp_dtype=jvp_dtype), model)
+    loss = lambda p: objective.loss(p, {}, {'teacher': params}, {'image': x0}, jax.random.PRNGKey(3), 20)[0]
+    return float(jax.jit(loss)(params)), _bf16_operand_convolutions(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+
+  (f32, _), (f32_model, _) = run('float32', 'float32'), run('float32', 'model')
+  assert f32 == f32_model
+  (mixed, mixed_convs), (low, low_convs) = run('bfloat16', 'float32'), run('bfloat16', 'model')
+  assert low_convs > mixed_convs > 0
+  assert low != mixed and low == pytest.approx(mixed, rel=0.05) and mixed == pytest.approx(f32, rel=0.05)
+
+
 def test_trigflow_teacher_adaptive_weighting_is_exp_minus_w_loss_plus_w():
   """objective.adaptive_weighting on the TrigFlow teacher: per sample exp(-w(t)) L_t + w(t) with sCM's w_phi; with
   w = c constant the loss is exp(-c) L + c, and at w = 0 the weighting gets the gradient of sum (1 - L_t) dw."""
@@ -241,6 +280,7 @@ def test_trigflow_teacher_adaptive_weighting_is_exp_minus_w_loss_plus_w():
 @pytest.mark.parametrize('name, change, key', [
     ('sct', dict(tangent_norm='l1'), 'objective.tangent_norm'),
     ('sct', dict(jvp='reverse'), 'objective.jvp'),
+    ('sct', dict(jvp_dtype='float16'), 'objective.jvp_dtype'),
     ('sct', dict(bogus=1), 'unknown objective key'),
     ('ct_continuous', dict(bogus=1), 'unknown objective key'),
     ('ct_continuous', dict(weighting='sum'), 'objective.weighting'),

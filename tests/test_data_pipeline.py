@@ -1,16 +1,26 @@
 """Tests of the resumable record order and the sharded batch iterator."""
 
+import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import jax
 import numpy as np
+from PIL import Image
 import pytest
+import tensorflow_datasets as tfds
 
 from cm_jax import data
+from cm_jax import train
+from cm_jax.data import digits
+from cm_jax.data import image_folder
+from cm_jax.data import tfds_source
+from configs import base
 
 
 def permutation(seed, epoch, n):
@@ -199,3 +209,107 @@ def test_iterator_shards_over_several_devices():
   )
   assert result.returncode == 0, result.stderr
   assert result.stdout.strip() == 'ok'
+
+
+# --- Worker processes (grain) -------------------------------------------------
+
+
+def expected_batch(source, seed, step):
+  """This process's batch `step`, read from the source directly."""
+  indices = data.process_batch_indices(
+      seed, step, batch_size(), len(source), jax.process_index(),
+      jax.process_count(),
+  )
+  return source.get(indices)
+
+
+def assert_same_batches(batches, expected):
+  assert len(batches) == len(expected)
+  for batch, want in zip(batches, expected):
+    assert batch.keys() == want.keys()
+    for key in want:
+      got = np.asarray(batch[key])
+      assert got.dtype == want[key].dtype
+      np.testing.assert_array_equal(got, want[key])
+
+
+def new_worker_processes(before):
+  return [p for p in multiprocessing.active_children() if p not in before]
+
+
+def test_workers_read_bitwise_the_same_batches_and_exit_on_close():
+  source, sharding = toy_source(), data_sharding()
+  before = multiprocessing.active_children()
+  with data.BatchIterator(source, batch_size(), 4, 0, sharding) as thread:
+    in_thread = [next(thread) for _ in range(12)]  # Crosses epoch ends.
+  with data.BatchIterator(
+      source, batch_size(), 4, 0, sharding, workers=2
+  ) as workers:
+    in_workers = [next(workers) for _ in range(12)]
+    assert workers.next_step == 12
+    assert len(new_worker_processes(before)) == 2
+  assert not new_worker_processes(before)
+  expected = [expected_batch(source, 4, step) for step in range(12)]
+  assert_same_batches(in_thread, expected)
+  assert_same_batches(in_workers, expected)
+
+
+def test_workers_resume_a_tfds_source_mid_run(tmp_path):
+  """An ArrayRecord TFDS source (pickled to the workers), resumed at step 3."""
+  digits.CmJaxDigits(data_dir=tmp_path).download_and_prepare()
+  records = tfds.data_source(
+      'cm_jax_digits', split='test', data_dir=tmp_path, download=False
+  )
+  source = tfds_source.TfdsSource('cm_jax_digits', records)
+  sharding = data_sharding()
+  with data.BatchIterator(source, batch_size(), 1, 0, sharding) as fresh:
+    from_start = [next(fresh) for _ in range(8)]
+  with data.BatchIterator(
+      source, batch_size(), 1, 3, sharding, workers=2
+  ) as resumed:
+    again = [next(resumed) for _ in range(5)]
+    assert resumed.next_step == 8
+  assert_same_batches(again, from_start[3:])
+  assert_same_batches(
+      again, [expected_batch(source, 1, step) for step in range(3, 8)]
+  )
+
+
+def test_worker_read_error_is_raised_and_close_returns(tmp_path):
+  """An image folder with a file truncated after listing: every batch (more
+  records than the 4 files) reads it, and the worker's error names it."""
+  folder = tmp_path / 'train' / 'a'
+  folder.mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  for i in range(4):
+    Image.fromarray(rng.integers(0, 256, (4, 4, 3), np.uint8)).save(
+        folder / f'{i}.png'
+    )
+  source = image_folder.image_folder_source(str(tmp_path), 'train', 0, '')
+  broken = folder / '2.png'
+  broken.write_bytes(broken.read_bytes()[:60])  # Header kept, pixels cut.
+  before = multiprocessing.active_children()
+  it = data.BatchIterator(
+      source, batch_size(), 0, 5, data_sharding(), workers=2
+  )
+  message = re.escape(str(broken)) + ' is not a readable image .*: remove or'
+  with pytest.raises(ValueError, match=message):
+    next(it)
+  with pytest.raises(ValueError, match=message):  # It stays at the head.
+    next(it)
+  assert it.next_step == 5
+  start = time.monotonic()
+  it.close()
+  assert time.monotonic() - start < 10
+  assert not new_worker_processes(before)
+
+
+def test_negative_workers_are_refused():
+  config = base.get_config()
+  config.data.workers = -1
+  with pytest.raises(
+      ValueError, match=r'data\.workers=-1 must be at least 0 \(0: off\)'
+  ):
+    train.check_config(config)
+  with pytest.raises(ValueError, match='workers must be at least 0; got -1'):
+    data.BatchIterator(toy_source(), 4, 0, 0, data_sharding(), workers=-1)

@@ -1,6 +1,7 @@
 """The pre-flight (cm_jax/preflight.py): its HLO parsing, its numbers on host CPU devices (--topology=cpu:N) against
 hand counts, its command line, and a TPU topology where libtpu is installed (skipped where it is not)."""
 
+import dataclasses
 import importlib.util
 import os
 import re
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from cm_jax import preflight
+from cm_jax import program_analysis
 from configs import toy2d_edm
 
 HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
@@ -42,7 +44,7 @@ ENTRY %main (a: f32[8,128]) -> (f32[16,128]) {
 
 
 def test_collectives_count_each_instruction_with_its_result_bytes():
-  assert preflight.collectives(HLO) == {
+  assert program_analysis.collectives(HLO) == {
       'all-gather': [2, 16 * 128 * 4 + 16 * 128 * 2],  # the sync one, and the async pair at its '-done'
       'reduce-scatter': [1, 4 * 128 * 4],
       'all-reduce': [1, 4 * 4 + 2 * 4],  # a tuple result: both arrays
@@ -51,7 +53,7 @@ def test_collectives_count_each_instruction_with_its_result_bytes():
 
 
 def test_largest_values_skip_inputs_views_tuples_and_fusion_insides():
-  largest = preflight.largest_values(HLO, count=2)
+  largest = program_analysis.largest_values(HLO, count=2)
   assert [b for b, _ in largest] == [1024 * 1024 * 4, 16 * 128 * 4]
   assert largest[0][1].startswith('fusion f32[1024,1024]') and largest[0][1].endswith('(jit(f)/big)')
 
@@ -137,6 +139,17 @@ def test_report_lines_and_a_capacity_that_does_not_fit(reports):
   assert any(line.startswith('largest values of the train step') for line in preflight.describe(report))
 
 
+def test_an_unusable_xla_estimate_falls_back_to_the_roofline():
+  """libtpu 0.0.42.1 estimates a v4 program at -455.9 s: the step time is then max(FLOPs / peak, bytes / bandwidth)."""
+  v4 = preflight.CHIPS['v4']
+  analysis = program_analysis.Analysis(0, 0, 0, 0, 0, flops=10.47e12, bytes_accessed=72.39e9, optimal_seconds=-455.9,
+                                       collectives={}, largest=[], compile_s=1.0)
+  assert not analysis.estimated
+  assert analysis.step_seconds(v4) == pytest.approx(72.39e9 / 1200e9)  # bandwidth-bound: 60.3 ms > 38.1 ms of FLOPs
+  assert dataclasses.replace(analysis, bytes_accessed=1e9).step_seconds(v4) == pytest.approx(10.47e12 / 275e12)
+  assert dataclasses.replace(analysis, optimal_seconds=0.1446).step_seconds(v4) == 0.1446
+
+
 @pytest.mark.parametrize('name', ['v9:2x2', 'v5p', 'tpu:4', 'cpu:0', 'cpu:99'])
 def test_unknown_topologies_are_refused(name):
   with pytest.raises(ValueError, match=re.escape(name) if name.startswith('cpu') else 'unknown topology'):
@@ -168,9 +181,10 @@ def test_cli_reuses_its_cache_and_refuses_what_does_not_fit(tmp_path):
   assert first.returncode == 0, first.stderr
   assert MACHINE_LINE.fullmatch(first.stdout.strip().splitlines()[-1]).group(1) == 'yes'
   assert 'train step: compiled in' in first.stdout and '(JAX cache: miss)' in first.stdout
-  second = _cli(*args, '--hbm_gib=0.001')
+  assert any(line.startswith('sampler with decoding (2 step(s)') for line in first.stdout.splitlines())
+  second = _cli(*args, '--hbm_gib=0.001', '--nosampler')
   assert second.returncode == 1
-  assert 'JAX cache: hit' in second.stdout
+  assert 'JAX cache: hit' in second.stdout and 'sampler' not in second.stdout
   last = MACHINE_LINE.fullmatch(second.stdout.strip().splitlines()[-1])
   assert last and last.group(1) == 'no' and last.group(3) == '0.0'
   assert second.stderr.strip().splitlines()[-1].startswith('cm_jax: error: configs/toy2d_edm.py does not fit on cpu:1')

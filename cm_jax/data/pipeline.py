@@ -9,9 +9,14 @@ seen, and each process reads its contiguous slice of every global batch.
 """
 
 import collections
+from collections.abc import Callable, Iterator
 from concurrent import futures
 import functools
+import itertools
+import sys
 
+from absl import flags
+import grain
 import jax
 import numpy as np
 
@@ -66,15 +71,64 @@ def process_batch_indices(
   return indices[start : start + local_batch_size]
 
 
+def _read_process_batch(
+    source: source_lib.Source,
+    seed: int,
+    global_batch_size: int,
+    process_index: int,
+    process_count: int,
+    step: int,
+) -> dict[str, np.ndarray]:
+  """Reads and decodes this process's slice of global batch `step`."""
+  indices = process_batch_indices(
+      seed,
+      step,
+      global_batch_size,
+      len(source),
+      process_index,
+      process_count,
+  )
+  return source.get(indices)
+
+
+def _read_in_workers(
+    read: Callable[[int], dict[str, np.ndarray]], start_step: int, workers: int
+) -> grain.DatasetIterator:
+  """Returns read(start_step), read(start_step + 1), ... from worker processes.
+
+  grain gives worker i the steps start_step + i + j * workers (j = 0, 1, ...)
+  and takes their outputs round-robin, so the batches come in step order.
+  Each worker reads one batch at a time (no reader threads: the decode holds
+  the GIL) and holds one finished batch in its output buffer. The steps end
+  at sys.maxsize, i.e. never: a grain MapDataset needs a length but computes
+  elements only when asked, and the trainer does not know its last step.
+  """
+  # grain 0.2.18 reads this absl flag even in a program that parsed no absl
+  # flags, where reading it raises (grain issue 1355, fixed after 0.2.18);
+  # marking it present makes the read return its default, False.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS['grain_enable_multiprocess_worker_profiling'].present = True
+  steps = grain.MapDataset.range(start_step, sys.maxsize).map(read)
+  return iter(
+      steps.to_iter_dataset(grain.ReadOptions(num_threads=0)).mp_prefetch(
+          grain.MultiprocessingOptions(num_workers=workers)
+      )
+  )
+
+
 class BatchIterator:
   """Yields global batches for steps start_step, start_step + 1, ...
 
   Each batch is a dict of `jax.Array`s laid out by `sharding` (leading axis
-  sharded), assembled from this process's slice. A background thread reads
-  and transfers up to `prefetch` batches ahead; batches come out in step
-  order whatever the timing. `next_step` is the step of the next batch to be
-  yielded: store it in a checkpoint and pass it back as `start_step`.
-  Call `close()` (or use the iterator as a context manager) when done.
+  sharded), assembled from this process's slice. A background thread takes
+  this process's slices in step order, from the source itself (workers=0) or
+  from `workers` grain worker processes that read and decode them in
+  parallel, and transfers up to `prefetch` batches ahead. The batches are the
+  same, bit for bit, whatever `workers` and the timing. `next_step` is the
+  step of the next batch to be yielded: store it in a checkpoint and pass it
+  back as `start_step`. A read error is raised by `next` (again on each later
+  call). Call `close()` (or use the iterator as a context manager) when done.
+  The source must be picklable when workers > 0.
   """
 
   def __init__(
@@ -85,12 +139,26 @@ class BatchIterator:
       start_step: int,
       sharding: jax.sharding.NamedSharding,
       prefetch: int = 2,
+      workers: int = 0,
   ):
     if prefetch < 1:
       raise ValueError(f'prefetch must be at least 1; got {prefetch}.')
-    self._source = source
-    self._global_batch_size = global_batch_size
-    self._seed = seed
+    if workers < 0:
+      raise ValueError(f'workers must be at least 0; got {workers}.')
+    read = functools.partial(
+        _read_process_batch,
+        source,
+        seed,
+        global_batch_size,
+        jax.process_index(),
+        jax.process_count(),
+    )
+    # This process's slices of steps start_step, ...; only the thread reads it.
+    self._local: Iterator[dict[str, np.ndarray]] = (
+        _read_in_workers(read, start_step, workers)
+        if workers
+        else map(read, itertools.count(start_step))
+    )
     self._sharding = sharding
     self._prefetch = prefetch
     self._executor = futures.ThreadPoolExecutor(
@@ -99,17 +167,9 @@ class BatchIterator:
     self._pending = collections.deque()  # Futures of steps next_step, ...
     self.next_step = start_step
 
-  def _load(self, step: int) -> dict[str, jax.Array]:
-    """Reads this process's part of batch `step` and makes global arrays."""
-    indices = process_batch_indices(
-        self._seed,
-        step,
-        self._global_batch_size,
-        len(self._source),
-        jax.process_index(),
-        jax.process_count(),
-    )
-    local = self._source.get(indices)
+  def _load(self) -> dict[str, jax.Array]:
+    """Takes the next local slice and makes global arrays of it."""
+    local = next(self._local)
     return {
         key: jax.make_array_from_process_local_data(self._sharding, value)
         for key, value in local.items()
@@ -119,20 +179,24 @@ class BatchIterator:
     return self
 
   def __next__(self) -> dict[str, jax.Array]:
+    # One thread runs the loads in submission order, so the i-th pending
+    # future holds step next_step + i.
     while len(self._pending) < self._prefetch:
-      step = self.next_step + len(self._pending)
-      self._pending.append(self._executor.submit(self._load, step))
+      self._pending.append(self._executor.submit(self._load))
     batch = self._pending[0].result()  # A failed read stays at the head.
     self._pending.popleft()
     self.next_step += 1
     return batch
 
   def close(self):
-    """Stops the prefetch thread and drops batches read ahead."""
+    """Stops the prefetch thread and the workers; drops batches read ahead."""
     for future in self._pending:
       future.cancel()
     self._pending.clear()
     self._executor.shutdown(wait=True)
+    if isinstance(self._local, grain.DatasetIterator):
+      self._local.close()
+    self._local = iter(())  # grain's iterators freed at exit print errors.
 
   def __enter__(self):
     return self

@@ -26,6 +26,7 @@ class TfdsSource:
           f' {image.np_dtype}.'
       )
     label = features['label'] if 'label' in features else None
+    self._name = name
     self._records = records
     self.shape = tuple(image.shape)
     self.num_classes = (
@@ -44,6 +45,23 @@ class TfdsSource:
         'image': source.scale_uint8(np.stack([ex['image'] for ex in examples])),
         'label': np.array(labels, np.int32),
     }
+
+  def __reduce__(self):
+    """Pickles as the split's prepared folder, reopened from its files.
+
+    Worker processes (data.workers) unpickle the source. Reopening with
+    `tfds.builder_from_directory` needs no builder class: one defined in a
+    script's __main__ would be pickled by value and clash with the copy that
+    the worker registers when it imports that script.
+    """
+    directory = self._records.dataset_info.data_dir
+    return _reopen, (self._name, directory, self._records.split)
+
+
+def _reopen(name: str, directory: str, split: str) -> TfdsSource:
+  """Opens `split` of the TFDS set prepared in `directory` (its version's)."""
+  records = tfds.builder_from_directory(directory).as_data_source(split)
+  return TfdsSource(name, records)
 
 
 def tfds_source(

@@ -225,13 +225,14 @@ def generated_moments(exp, params, extractor: Extractor, num: int, num_steps: in
       -(-num // batch), progress_path, fingerprint, save_every or -(-num // batch), what)
 
 
-def data_moments(source, extractor: Extractor, num: int, batch: int, mesh) -> Moments:
-  """Moments of the features of `num` records of a data source (each read once, in a fixed order)."""
+def data_moments(source, extractor: Extractor, num: int, batch: int, mesh, workers: int = 0) -> Moments:
+  """Moments of the features of `num` records of a data source (each read once, in a fixed order; decoded by
+  `workers` processes, as data.workers)."""
   from cm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   fn = jax.jit(lambda params, images, first: batch_moments(*extractor.apply(params, images), first, num),
                out_shardings=sharding.replicated(mesh))
   params = jax.device_put(extractor.params, sharding.replicated(mesh))
-  with pipeline.BatchIterator(source, batch, 0, 0, sharding.batch_sharding(mesh)) as batches:
+  with pipeline.BatchIterator(source, batch, 0, 0, sharding.batch_sharding(mesh), workers=workers) as batches:
     return _stream(lambda i: fn(params, next(batches)['image'], i * batch), -(-num // batch), None, '',
                    -(-num // batch), 'reference statistics')
 
@@ -292,7 +293,7 @@ def reference_statistics(config, workdir, extractor: Extractor, mesh, batch: int
   data.split = f.reference_split
   source = build.build_source(data)
   check_images(extractor, source.shape)
-  moments = data_moments(source, extractor, len(source), batch, mesh)
+  moments = data_moments(source, extractor, len(source), batch, mesh, data.workers)
   mu, sigma = moments.statistics()
   _save_npz(path, {'mu': mu, 'sigma': sigma, 'count': np.int64(len(source)), 'extractor': np.str_(extractor.name)})
   console.say(f'Reference statistics of {config.data.name} {f.reference_split} ({len(source)} images) written to '

@@ -49,7 +49,7 @@ class Attention(nn.Module):
     b, hgt, wid, c = x.shape
     h = _norm(self.groups, 'group_norm')(x).reshape(b, hgt * wid, c)
     q, k, v = (nn.Dense(c, name=n)(h)[:, :, None] for n in ('to_q', 'to_k', 'to_v'))  # [B, HW, 1 head, C]
-    attended = jax.nn.dot_product_attention(q, k, v)  # fused on TPU / cuDNN where available
+    attended = jax.nn.dot_product_attention(q, k, v)  # cuDNN's fused kernel where it applies; XLA otherwise
     return x + nn.Dense(c, name='to_out_0')(attended.reshape(b, hgt * wid, c)).reshape(b, hgt, wid, c)
 
 

@@ -81,7 +81,8 @@ class UNetBlock(nn.Module):
 
   def _attention(self, x):
     """Proj(softmax(q k^T / sqrt(d)) v) of GN(x) over the H*W positions (jax.nn.dot_product_attention: logits and
-    softmax in float32, fused on TPU and cuDNN where available)."""
+    softmax in float32; cuDNN's fused kernel where it applies, XLA otherwise: on TPU the scores are
+    materialised, BUILD_NOTES' pre-flight table)."""
     b, hgt, wid, c = x.shape
     heads = max(1, c // self.head_dim) if self.head_dim else 1
     h = feature_norm(self.norm, c, self.eps, self.dtype, 'norm_2')(x).reshape(b, hgt * wid, c)

@@ -11,7 +11,8 @@
 A finite-difference fallback (objective.jvp='finite_difference') replaces jax.jvp for kernels without forward-mode
 rules. Mixed precision: when the network computes in bfloat16 (model.dtype, paper networks), only the trained
 forward/backward does; the JVP, the teacher (float32 clones of the network: same parameters), the tangent g and the
-loss are float32.
+loss are float32. sCT/sCD's objective.jvp_dtype='model' runs the JVP in the network's dtype instead: its primal is
+then the trained forward pass itself, which XLA computes once (BUILD_NOTES: ImageNet-64 pre-flight).
 """
 
 import functools
@@ -32,6 +33,7 @@ CM_KEYS = {'name', 'jvp', 'fd_eps'}  # config.objective of ct_continuous / cd_co
 SCT_KEYS = CM_KEYS | {'p_mean', 'p_std', 'tangent_warmup_steps', 'tangent_norm', 'tangent_norm_c', 'adaptive_weighting',
                       'prior_weighting'}
 SCD_KEYS = SCT_KEYS | {'teacher', 'guidance_scale'}
+JVP_DTYPES = ('float32', 'model')  # objective.jvp_dtype (optional, sCT / sCD): the JVP's compute dtype
 CM_WEIGHTINGS = ('paper', 'code')  # objective.weighting of ct_continuous / cd_continuous (optional; default 'paper')
 
 
@@ -122,6 +124,9 @@ def _check_scm(config, model, tf, distill):
     raise ValueError(f"objective.name={obj.name!r} needs parameterization.name='trigflow'.")
   if obj.tangent_norm not in ('l2', 'rms'):
     raise ValueError(f"objective.tangent_norm={obj.tangent_norm!r}; expected 'l2' or 'rms'.")
+  if obj.get('jvp_dtype', 'float32') not in JVP_DTYPES:
+    raise ValueError(f"objective.jvp_dtype={obj.jvp_dtype!r}; expected 'float32' (the JVP in float32 whatever the "
+                     "network's dtype) or 'model' (in model.dtype).")
   if not obj.tangent_norm_c > 0:
     raise ValueError(f'objective.tangent_norm_c={obj.tangent_norm_c} must be positive.')
   if obj.tangent_warmup_steps < 0:
@@ -169,6 +174,7 @@ def make_scm(config, model, tf: TrigFlow, distill: bool) -> Objective:
   if distill:
     model = without_label_dropout(model)
   model32 = float32_model(model)
+  jvp_model = model32 if obj.get('jvp_dtype', 'float32') == 'float32' else model
   weighting = AdaptiveWeighting(obj.adaptive_weighting)
   teacher_velocity = _guided_velocity(config, without_guidance(model32), tf) if distill else None
 
@@ -186,7 +192,7 @@ def make_scm(config, model, tf: TrigFlow, distill: bool) -> Objective:
     else:
       dxdt = bcast(jnp.cos(t), x0) * z - bcast(jnp.sin(t), x0) * x0
     r = tangent_warmup(step, obj.tangent_warmup_steps)
-    target_net = network(model32, jax.lax.stop_gradient(params), cond, rng_drop, guidance=s)
+    target_net = network(jvp_model, jax.lax.stop_gradient(params), cond, rng_drop, guidance=s)
     g = scm_tangent(tf, target_net, x_t, t, dxdt, r, obj.jvp, obj.fd_eps)
     g_norm = tangent_norm(g, obj.tangent_norm)
     g = jax.lax.stop_gradient(normalize_tangent(g, obj.tangent_norm, obj.tangent_norm_c))
