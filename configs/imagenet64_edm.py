@@ -2,8 +2,9 @@
 
 Command:
   python -m cm_jax.main --config=configs/imagenet64_edm.py --workdir=runs/imagenet64_edm
-Hardware: sized for 32 A100 GPUs (EDM README: 32xA100, four DGX A100 nodes, ~13 days) or a TPU v4-64 slice;
-bfloat16 compute (EDM: --fp16=1 --ls=100).
+Hardware: sized for 32 A100 GPUs (EDM README: 32xA100, four DGX A100 nodes, ~13 days); bfloat16 compute (EDM:
+--fp16=1 --ls=100). On TPU the pre-flight refuses a v4-64 (128 images per chip do not fit a v4's HBM): take a
+v4-128 or a v5p slice, or set model.remat=block (BUILD_NOTES, pre-flight table).
 Batch 4096, 610k iterations (EDM's --duration=2500 Mimg), Adam lr 1e-4 (betas 0.9 / 0.999, eps 1e-8) with a linear
 10 Mimg ramp-up (2,441 iterations), dropout 0.1, no augmentation, EMA 0.5^(4096 / 50e6) = 0.9999432 (--ema=50 Mimg
 half-life): NVlabs/edm README's imagenet-64x64-cond-adm command, train.py and training/training_loop.py. EDM also
