@@ -82,18 +82,10 @@ def _median_seconds(fn, steps: int) -> float:
   return float(np.median(times))
 
 
-def _seconds_per_batch(batches, workers: int, steps: int) -> float:
-  """Mean seconds per batch over `steps` batches, after each worker's first batch and the iterator's prefetch."""
-  for _ in range(workers + 2):
-    jax.block_until_ready(next(batches))
-  start = time.perf_counter()
-  for _ in range(steps):
-    jax.block_until_ready(next(batches))
-  return (time.perf_counter() - start) / steps
-
-
 def _wait_per_step(batches, workers: int, steps: int, step_s: float) -> float:
-  """Mean seconds `next` blocks per step when each step takes `step_s` (slept: the device's time, host idle)."""
+  """Mean seconds `next` blocks per step when each step takes `step_s` (slept: the device's time, host idle), after
+  each worker's first batch and the iterator's prefetch. With step_s = 0 it is the seconds per batch read back to
+  back (a mean: k workers deliver in bursts of k)."""
   for _ in range(workers + 2):
     jax.block_until_ready(next(batches))
   waits = []
@@ -120,7 +112,7 @@ def main(argv):
   for workers in map(int, _WORKERS.value):
     make = lambda: pipeline.BatchIterator(source, batch, 0, 0, sharding.batch_sharding(mesh), workers=workers)
     with make() as batches:
-      seconds[workers] = _seconds_per_batch(batches, workers, _STEPS.value)
+      seconds[workers] = _wait_per_step(batches, workers, _STEPS.value, 0.0)
     with make() as batches:
       waits[workers] = _wait_per_step(batches, workers, _STEPS.value, step_s)
     rate = batch / seconds[workers]

@@ -27,7 +27,7 @@ _SET = flags.DEFINE_multi_string('set', [], 'key=value assigned in every config 
 _CACHE_DIR = flags.DEFINE_string('cache_dir', None, 'Persistent compilation cache and pre-flight records.')
 _SAMPLER = flags.DEFINE_bool('sampler', False, 'Also compile each sampler (its bytes count towards HBM/chip).')
 COLUMNS = ('config', 'topology', 'chips (hosts)', 'mesh', 'batch', 'HBM GiB/chip', 'fits', 'TFLOP/chip/step',
-           'step ms (est.)', 'images/s', 'MFU', 'all-gather', 'reduce-scatter', 'all-reduce')
+           'step ms (est.)', 'images/s', 'MFU', 'FLOP/byte', 'all-gather', 'reduce-scatter', 'all-reduce')
 
 
 def load_config(name: str):
@@ -58,7 +58,7 @@ def row(name: str, report: preflight.Report) -> str:
   else:
     seconds = report.step_seconds()
     cells += [f'{step.flops / 1e12:.3g}', f'{seconds * 1e3:.3g}' + ('' if step.estimated else ' (roofline)'), f'{exp.config.train.batch_size / seconds:.0f}',
-              f'{report.mfu():.2f}'] + [str(step.collectives[k][0]) for k in program_analysis.COLLECTIVES[:3]]
+              f'{report.mfu():.2f}', f'{step.flops / step.bytes_accessed:.0f}'] + [str(step.collectives[k][0]) for k in program_analysis.COLLECTIVES[:3]]
   return '| ' + ' | '.join(cells) + ' |'
 
 

@@ -400,6 +400,8 @@ def describe(report: Report) -> list[str]:
         f'{_gib(step.hbm_bytes)} of {report.capacity_gib:g} GiB ({step.hbm_bytes / (report.capacity_gib * GIB):.1%})',
         f'  {step.flops / 1e12:.4g} TFLOP per chip per step; step time {seconds * 1e3:.4g} ms ({source}) -> '
         f'{batch / seconds:.1f} images/s on the slice; MFU {report.mfu():.1%} of the bf16 peak',
+        f'  {step.bytes_accessed / 1e9:.4g} GB accessed per chip per step: {step.flops / step.bytes_accessed:.0f} '
+        f'FLOP per byte (the chip\'s ridge: {chip.peak_tflops * 1e3 / chip.hbm_gbps:.0f})',
         f'  collectives (per chip, each instruction once): {_collective_line(step.collectives)}']
   if step is not None and report.refused:
     lines.append(f'the compiler refused {report.refused}')

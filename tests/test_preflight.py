@@ -133,6 +133,8 @@ def test_report_lines_and_a_capacity_that_does_not_fit(reports):
   step_s = max(report.step.flops / 0.1e12, report.step.bytes_accessed / 20e9)  # the nominal chip's roofline
   assert float(fits.group(4)) == pytest.approx(step_s, abs=5e-5)
   assert float(fits.group(5)) == pytest.approx(report.step.flops / (step_s * 0.1e12), abs=0.005)
+  intensity = report.step.flops / report.step.bytes_accessed  # against the nominal chip's 0.1e12 / 20e9 = 5
+  assert any(f'{intensity:.0f} FLOP per byte (the chip\'s ridge: 5)' in line for line in lines)
   report.capacity_gib = report.step.hbm_bytes / 2**30 / 2
   assert not report.fits
   assert MACHINE_LINE.fullmatch(preflight.describe(report)[-1]).group(1) == 'no'
