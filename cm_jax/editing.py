@@ -164,7 +164,7 @@ def read_images(path, shape: tuple) -> np.ndarray:
   """config.edit.input as images [N, *shape] in [-1, 1]: a PNG / JPEG (0..255 scaled) or an .npy / .npz in [-1, 1]."""
   images = _read_array(path)
   if images.dtype == np.uint8:
-    images = source_lib.scale_uint8(images)
+    images = source_lib.to_model_range(images)
   elif not np.all(np.abs(images) <= 1.0):
     raise ValueError(f'edit.input={path!r} holds values outside [-1, 1]: scale the images to [-1, 1] or give a PNG.')
   if images.ndim == 2:  # a grayscale PNG
@@ -313,7 +313,7 @@ def prepare(config, exp, rng) -> Job:
     images = read_images(e.input, shape)
   else:
     batch = exp.source.get(np.arange(e.num_images))
-    images, labels = batch['image'].astype(np.float32), batch['label']
+    images, labels = source_lib.to_model_range(batch['image']), batch['label']
   if exp.num_classes == 0:
     labels = None
   elif labels is None:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cm_jax import data as data_lib
+from cm_jax.data import source as source_lib
 from cm_jax.models.autoencoder import AutoencoderKL
 
 CONFIG_FILE = 'config.json'
@@ -244,6 +245,7 @@ class LatentCacheSource:
                               '--mode=encode first.')
     self.meta = json.loads(meta.read_text())
     self.shape, self.num_classes = tuple(self.meta['shape']), int(self.meta['num_classes'])
+    self.dtype = np.dtype(np.float32)
     stats = np.load(self.directory / _CACHE_STATS)
     self.stats = {k: stats[k] for k in stats.files}
     self._records = array_record_data_source.ArrayRecordDataSource(
@@ -281,7 +283,7 @@ def write_cache(config, directory) -> LatentCacheSource:
   total, total_sq = np.zeros(shape, np.float64), np.zeros(shape, np.float64)
   for chunk in np.array_split(mine, max(1, -(-len(mine) // config.latent.encode_batch_size))):
     batch = source.get(chunk)
-    mean = np.asarray(autoencoder.posterior(batch['image'])[0], np.float64)
+    mean = np.asarray(autoencoder.posterior(source_lib.to_model_range(batch['image']))[0], np.float64)
     total, total_sq = total + mean.sum(0), total_sq + (mean**2).sum(0)
     for latent, label in zip(mean, batch['label']):
       writer.write(_record(latent, label))
@@ -314,9 +316,9 @@ class PixelSpace:
     self.shape = tuple(shape)
 
   def prepare(self, params, batch, rng):
-    """The batch unchanged."""
+    """The batch's images in [-1, 1] (source.to_model_range: stored uint8 pixels scaled on the devices)."""
     del params, rng
-    return batch
+    return dict(batch, image=source_lib.to_model_range(batch['image']))
 
   def decode(self, params, samples):
     """The samples unchanged."""
@@ -357,7 +359,7 @@ class LatentSpace:
     """batch['image'] as normalised latents: the encoder's posterior mean or sample (online) or the cache's mean."""
     raw = batch['image']
     if self.online:
-      mean, logvar = self.autoencoder.moments(params, raw)
+      mean, logvar = self.autoencoder.moments(params, source_lib.to_model_range(raw))
       raw = mean
       if self.posterior == 'sample':
         raw = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)

@@ -120,20 +120,22 @@ def topology(name: str) -> Topology:
 # The experiment, abstract: nothing is read.
 # ----------------------------------------------------------------------------------------------------------
 class ShapeSource(NamedTuple):
-  """A data source known by its record shape alone (what train.Experiment reads of a source)."""
+  """A data source known by its record shape and dtype alone (what train.Experiment reads of a source)."""
   shape: tuple
+  dtype: np.dtype
   num_classes: int
 
 
-def data_shape(data) -> tuple:
-  """The record shape of config.data, from the data set's description, without reading a record."""
+def data_record(data) -> tuple[tuple, np.dtype]:
+  """(shape, dtype) of config.data's records as its source returns them (data/source.py: uint8 pixels, float32 for
+  toy points and digits), from the data set's description, without reading a record."""
   if data.name in toy.NAMES:
-    return (2,)
+    return (2,), np.dtype(np.float32)
   if data.name == 'image_folder':
     if not data.image_size:
       raise ValueError('data.image_size=0 keeps an image folder\'s stored size, which the pre-flight does not read: '
                        'set --config.data.image_size.')
-    return (data.image_size, data.image_size, 3)
+    return (data.image_size, data.image_size, 3), np.dtype(np.uint8)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from cm_jax.data import digits  # pylint: disable=g-import-not-at-top
   name = digits.CmJaxDigits.name if data.name == 'digits' else data.name
@@ -142,7 +144,7 @@ def data_shape(data) -> tuple:
   except tfds.core.DatasetNotFoundError:
     raise ValueError(f'unknown data set name {data.name!r}: not built in and not known to TFDS.') from None
   source_lib.check_stored_size(data.name, shape, data.image_size)
-  return shape
+  return shape, np.dtype(np.float32 if data.name == 'digits' else np.uint8)  # digits are held in memory as floats
 
 
 def _autoencoder_config(path: str) -> tuple[dict, str]:
@@ -159,10 +161,10 @@ def abstract_space(config, mesh):
   """(space, source) as latents.build gives them, with nothing read: pixels of config.data's shape, or the latent
   space of an autoencoder built from its config.json with abstract (replicated) parameters and placeholder cache
   statistics (zero mean, unit scale)."""
-  shape, latent = data_shape(config.data), config.get('latent')
+  (shape, dtype), latent = data_record(config.data), config.get('latent')
   num_classes = int(config.model.get('num_classes', 0))
   if latent is None or not latent.autoencoder:
-    return latents.PixelSpace(shape), ShapeSource(shape, num_classes)
+    return latents.PixelSpace(shape), ShapeSource(shape, dtype, num_classes)
   latents.check_latent_config(latent)
   ae_config, folder = _autoencoder_config(latent.autoencoder)
   module = latents.module_from_config(ae_config, folder)
@@ -179,7 +181,9 @@ def abstract_space(config, mesh):
     stats = (jnp.zeros(stats_shape), jnp.ones(stats_shape))
   space = latents.LatentSpace(autoencoder, latent_shape, latent.normalization, not latent.cache, latent.posterior,
                               stats, params)
-  return space, ShapeSource(latent_shape if latent.cache else shape, num_classes)
+  if latent.cache:
+    return space, ShapeSource(latent_shape, np.dtype(np.float32), num_classes)
+  return space, ShapeSource(shape, dtype, num_classes)
 
 
 def experiment(config, devices) -> train.Experiment:
@@ -207,7 +211,7 @@ def abstract_teacher(exp: train.Experiment):
 def abstract_batch(exp: train.Experiment) -> dict:
   """One global batch as the pipeline gives it: {'image', 'label'}, split over the mesh."""
   size, where = exp.config.train.batch_size, exp.batch_sharding
-  return {'image': jax.ShapeDtypeStruct((size,) + tuple(exp.source.shape), jnp.float32, sharding=where),
+  return {'image': jax.ShapeDtypeStruct((size,) + tuple(exp.source.shape), exp.source.dtype, sharding=where),
           'label': jax.ShapeDtypeStruct((size,), jnp.int32, sharding=where)}
 
 

@@ -3,6 +3,7 @@
 import pathlib
 import tarfile
 
+import jax
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -13,6 +14,7 @@ from tensorflow_datasets.testing import mocking
 
 from cm_jax import data
 from cm_jax.data import digits
+from cm_jax.data import source as source_lib
 from cm_jax.data import toy
 
 
@@ -30,11 +32,22 @@ def make_config(**overrides) -> ml_collections.ConfigDict:
   return config
 
 
-def check_batch(batch, source, n):
+def check_batch(batch, source, n, dtype=np.float32):
+  """Shapes and dtypes; image sets return their stored uint8 pixels."""
   assert batch['image'].shape == (n, *source.shape)
-  assert batch['image'].dtype == np.float32
+  assert batch['image'].dtype == dtype == source.dtype
   assert batch['label'].shape == (n,)
   assert batch['label'].dtype == np.int32
+
+
+def test_to_model_range_maps_stored_pixels_and_keeps_floats():
+  pixels = np.array([0, 1, 127, 128, 254, 255], np.uint8)
+  expected = [-1.0, -253 / 255, -1 / 255, 1 / 255, 253 / 255, 1.0]  # (2p - 255) / 255, by hand
+  np.testing.assert_allclose(source_lib.to_model_range(pixels), expected, atol=1e-7)
+  assert source_lib.to_model_range(pixels).dtype == np.float32
+  np.testing.assert_allclose(jax.jit(source_lib.to_model_range)(pixels), expected, atol=1e-7)
+  floats = np.array([-1.0, 0.25, 1.0], np.float32)
+  assert source_lib.to_model_range(floats) is floats
 
 
 # --- Toy sets ---------------------------------------------------------------
@@ -172,9 +185,8 @@ def test_tfds_name_reads_prepared_array_record_files(tmp_path):
   source = data.build_source(config)
   assert (len(source), source.shape, source.num_classes) == (6, (4, 4, 3), 3)
   batch = source.get(np.array([4, 1]))
-  check_batch(batch, source, 2)
-  expected = CmJaxTestImages.IMAGES[[4, 1]] / 127.5 - 1
-  np.testing.assert_allclose(batch['image'], expected, atol=1e-6)
+  check_batch(batch, source, 2, np.uint8)
+  np.testing.assert_array_equal(batch['image'], CmJaxTestImages.IMAGES[[4, 1]])
   np.testing.assert_array_equal(batch['label'], [1, 1])
 
 
@@ -202,8 +214,8 @@ def test_tfds_name_with_mocked_cifar10(monkeypatch):
     reversed_batch = source.get(np.array([7, 3])[::-1])
   assert len(source) == 20
   assert (source.shape, source.num_classes) == ((32, 32, 3), 10)
-  check_batch(batch, source, 3)
-  assert -1 <= batch['image'].min() < -0.9 and 0.9 < batch['image'].max() <= 1
+  check_batch(batch, source, 3, np.uint8)
+  assert batch['image'].min() < 10 and batch['image'].max() > 245
   assert np.all((0 <= batch['label']) & (batch['label'] < 10))
   np.testing.assert_array_equal(batch['image'][0], batch['image'][2])
   np.testing.assert_array_equal(
@@ -258,10 +270,9 @@ def test_image_folder_reads_labels_and_values(tmp_path):
     )
     order = np.arange(len(source))[::-1]
     batch = source.get(order)
-    check_batch(batch, source, len(source))
+    check_batch(batch, source, len(source), np.uint8)
     np.testing.assert_array_equal(batch['label'], np.array(labels)[order])
-    expected = np.stack(written[split])[order] / 127.5 - 1
-    np.testing.assert_allclose(batch['image'], expected, atol=1e-6)
+    np.testing.assert_array_equal(batch['image'], np.stack(written[split])[order])
 
 
 def test_image_folder_resizes_with_pil_bicubic(tmp_path):
@@ -271,11 +282,7 @@ def test_image_folder_resizes_with_pil_bicubic(tmp_path):
   resized = Image.fromarray(written['train'][1]).resize(
       (3, 3), Image.Resampling.BICUBIC
   )
-  np.testing.assert_allclose(
-      source.get(np.array([1]))['image'][0],
-      np.asarray(resized) / 127.5 - 1,
-      atol=1e-6,
-  )
+  np.testing.assert_array_equal(source.get(np.array([1]))['image'][0], np.asarray(resized))
 
 
 def test_image_folder_from_tar_gz_is_extracted_once(tmp_path, monkeypatch):
@@ -287,11 +294,7 @@ def test_image_folder_from_tar_gz_is_extracted_once(tmp_path, monkeypatch):
   config = folder_config(archive, split='test', data_dir=str(cache))
   source = data.build_source(config)
   np.testing.assert_array_equal(source.get(np.arange(2))['label'], [0, 1])
-  np.testing.assert_allclose(
-      source.get(np.arange(2))['image'],
-      np.stack(written['test']) / 127.5 - 1,
-      atol=1e-6,
-  )
+  np.testing.assert_array_equal(source.get(np.arange(2))['image'], np.stack(written['test']))
   assert len(list(cache.iterdir())) == 1
 
   def no_extraction(*args, **kwargs):

@@ -164,6 +164,24 @@ def test_normalisations_and_their_inverse():
     np.testing.assert_allclose(space.denormalize(space.normalize(raw)), raw, rtol=1e-5, atol=1e-6)
 
 
+def test_stored_pixels_are_scaled_on_the_devices_before_the_network(tmp_path):
+  """Image sets hand uint8 pixels to the train step (data/source.py); `prepare` maps them to [-1, 1] inside the jitted
+  step, x / 127.5 - 1, for the pixel space and before an online encoder; float records pass unchanged."""
+  pixels = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 1)).astype(np.uint8)
+  pixels[0, 0, 0, 0], pixels[0, 0, 1, 0] = 0, 255
+  expected = (2.0 * pixels.astype(np.float64) - 255.0) / 255.0  # by hand: 0 -> -1, 255 -> 1
+  labels = np.zeros(3, np.int32)
+  prepared = jax.jit(latents.PixelSpace((8, 8, 1)).prepare)(None, {'image': pixels, 'label': labels}, None)
+  assert prepared['image'].dtype == jnp.float32
+  np.testing.assert_allclose(prepared['image'], expected, atol=1e-6)
+  floats = expected.astype(np.float32)
+  np.testing.assert_array_equal(latents.PixelSpace((8, 8, 1)).prepare(None, {'image': floats}, None)['image'], floats)
+  autoencoder = latents.load_diffusers_autoencoder(_write(tmp_path / 'vae'))
+  online = latents.LatentSpace(autoencoder, (4, 4, 2), 'scaling_factor', True, 'mean', None, autoencoder.params)
+  encoded = jax.jit(online.prepare)(autoencoder.params, {'image': pixels, 'label': labels}, None)['image']
+  np.testing.assert_allclose(encoded, autoencoder.encode(floats), rtol=1e-5, atol=1e-5)
+
+
 def _latent_config(autoencoder, cache='', normalization='scaling_factor'):
   return ml_collections.ConfigDict(dict(
       data=dict(name='digits', split='train', data_dir='', path='', image_size=0, num_records=0, seed=0),

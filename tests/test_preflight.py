@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -139,6 +140,15 @@ def test_report_lines_and_a_capacity_that_does_not_fit(reports):
   assert not report.fits
   assert MACHINE_LINE.fullmatch(preflight.describe(report)[-1]).group(1) == 'no'
   assert any(line.startswith('largest values of the train step') for line in preflight.describe(report))
+
+
+def test_the_abstract_batch_holds_records_as_their_sources_return_them():
+  """Image sets hand stored uint8 pixels to the step (a quarter of float32's bytes), toy points and digits floats."""
+  data = lambda name, size=0: ml_collections.ConfigDict(dict(name=name, image_size=size))
+  assert preflight.data_record(data('cifar10')) == ((32, 32, 3), np.uint8)
+  assert preflight.data_record(data('image_folder', 64)) == ((64, 64, 3), np.uint8)
+  assert preflight.data_record(data('digits')) == ((8, 8, 1), np.float32)
+  assert preflight.data_record(data('gmm')) == ((2,), np.float32)
 
 
 def test_an_unusable_xla_estimate_falls_back_to_the_roofline():

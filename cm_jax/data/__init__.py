@@ -13,9 +13,11 @@
 * image_size: 0 keeps the stored size; image folders are resized to it.
 * num_records, seed: size and seed of the generated toy sets.
 
-A source's `get(indices)` returns {'image': float32 [n, *shape] in [-1, 1]
-(2-D points for toy sets), 'label': int32 [n]}. `BatchIterator` turns a source
-into globally sharded batches in the order fixed by `global_batch_indices`.
+A source's `get(indices)` returns {'image': [n, *shape] as stored (uint8
+pixels for image sets, float32 in [-1, 1] for toy points and digits), 'label':
+int32 [n]}; `source.to_model_range` maps images to [-1, 1], in the train step.
+`BatchIterator` turns a source into globally sharded batches in the order fixed
+by `global_batch_indices`.
 """
 
 from cm_jax.data.build import BUILTIN_NAMES

@@ -182,16 +182,17 @@ class ImageFolderSource:
     self._image_size = image_size
     self.num_classes = num_classes
     self.shape = image_shape(files, image_size)
+    self.dtype = np.dtype(np.uint8)
 
   def __len__(self) -> int:
     """Returns the number of image files."""
     return len(self._files)
 
   def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Decodes the images at `indices`, in that order."""
+    """Decodes the images at `indices`, in that order (uint8)."""
     images = [_read_rgb(self._files[i], self._image_size) for i in indices]
     return {
-        'image': source.scale_uint8(np.stack(images)),
+        'image': np.stack(images),
         'label': self._labels[indices],
     }
 

@@ -1,9 +1,12 @@
 """The record-source interface shared by all data sets, and small helpers.
 
 A source is a random-access collection of records. `get(indices)` returns a
-batch `{'image': float32 [n, *shape], 'label': int32 [n]}` in the order of
-`indices`. Images are scaled to [-1, 1]; 2-D toy sets put their points under
-'image' as well, so that models and objectives see one format.
+batch `{'image': [n, *shape], 'label': int32 [n]}` in the order of `indices`,
+the images as stored: uint8 pixels 0..255 for image sets (a quarter of the
+bytes of float32 between processes and onto the devices), float32 in [-1, 1]
+for records held as floats (toy sets' 2-D points, digits, latent caches).
+`to_model_range` maps either to the [-1, 1] floats models and objectives see,
+on the host or inside a jitted step.
 """
 
 import dataclasses
@@ -16,6 +19,7 @@ class Source(Protocol):
   """Random access to the records of one split of a data set."""
 
   shape: tuple[int, ...]  # Per-sample shape: (H, W, C) or (2,).
+  dtype: np.dtype  # Of the images get() returns: uint8 or float32.
   num_classes: int  # 0 when unlabelled.
 
   def __len__(self) -> int:
@@ -38,6 +42,11 @@ class ArraySource:
     """Returns the per-sample shape."""
     return self.images.shape[1:]
 
+  @property
+  def dtype(self) -> np.dtype:
+    """Returns the dtype of the stored images."""
+    return self.images.dtype
+
   def __len__(self) -> int:
     """Returns the number of records."""
     return len(self.images)
@@ -47,9 +56,11 @@ class ArraySource:
     return {'image': self.images[indices], 'label': self.labels[indices]}
 
 
-def scale_uint8(images: np.ndarray) -> np.ndarray:
-  """Maps uint8 pixel values 0..255 to float32 in [-1, 1]."""
-  return images.astype(np.float32) / 127.5 - 1.0
+def to_model_range(images):
+  """x / 127.5 - 1 (float32 in [-1, 1]) for uint8 pixels 0..255; float records unchanged. numpy or jax arrays."""
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) / 127.5 - 1.0
+  return images
 
 
 def check_stored_size(name: str, shape: tuple[int, ...], image_size: int):

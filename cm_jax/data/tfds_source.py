@@ -29,6 +29,7 @@ class TfdsSource:
     self._name = name
     self._records = records
     self.shape = tuple(image.shape)
+    self.dtype = np.dtype(np.uint8)
     self.num_classes = (
         label.num_classes if isinstance(label, tfds.features.ClassLabel) else 0
     )
@@ -38,11 +39,11 @@ class TfdsSource:
     return len(self._records)
 
   def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Reads and decodes the records at `indices`, in that order."""
+    """Reads and decodes the records at `indices`, in that order (uint8 images)."""
     examples = self._records.__getitems__(indices.tolist())
     labels = [ex['label'] if self.num_classes else 0 for ex in examples]
     return {
-        'image': source.scale_uint8(np.stack([ex['image'] for ex in examples])),
+        'image': np.stack([ex['image'] for ex in examples]),
         'label': np.array(labels, np.int32),
     }
 

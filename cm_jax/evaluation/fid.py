@@ -229,7 +229,9 @@ def data_moments(source, extractor: Extractor, num: int, batch: int, mesh, worke
   """Moments of the features of `num` records of a data source (each read once, in a fixed order; decoded by
   `workers` processes, as data.workers)."""
   from cm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  fn = jax.jit(lambda params, images, first: batch_moments(*extractor.apply(params, images), first, num),
+  from cm_jax.data import source as source_lib  # pylint: disable=g-import-not-at-top
+  fn = jax.jit(lambda params, images, first: batch_moments(*extractor.apply(params, source_lib.to_model_range(images)),
+                                                          first, num),
                out_shardings=sharding.replicated(mesh))
   params = jax.device_put(extractor.params, sharding.replicated(mesh))
   with pipeline.BatchIterator(source, batch, 0, 0, sharding.batch_sharding(mesh), workers=workers) as batches:

@@ -18,6 +18,7 @@ from etils import epath
 
 from cm_jax import console
 from cm_jax import data as data_lib
+from cm_jax.data import source as source_lib
 from cm_jax import distances
 from cm_jax import latents
 from cm_jax import sampling
@@ -47,7 +48,7 @@ def _encode_records(autoencoder: latents.Autoencoder, source, indices, batch_siz
   """(images, unscaled posterior means, reconstructions from the means) of the records at `indices` (host numpy)."""
   images, means, recons = [], [], []
   for chunk in np.array_split(indices, max(1, -(-len(indices) // batch_size))):
-    x = source.get(chunk)['image']
+    x = source_lib.to_model_range(source.get(chunk)['image'])
     mean = autoencoder.posterior(x)[0]
     images.append(x)
     means.append(np.asarray(mean))
