@@ -356,8 +356,12 @@ def run(config, workdir: str, devices=None):
   teacher = train.load_teacher(config, exp, required=True) if config.lora.rank else None  # LoRA: on its teacher
   params = exp.objective.sample_params(state.ema[0], {'teacher': None if teacher is None else teacher.params})
   replicated = sharding.replicated(exp.mesh)
-  fn = jax.jit(lambda params, cond, args: job.compute(_net_fn(exp, params, cond, job.batch), **args),
-               out_shardings=replicated)
+
+  def compute(params, cond, args):
+    with jax.sharding.use_abstract_mesh(exp.mesh.abstract_mesh):  # what per-device kernels shard by
+      return job.compute(_net_fn(exp, params, cond, job.batch), **args)
+
+  fn = jax.jit(compute, out_shardings=replicated)
   cond = None if job.labels is None else jax.device_put(jnp.asarray(job.labels, jnp.int32), replicated)
   result = np.asarray(fn(params, cond, jax.device_put(job.args, replicated)))
 

@@ -48,7 +48,7 @@ def make_train_step(objective, space, tx, ema_rates, seed: int, skip_nonfinite: 
   batch passes through `space.prepare` first. Step k draws its
   randomness from fold_in(PRNGKey(seed), k). With `skip_nonfinite`, a step whose loss, gradient or updated parameters
   are not finite leaves the state unchanged except for the step counter (counted in the metrics). The mesh is the
-  abstract mesh while the step is traced (couplings.py shards by it).
+  abstract mesh while the step is traced (couplings.py and the flash-attention kernels shard by it).
   """
   base_key = jax.random.PRNGKey(seed)
 
@@ -205,7 +205,8 @@ class Experiment:
     cond = None
     if self.num_classes > 0:
       cond = jax.random.randint(jax.random.fold_in(rng, 1), (batch,), 0, self.num_classes)
-    samples = self.sample_fn()(params, rng, cond, shape=(batch,) + self.shape, num_steps=num_steps)
+    with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):  # what per-device kernels shard by
+      samples = self.sample_fn()(params, rng, cond, shape=(batch,) + self.shape, num_steps=num_steps)
     return jax.lax.with_sharding_constraint(self.space.decode(space_params, samples), self.batch_sharding)
 
   def draw_fn(self):

@@ -12,6 +12,7 @@ Gaussian oracle in TrigFlow (data x0 ~ N(0, a^2 I), z ~ N(0, sd^2 I), x_t = cos(
 
 import flax.linen as nn
 import jax
+from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -20,7 +21,7 @@ import pytest
 from cm_jax import sampling
 from cm_jax import solvers
 from cm_jax import train
-from cm_jax.models import build_model, init_from_teacher
+from cm_jax.models import attention, build_model, init_from_teacher
 from cm_jax.objectives import continuous, make_objective
 from cm_jax.parameterization import EDM, TrigFlow
 from configs import digits_scd, digits_trigflow
@@ -256,6 +257,38 @@ def test_jvp_dtype_model_runs_the_jvp_in_the_network_dtype(name):
   (mixed, mixed_convs), (low, low_convs) = run('bfloat16', 'float32'), run('bfloat16', 'model')
   assert low_convs > mixed_convs > 0
   assert low != mixed and low == pytest.approx(mixed, rel=0.05) and mixed == pytest.approx(f32, rel=0.05)
+
+
+@pytest.mark.parametrize('name', ['sct', 'ct_continuous'])
+def test_flash_attention_gives_the_loss_and_gradient_of_xla_attention(name, monkeypatch):
+  """model.attention_kernel='flash' (Pallas, interpreted here): the trained pass differentiates the flash kernel's
+  custom VJP and the objective's JVP runs the forward-mode kernel (attention.forward_mode); jax.jvp of the flash
+  kernel itself would raise. Same loss and gradient as 'xla' attention, at 16x16 = 256 positions in 2 key blocks."""
+  monkeypatch.setattr(attention, 'FLASH_MIN_LENGTH', {'flash': 128, 'flash_jvp': 128})
+  monkeypatch.setattr(attention, 'FLASH_BLOCK', 128)
+  network = dict(name='adm', channels=8, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(16,), head_dim=8,
+                 dropout=0.0, num_classes=0)
+  x0 = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+  params = build_model(network).init(jax.random.PRNGKey(1), x0, jnp.zeros(2))['params']
+  params = jax.tree.map(lambda p: p + 0.02, params)  # zero-initialised projections would hide the attention
+  if name == 'sct':
+    config = _scm_config('sct')
+  else:
+    config = ml_collections.ConfigDict(dict(
+        objective=dict(name=name, jvp='jvp', fd_eps=1e-3), model=dict(num_classes=0),
+        parameterization=dict(name='edm', sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, rho=7.0)))
+
+  def run(kernel):
+    objective = make_objective(config, build_model(dict(network, attention_kernel=kernel)))
+    loss = lambda p: objective.loss(p, {}, {}, {'image': x0}, jax.random.PRNGKey(3), 20)[0]
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  xla_loss, xla_grad = run('xla')
+  with pltpu.force_tpu_interpret_mode():
+    flash_loss, flash_grad = run('flash')
+  np.testing.assert_allclose(flash_loss, xla_loss, rtol=1e-4)
+  for got, want in zip(jax.tree.leaves(flash_grad), jax.tree.leaves(xla_grad)):
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-6)
 
 
 def test_trigflow_teacher_adaptive_weighting_is_exp_minus_w_loss_plus_w():

@@ -32,6 +32,8 @@ class ADM(nn.Module):
     norm: 'group' (GroupNorm) or 'nsln' (non-scaling LayerNorm, improved latent CT).
     remat: rematerialisation of the UNet blocks in the backward pass: '', 'block' or a jax.checkpoint_policies
       name (blocks.remat_block).
+    attention_kernel: 'xla' or 'flash' (Pallas flash attention on TPU, with a forward-mode kernel for JVPs),
+      models/attention.py.
   """
   channels: int = 192
   channel_mult: Sequence[int] = (1, 2, 3, 4)
@@ -49,12 +51,14 @@ class ADM(nn.Module):
   dtype: str = 'float32'
   norm: str = 'group'
   remat: str = ''
+  attention_kernel: str = 'xla'
 
   @nn.compact
   def __call__(self, x, c_noise, cond=None, train=False, guidance=None):
     """Maps x [B, H, W, C], c_noise [B], cond [B] int (< 0: no label) or None, guidance [B] or None (s = 1) to
     [B, H, W, C] (float32)."""
-    block = functools.partial(remat_block(self.remat), head_dim=self.head_dim, dropout=self.dropout,
+    block = functools.partial(remat_block(self.remat), head_dim=self.head_dim, attention_kernel=self.attention_kernel,
+                              dropout=self.dropout,
                               adaptive_norm=self.adaptive_norm, dtype=self.dtype, norm=self.norm)
     embed = NoiseLabelEmbedding(
         features=self.channels * self.emb_mult, kind=self.time_embedding, scale=self.time_scale,

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cm_jax.models import attention as attention_lib
 from cm_jax.models.layers import adaptive_norm, feature_norm
 
 
@@ -46,6 +47,7 @@ class UNetBlock(nn.Module):
   down: bool = False
   attention: bool = False
   head_dim: int = 0  # channels per attention head (at least one head); 0: one head
+  attention_kernel: str = 'xla'  # models/attention.py: 'xla' or 'flash'
   dropout: float = 0.0
   skip_scale: float = 1.0
   adaptive_norm: str = 'scale_shift'
@@ -80,14 +82,14 @@ class UNetBlock(nn.Module):
     return x
 
   def _attention(self, x):
-    """Proj(softmax(q k^T / sqrt(d)) v) of GN(x) over the H*W positions (jax.nn.dot_product_attention: logits and
-    softmax in float32; cuDNN's fused kernel where it applies, XLA otherwise: on TPU the scores are
-    materialised, BUILD_NOTES' pre-flight table)."""
+    """Proj(softmax(q k^T / sqrt(d)) v) of GN(x) over the H*W positions, by the kernel attention_kernel names
+    (models/attention.py)."""
     b, hgt, wid, c = x.shape
     heads = max(1, c // self.head_dim) if self.head_dim else 1
     h = feature_norm(self.norm, c, self.eps, self.dtype, 'norm_2')(x).reshape(b, hgt * wid, c)
     q, k, v = jnp.split(nn.Dense(3 * c, dtype=self.dtype, name='qkv')(h), 3, axis=-1)
-    h = jax.nn.dot_product_attention(*(t.reshape(b, hgt * wid, heads, c // heads) for t in (q, k, v)))
+    h = attention_lib.attention(*(t.reshape(b, hgt * wid, heads, c // heads) for t in (q, k, v)),
+                                kernel=self.attention_kernel)
     return nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name='proj')(h.reshape(b, hgt, wid, c))
 
 

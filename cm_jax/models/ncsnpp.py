@@ -39,6 +39,8 @@ class NCSNpp(nn.Module):
     norm: 'group' (GroupNorm) or 'nsln' (non-scaling LayerNorm, improved latent CT).
     remat: rematerialisation of the UNet blocks in the backward pass: '', 'block' or a jax.checkpoint_policies
       name (blocks.remat_block).
+    attention_kernel: 'xla' or 'flash' (Pallas flash attention on TPU, with a forward-mode kernel for JVPs),
+      models/attention.py.
   """
   channels: int = 128
   channel_mult: Sequence[int] = (2, 2, 2)
@@ -58,6 +60,7 @@ class NCSNpp(nn.Module):
   dtype: str = 'float32'
   norm: str = 'group'
   remat: str = ''
+  attention_kernel: str = 'xla'
 
   @nn.compact
   def __call__(self, x, c_noise, cond=None, train=False, guidance=None):
@@ -65,7 +68,8 @@ class NCSNpp(nn.Module):
     [B, H, W, C] (float32)."""
     eps = 1e-6
     block = functools.partial(
-        remat_block(self.remat), dropout=self.dropout, skip_scale=np.sqrt(0.5), adaptive_norm=self.adaptive_norm,
+        remat_block(self.remat), attention_kernel=self.attention_kernel, dropout=self.dropout,
+        skip_scale=np.sqrt(0.5), adaptive_norm=self.adaptive_norm,
         resample_filter=tuple(self.resample_filter), resample_proj=True, eps=eps, dtype=self.dtype, norm=self.norm)
     embed = NoiseLabelEmbedding(
         features=self.channels * self.emb_mult, kind=self.time_embedding, scale=self.time_scale,

@@ -12,7 +12,8 @@ A finite-difference fallback (objective.jvp='finite_difference') replaces jax.jv
 rules. Mixed precision: when the network computes in bfloat16 (model.dtype, paper networks), only the trained
 forward/backward does; the JVP, the teacher (float32 clones of the network: same parameters), the tangent g and the
 loss are float32. sCT/sCD's objective.jvp_dtype='model' runs the JVP in the network's dtype instead: its primal is
-then the trained forward pass itself, which XLA computes once (BUILD_NOTES: ImageNet-64 pre-flight).
+then the trained forward pass itself, which XLA computes once (BUILD_NOTES: ImageNet-64 pre-flight). Every JVP runs
+the network's forward-mode attention kernel (models/attention.forward_mode: 'flash' becomes 'flash_jvp').
 """
 
 import functools
@@ -25,6 +26,7 @@ from cm_jax import distances
 from cm_jax import sampling
 from cm_jax import solvers
 from cm_jax.models.apply import can_guide, guided, network, without_guidance, without_label_dropout
+from cm_jax.models.attention import forward_mode
 from cm_jax.objectives.base import Objective, labels, sample_guidance
 from cm_jax.objectives.weighting import AdaptiveWeighting
 from cm_jax.parameterization import EDM, TrigFlow, bcast
@@ -174,7 +176,7 @@ def make_scm(config, model, tf: TrigFlow, distill: bool) -> Objective:
   if distill:
     model = without_label_dropout(model)
   model32 = float32_model(model)
-  jvp_model = model32 if obj.get('jvp_dtype', 'float32') == 'float32' else model
+  jvp_model = forward_mode(model32 if obj.get('jvp_dtype', 'float32') == 'float32' else model)
   weighting = AdaptiveWeighting(obj.adaptive_weighting)
   teacher_velocity = _guided_velocity(config, without_guidance(model32), tf) if distill else None
 
@@ -247,7 +249,7 @@ def make_cm_continuous(config, model, edm: EDM, distill: bool) -> Objective:
     else:
       dx_dsigma = z
     student = network(model, params, cond, rng_drop)
-    target = network(model32, jax.lax.stop_gradient(params), cond, rng_drop)
+    target = network(forward_mode(model32), jax.lax.stop_gradient(params), cond, rng_drop)
     weight = dsigma_du if weighting == 'paper' else jnp.full_like(sigma, math.prod(x0.shape[1:]) / 2.0)
     per_sample = cm_pseudo_loss(functools.partial(edm.consistency, student), functools.partial(edm.consistency, target),
                                 x, sigma, dx_dsigma, weight, obj.jvp, obj.fd_eps)
