@@ -45,6 +45,23 @@ def test_forward_mode_kernel_and_its_tangent_match_float64(small_blocks):
   assert np.abs(expected).max() > 0.5  # a tangent of size, not a vanishing one
 
 
+def test_a_length_the_block_does_not_divide_takes_a_smaller_block(monkeypatch):
+  """384 positions with 256-position blocks: three blocks of 128, every position attended."""
+  monkeypatch.setattr(attention, 'FLASH_MIN_LENGTH', {'flash': 128, 'flash_jvp': 128})
+  monkeypatch.setattr(attention, 'FLASH_BLOCK', 256)
+  q, k, v, dq, dk, dv = _inputs(3, (1, 384, 1, 16))
+  f32 = lambda *a: [jnp.asarray(x, jnp.float32) for x in a]
+  with pltpu.force_tpu_interpret_mode():
+    out, tangent = jax.jit(lambda *a: jax.jvp(lambda *b: attention.attention(*b, kernel='flash_jvp'), a[:3], a[3:]))(
+        *f32(q, k, v, dq, dk, dv))
+    flash = attention.attention(*f32(q, k, v), kernel='flash')
+  h = 1e-5
+  expected = (_reference(q + h * dq, k + h * dk, v + h * dv) - _reference(q - h * dq, k - h * dk, v - h * dv)) / (2 * h)
+  np.testing.assert_allclose(out, _reference(q, k, v), atol=2e-6)
+  np.testing.assert_allclose(flash, _reference(q, k, v), atol=2e-6)
+  np.testing.assert_allclose(tangent, expected, atol=2e-5)
+
+
 def test_flash_kernel_and_its_gradient_match_float64(small_blocks):
   q, k, v, cotangent = _inputs(1)[:4]
   loss = lambda q, k, v, kernel: jnp.sum(attention.attention(q, k, v, kernel=kernel) * cotangent)

@@ -70,7 +70,11 @@ def _per_shard(fn, *arrays):
 
 
 def _block(length: int) -> int:
-  return min(length, FLASH_BLOCK)
+  """The largest power-of-two block up to FLASH_BLOCK that divides the length (a multiple of 128)."""
+  block = min(length, FLASH_BLOCK)
+  while length % block:
+    block //= 2
+  return block
 
 
 def _flash_blocks(length: int) -> tpu_flash.BlockSizes:
