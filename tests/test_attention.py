@@ -11,12 +11,25 @@ import pytest
 from cm_jax.models import attention, build_model
 
 
+def _jnp_reference(q, k, v):
+  """softmax(q k^T / sqrt(d)) v in plain jnp over [B, L, H, d] (float64 under jax.enable_x64)."""
+  s = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
+  return jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(s, axis=-1), v)
+
+
 def _reference(q, k, v):
-  """softmax(q k^T / sqrt(d)) v in float64 numpy over [B, L, H, d]."""
-  s = np.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
-  p = np.exp(s - s.max(-1, keepdims=True))
-  p /= p.sum(-1, keepdims=True)
-  return np.einsum('bhqk,bkhd->bqhd', p, v)
+  """The float64 reference as numpy."""
+  with jax.enable_x64():
+    return np.asarray(_jnp_reference(q, k, v))
+
+
+def _central_difference(q, k, v, dq, dk, dv, h=1e-5):
+  """d/dh of the float64 reference along (dq, dk, dv)."""
+  return (_reference(q + h * dq, k + h * dk, v + h * dv) - _reference(q - h * dq, k - h * dk, v - h * dv)) / (2 * h)
+
+
+def _f32(*arrays):
+  return [jnp.asarray(x, jnp.float32) for x in arrays]
 
 
 @pytest.fixture
@@ -31,54 +44,35 @@ def _inputs(seed=0, shape=(2, 256, 2, 32)):
   return [rng.standard_normal(shape) * scale for scale in (1.5, 1.5, 1.0, 1.0, 1.0, 1.0)]  # q k v dq dk dv
 
 
-def test_forward_mode_kernel_and_its_tangent_match_float64(small_blocks):
-  q, k, v, dq, dk, dv = _inputs()
-  f32 = lambda *a: [jnp.asarray(x, jnp.float32) for x in a]
+@pytest.mark.parametrize('block, shape', [(128, (2, 256, 2, 32)), (256, (1, 384, 1, 16))])
+def test_forward_mode_kernel_and_its_tangent_match_float64(monkeypatch, block, shape):
+  """Blocks of 128 over 256 positions (2 query and 2 key blocks), and 384 positions with 256-position blocks: the
+  block shrinks to 128, which divides the length (3 blocks, every position attended)."""
+  monkeypatch.setattr(attention, 'FLASH_MIN_LENGTH', {'flash': 128, 'flash_jvp': 128})
+  monkeypatch.setattr(attention, 'FLASH_BLOCK', block)
+  q, k, v, dq, dk, dv = _inputs(0, shape)
   with pltpu.force_tpu_interpret_mode():
-    out, tangent = jax.jvp(lambda *a: attention.attention(*a, kernel='flash_jvp'), f32(q, k, v), f32(dq, dk, dv))
-    primal_only = attention.attention(*f32(q, k, v), kernel='flash_jvp')
-  h = 1e-5
-  expected = (_reference(q + h * dq, k + h * dk, v + h * dv) - _reference(q - h * dq, k - h * dk, v - h * dv)) / (2 * h)
+    out, tangent = jax.jit(lambda *a: jax.jvp(lambda *b: attention.attention(*b, kernel='flash_jvp'), a[:3], a[3:]))(
+        *_f32(q, k, v, dq, dk, dv))
+    primal_only = attention.attention(*_f32(q, k, v), kernel='flash_jvp')
+  expected = _central_difference(q, k, v, dq, dk, dv)
   np.testing.assert_allclose(out, _reference(q, k, v), atol=2e-6)
   np.testing.assert_allclose(primal_only, _reference(q, k, v), atol=2e-6)
   np.testing.assert_allclose(tangent, expected, atol=2e-5)
   assert np.abs(expected).max() > 0.5  # a tangent of size, not a vanishing one
 
 
-def test_a_length_the_block_does_not_divide_takes_a_smaller_block(monkeypatch):
-  """384 positions with 256-position blocks: three blocks of 128, every position attended."""
-  monkeypatch.setattr(attention, 'FLASH_MIN_LENGTH', {'flash': 128, 'flash_jvp': 128})
-  monkeypatch.setattr(attention, 'FLASH_BLOCK', 256)
-  q, k, v, dq, dk, dv = _inputs(3, (1, 384, 1, 16))
-  f32 = lambda *a: [jnp.asarray(x, jnp.float32) for x in a]
-  with pltpu.force_tpu_interpret_mode():
-    out, tangent = jax.jit(lambda *a: jax.jvp(lambda *b: attention.attention(*b, kernel='flash_jvp'), a[:3], a[3:]))(
-        *f32(q, k, v, dq, dk, dv))
-    flash = attention.attention(*f32(q, k, v), kernel='flash')
-  h = 1e-5
-  expected = (_reference(q + h * dq, k + h * dk, v + h * dv) - _reference(q - h * dq, k - h * dk, v - h * dv)) / (2 * h)
-  np.testing.assert_allclose(out, _reference(q, k, v), atol=2e-6)
-  np.testing.assert_allclose(flash, _reference(q, k, v), atol=2e-6)
-  np.testing.assert_allclose(tangent, expected, atol=2e-5)
-
-
 def test_flash_kernel_and_its_gradient_match_float64(small_blocks):
   q, k, v, cotangent = _inputs(1)[:4]
   loss = lambda q, k, v, kernel: jnp.sum(attention.attention(q, k, v, kernel=kernel) * cotangent)
-  args = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
   with pltpu.force_tpu_interpret_mode():
-    out = attention.attention(*args, kernel='flash')
-    grads = jax.grad(loss, argnums=(0, 1, 2))(*args, 'flash')
+    out = attention.attention(*_f32(q, k, v), kernel='flash')
+    grads = jax.grad(loss, argnums=(0, 1, 2))(*_f32(q, k, v), 'flash')
   np.testing.assert_allclose(out, _reference(q, k, v), atol=2e-6)
   with jax.enable_x64():  # the gradient of the float64 reference, by jax.grad of plain jnp
-    reference = jax.grad(lambda *a: jnp.sum(jnp.asarray(_jnp_reference(*a)) * cotangent), argnums=(0, 1, 2))(q, k, v)
+    reference = jax.grad(lambda *a: jnp.sum(_jnp_reference(*a) * cotangent), argnums=(0, 1, 2))(q, k, v)
   for got, want in zip(grads, reference):
     np.testing.assert_allclose(got, want, atol=5e-5)
-
-
-def _jnp_reference(q, k, v):
-  s = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
-  return jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(s, axis=-1), v)
 
 
 @pytest.mark.parametrize('batch', [4, 2])
@@ -100,9 +94,7 @@ def test_under_a_mesh_each_device_runs_the_kernels_on_its_shard(small_blocks, ba
   with pltpu.force_tpu_interpret_mode():
     assert 'shard_map' in str(jax.make_jaxpr(step)(*args))
     tangent, grad = jax.jit(step)(*args)
-  h = 1e-5
-  expected = (_reference(q + h * dq, k + h * dk, v + h * dv) - _reference(q - h * dq, k - h * dk, v - h * dv)) / (2 * h)
-  np.testing.assert_allclose(tangent, expected, atol=2e-5)
+  np.testing.assert_allclose(tangent, _central_difference(q, k, v, dq, dk, dv), atol=2e-5)
   with jax.enable_x64():
     reference = jax.grad(lambda q: jnp.sum(_jnp_reference(q, k, v) * dv))(q)
   np.testing.assert_allclose(grad, reference, atol=5e-5)

@@ -120,7 +120,7 @@ def _attention_and_tangent(q, k, v, tangents):
       cost_estimate=pl.CostEstimate(  # 2 matmuls of 2 L^2 d FLOPs per head, 6 with the tangent
           flops=(12 if with_tangent else 4) * batch * heads * length * length * dim,
           transcendentals=batch * heads * length * length,
-          bytes_accessed=(len(inputs) + len(inputs) // 3) * q.size * q.dtype.itemsize),
+          bytes_accessed=(len(inputs) + (2 if with_tangent else 1)) * q.size * q.dtype.itemsize),  # in + out
   )(*inputs)
   return (outs[0], outs[1]) if with_tangent else (outs[0], None)
 
