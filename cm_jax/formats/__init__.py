@@ -1,0 +1,1 @@
+"""Readers and writers of other projects' file formats (diffusers, transformers, PyTorch pickles)."""
