@@ -99,10 +99,13 @@ def test_equals_transformers(case, tokenizer, tmp_path):
   ids = clip_text.tokenize(tokenizer, PROMPTS)
   ours, theirs = encoder(ids), _torch_outputs(model, ids)
   _assert_close(ours, theirs)
+  # Random ids, where the two eos rules differ: end-of-text at a random place, twice, or not at all (position 0).
+  random_ids = np.random.default_rng(0).integers(0, len(_vocab()) - 1, (3, MAX_LENGTH)).astype(np.int32)
+  random_ids[0, [9, 30]] = random_ids[1, 50] = tokenizer.eos_token_id
+  _assert_close(encoder(random_ids), _torch_outputs(model, random_ids))
   assert ours['hidden_states'][-2].shape == (len(PROMPTS), MAX_LENGTH, 32)  # SD2's penultimate layer
   if architecture == 'CLIPTextModelWithProjection':
     assert ours['text_embeds'].shape == (len(PROMPTS), 24)
-  print(case, {k: _relative_error(ours[k], theirs[k]) for k in ('last_hidden_state', 'pooled')})
 
 
 def test_both_eos_rules_pick_the_end_of_text_token(tokenizer, tmp_path):
@@ -169,3 +172,10 @@ def test_tokenizer_without_vocabulary_is_refused(tmp_path):
   (tmp_path / 'vocab.json').unlink()
   with pytest.raises(ValueError, match='vocab.json'):
     clip_text.load_tokenizer(tmp_path)
+
+
+def test_too_long_ids_are_refused(tmp_path):
+  model = _torch_model('CLIPTextModel', 'quick_gelu', 2, 1e-5, seed=0)
+  model.save_pretrained(tmp_path, safe_serialization=True)
+  with pytest.raises(ValueError, match='more than the 77 positions'):
+    clip_text.load_text_encoder(tmp_path)(np.zeros((1, MAX_LENGTH + 1), np.int32))

@@ -51,6 +51,9 @@ class _Embeddings(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids):
+    if input_ids.shape[-1] > self.max_positions:
+      raise ValueError(f'{input_ids.shape[-1]} tokens per prompt, more than the {self.max_positions} positions of this '
+                       'text encoder: tokenize with max_length <= max_position_embeddings.')
     tokens = nn.Embed(self.vocab_size, self.width, name='token_embedding')(input_ids)
     positions = nn.Embed(self.max_positions, self.width, name='position_embedding')(jnp.arange(input_ids.shape[-1]))
     return tokens + positions
