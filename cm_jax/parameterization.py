@@ -9,12 +9,15 @@ Both processes offer what the samplers need, each in its own time t (EDM: t = si
 TrigFlow: t = arctan(sigma / sd)): `t_max`, `t_from_sigma` and `x_from_sigma` (the change of variables from EDM's
 (x_sigma, sigma)), `prior` (x at t_max from z ~ N(0, I)), `renoise` (x_t from a clean x), `consistency` and `denoise`.
 VP, the process of latent diffusion, has integer timesteps t = 0..T-1 and its own samplers (DDIM, LCM; sampling.py).
+FlowMatching (z_t = (1 - t) x + t e, t in [0, 1]) is the process of flow matching and MeanFlow; it has its own ODE
+samplers (sampling.FLOW_ODE, sampling.MEANFLOW).
 """
 
 import dataclasses
 import math
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -248,8 +251,48 @@ class VP:
     return self.predict(net, x, t)[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class FlowMatching:
+  """The linear interpolation z_t = (1 - t) x + t e, e ~ N(0, I), t in [0, 1] (rectified flow, SiT, MeanFlow):
+  t = 0 is data, t = 1 noise, and the conditional velocity is v = dz_t/dt = e - x.
+
+  The network sees z_t itself and c_noise(t) = t; it predicts a velocity (flow matching: v(z_t, t); MeanFlow: the
+  average velocity u(z_t, r, t) with the second time embedded by the network, model.second_time). Its ODE runs
+  from t = 1 (z_1 = e, `prior`) to t = 0: dz/dt = v, so z_0 = z_1 - int_0^1 v dt.
+  """
+  t_max: float = 1.0
+
+  def c_noise(self, t):
+    """c_noise(t) = t."""
+    return t
+
+  def prior(self, e):
+    """z_1 = e for e ~ N(0, I)."""
+    return e
+
+  def noise(self, x, e, t):
+    """z_t = (1 - t) x + t e."""
+    return bcast(1.0 - t, x) * x + bcast(t, x) * e
+
+  def target_velocity(self, x, e):
+    """v = dz_t/dt = e - x (the conditional velocity; its mean given z_t is the marginal velocity)."""
+    return e - x
+
+  def sample_t(self, rng, shape, p_mean, p_std):
+    """Logit-normal t = sigmoid(n), n ~ N(P_mean, P_std^2) (SD3, SiT, MeanFlow)."""
+    return jax.nn.sigmoid(p_mean + p_std * jax.random.normal(rng, shape))
+
+  def velocity(self, net: Net, z, t):
+    """v(z_t, t) = F(z_t, c_noise(t))."""
+    return net(z, self.c_noise(t))
+
+  def denoise(self, net: Net, z, t):
+    """x0 estimate z_t - t v(z_t, t) (E[x | z_t] for the exact marginal velocity)."""
+    return z - bcast(t, z) * self.velocity(net, z, t)
+
+
 def make_parameterization(config):
-  """Builds the noise process named by `config.parameterization.name` ('edm', 'trigflow' or 'vp')."""
+  """Builds the noise process named by `config.parameterization.name` ('edm', 'trigflow', 'vp' or 'flow_matching')."""
   p = config.parameterization
   if p.name == 'edm':
     return EDM(sigma_data=p.sigma_data, sigma_min=p.sigma_min, sigma_max=p.sigma_max)
@@ -259,4 +302,6 @@ def make_parameterization(config):
     return VP(num_timesteps=p.num_timesteps, beta_start=p.beta_start, beta_end=p.beta_end,
               beta_schedule=p.beta_schedule, prediction=p.prediction, sigma_data=p.sigma_data,
               timestep_scaling=p.timestep_scaling)
-  raise ValueError(f"Unknown parameterization.name {p.name!r}; expected 'edm', 'trigflow' or 'vp'.")
+  if p.name == 'flow_matching':
+    return FlowMatching()
+  raise ValueError(f"Unknown parameterization.name {p.name!r}; expected 'edm', 'trigflow', 'vp' or 'flow_matching'.")

@@ -6,6 +6,9 @@ objective how to sample and never branches on the method:
                sampling.clip_denoised each x0 estimate is clamped to [-1, 1].
   DDIM         VP (DDPM) diffusion models: deterministic DDIM on the trailing grid, classifier-free guidance optional.
   LCM          latent consistency models on VP: LCM's multistep sampling (predict x0, re-noise to the next timestep).
+  FLOW_ODE     flow-matching models: Euler (or Heun, sampling.flow_solver) on the uniform grid from t = 1 to 0.
+  MEANFLOW     two-time average-velocity models u(z, r, t): z_r = z_t - (t - r) u on the uniform grid from t = 1
+               (1 step: x = z - u(z, 0, 1); 2 steps: through t = 0.5).
 
 A sampler's `build(config, model, process)` returns sample(params, rng, cond, shape, num_steps, guidance=None).
 """
@@ -220,6 +223,59 @@ def _lcm(config, model, vp):
   return sample
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The flow-matching process z_t = (1 - t) x + t e: the ODE of a velocity model and MeanFlow's average velocity.
+# ----------------------------------------------------------------------------------------------------------
+FLOW_SOLVERS = ('euler', 'heun')
+
+
+def flow_solver(config) -> str:
+  """sampling.flow_solver: 'euler' (the default) or 'heun' for the flow-matching ODE."""
+  solver = config.sampling.get('flow_solver', 'euler')
+  if solver not in FLOW_SOLVERS:
+    raise ValueError(f'sampling.flow_solver={solver!r}; expected one of {FLOW_SOLVERS}.')
+  return solver
+
+
+def _flow_ode(config, model, fm):
+  """z_1 = e ~ N(0, I), then `num_steps` Euler (or Heun) steps of dz/dt = v(z, t) on the uniform grid 1 -> 0."""
+  solver = flow_solver(config)
+
+  def sample(params, rng, cond, shape, num_steps, guidance=None):
+    del guidance
+    net = network(model, params, cond)
+    velocity = lambda z, t: fm.velocity(net, z, _per_sample(t, shape[0]))
+    step = solvers.flow_heun_step if solver == 'heun' else solvers.flow_euler_step
+    ts = jnp.linspace(1.0, 0.0, num_steps + 1)
+    z = fm.prior(jax.random.normal(jax.random.split(rng)[0], shape))
+    z, _ = jax.lax.scan(lambda z, pair: (step(velocity, z, *pair), None), z, (ts[:-1], ts[1:]))
+    return z
+
+  return sample
+
+
+def meanflow_multistep(u, z, num_steps: int):
+  """z <- z - (t - r) u(z, r, t) along the uniform grid t = 1, 1 - 1/n, ..., 0 (n = num_steps network evaluations);
+  `u(z, r, t)` takes per-sample r, t [B]."""
+  ts = [1.0 - k / num_steps for k in range(num_steps)] + [0.0]
+  for t, r in zip(ts[:-1], ts[1:]):
+    z = z - (t - r) * u(z, _per_sample(r, z.shape[0]), _per_sample(t, z.shape[0]))
+  return z
+
+
+def _meanflow(config, model, fm):
+  """`meanflow_multistep` from z_1 = e ~ N(0, I): 1 step x = e - u(e, 0, 1); 2 steps through t = 0.5."""
+  del config
+
+  def sample(params, rng, cond, shape, num_steps, guidance=None):
+    del guidance
+    net = network(model, params, cond)
+    u = lambda z, r, t: net(z, fm.c_noise(t), t - r)
+    return meanflow_multistep(u, fm.prior(jax.random.normal(jax.random.split(rng)[0], shape)), num_steps)
+
+  return sample
+
+
 _teacher_steps = lambda config: (int(config.sampling.teacher_steps),)
 _one_per_step = lambda config, num_steps: num_steps
 _steps = lambda num_steps: f'{num_steps}-step'
@@ -233,3 +289,8 @@ CONSISTENCY = Sampler(_steps, _consistency, eval_steps=lambda c: tuple(c.eval.st
 DDIM = Sampler(lambda num_steps: f'DDIM {num_steps}-step', _ddim, eval_steps=_teacher_steps,
                grid_steps=lambda c: c.sampling.teacher_steps, nfe=_guided_nfe, diffusion=True)
 LCM = Sampler(_steps, _lcm, eval_steps=lambda c: tuple(c.eval.steps), grid_steps=lambda c: 1, nfe=_one_per_step)
+FLOW_ODE = Sampler(lambda num_steps: f'flow ODE {num_steps}-step', _flow_ode, eval_steps=_teacher_steps,
+                   grid_steps=lambda c: c.sampling.teacher_steps,
+                   nfe=lambda config, num_steps: num_steps * (2 if flow_solver(config) == 'heun' else 1))
+MEANFLOW = Sampler(_steps, _meanflow, eval_steps=lambda c: tuple(c.eval.steps), grid_steps=lambda c: 1,
+                   nfe=_one_per_step)

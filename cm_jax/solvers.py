@@ -1,4 +1,5 @@
-"""Probability-flow ODE solvers in EDM noise levels: dx/dsigma = (x - D(x, sigma)) / sigma.
+"""Probability-flow ODE solvers in EDM noise levels: dx/dsigma = (x - D(x, sigma)) / sigma (and, at the end, the
+flow-matching ODE's Euler and Heun steps).
 
 `denoise(x, sigma)` is any denoiser with per-sample sigma [B]; steps accept per-sample (traced) levels.
 """
@@ -54,3 +55,17 @@ def edm_sampler(denoise, x_init, sigmas):
 def edm_sampler_nfe(num_points: int) -> int:
   """Network evaluations of `edm_sampler` with `num_points` grid points: 2 (N - 1) + 1."""
   return 2 * (num_points - 1) + 1
+
+
+# The flow-matching ODE dz/dt = v(z, t) (z_t = (1 - t) x + t e), integrated from t = 1 towards 0; `velocity(z, t)`
+# takes a scalar t.
+def flow_euler_step(velocity, z, t, t_next):
+  """z' = z + (t' - t) v(z, t) (one evaluation)."""
+  return z + (t_next - t) * velocity(z, t)
+
+
+def flow_heun_step(velocity, z, t, t_next):
+  """Heun: z' = z + (t' - t) (v(z, t) + v(z_euler, t')) / 2 (two evaluations; v is defined at t' = 0)."""
+  d = velocity(z, t)
+  d_next = velocity(z + (t_next - t) * d, t_next)
+  return z + (t_next - t) * 0.5 * (d + d_next)

@@ -13,6 +13,11 @@ def takes_guidance(model) -> bool:
   return bool(getattr(model, 'guidance_embedding', False))
 
 
+def takes_second_time(model) -> bool:
+  """Whether the network has a second time input (model.second_time: the interval t - r of u(z_t, r, t))."""
+  return bool(getattr(model, 'second_time', False))
+
+
 def can_guide(model) -> bool:
   """Whether a network has the unconditional branch classifier-free guidance needs: labels, trained with label
   dropout (model.label_dropout > 0), so that label -1 means "no label"."""
@@ -48,11 +53,17 @@ def network(model, params, cond=None, dropout_rng=None, guidance=None):
 
   guidance: per-example guidance scale s [B] (or None); it reaches the model only when the model takes it
   (`takes_guidance`), other networks ignore it. `params` may be lora.LoRAParams (a frozen base with adapters):
-  the network then runs in LoRA's un-merged form.
+  the network then runs in LoRA's un-merged form. A network with a second time input (`takes_second_time`) is
+  F(x_in, c_noise, interval=None).
   """
   train = dropout_rng is not None
   rngs = {'dropout': dropout_rng} if train else None
   extra = {'guidance': guidance} if takes_guidance(model) else {}
   if isinstance(params, lora.LoRAParams):
+    if takes_second_time(model):
+      raise ValueError('LoRA adapters on a network with a second time input (model.second_time) are not supported.')
     return lambda x, c_noise: lora.apply_unmerged(model, params, x, c_noise, cond, train=train, rngs=rngs, **extra)
+  if takes_second_time(model):
+    return lambda x, c_noise, interval=None: model.apply({'params': params}, x, c_noise, cond, train=train, rngs=rngs,
+                                                         interval=interval, **extra)
   return lambda x, c_noise: model.apply({'params': params}, x, c_noise, cond, train=train, rngs=rngs, **extra)

@@ -1,6 +1,7 @@
 """A residual MLP for 2-D toys and flat data [B, D]."""
 
 import flax.linen as nn
+import jax.numpy as jnp
 import numpy as np
 
 from cm_jax.models.layers import NoiseLabelEmbedding, adaptive_norm
@@ -53,6 +54,8 @@ class MLP(nn.Module):
     adaptive_norm: 'shift' (LN(h + b(t))), 'scale_shift' (LN(h) (1 + s(t)) + b(t)) or 'double'
       (LN(h) pnorm(s(t)) + pnorm(b(t)), sCM).
     norm: 'layer' (LayerNorm) or 'nsln' (non-scaling LayerNorm: no scale parameter; improved latent CT).
+    second_time: a second time input, the interval h = t - r of a two-time network u(z_t, r, t) (MeanFlow's
+      (t, t - r) conditioning): h [B] is embedded like c_noise by its own embedding and added (h = 0 when not given).
   """
   hidden: int = 256
   depth: int = 4
@@ -64,17 +67,25 @@ class MLP(nn.Module):
   time_scale: float = 1000.0
   adaptive_norm: str = 'shift'
   norm: str = 'layer'
+  second_time: bool = False
 
   @nn.compact
-  def __call__(self, x, c_noise, cond=None, train=False, guidance=None):
+  def __call__(self, x, c_noise, cond=None, train=False, guidance=None, interval=None):
     """Maps x [B, ...] (flattened inside), c_noise [B], cond [B] int (< 0: no label) or None, guidance [B] or None
-    (s = 1) to x's shape."""
+    (s = 1), interval [B] or None (the second time t - r, model.second_time; None: 0) to x's shape."""
     shape = x.shape
     x = x.reshape(shape[0], -1)
     emb = NoiseLabelEmbedding(
         features=self.hidden, kind=self.time_embedding, scale=self.time_scale, num_classes=self.num_classes,
         label_dropout=self.label_dropout, guidance=self.guidance_embedding,
         name='time_embed')(c_noise, cond, train, guidance)
+    if interval is not None and not self.second_time:
+      raise ValueError('A second time (t - r) was given to a network without a second time input '
+                       '(set model.second_time=True).')
+    if self.second_time:
+      h = jnp.zeros_like(c_noise) if interval is None else jnp.broadcast_to(interval, c_noise.shape)
+      emb = emb + NoiseLabelEmbedding(features=self.hidden, kind=self.time_embedding, scale=self.time_scale,
+                                      name='interval_embed')(h)
     h = nn.Dense(self.hidden, name='dense_in')(x)
     for i in range(self.depth):
       h = MLPBlock(self.hidden, self.dropout, self.adaptive_norm, self.norm, name=f'block_{i}')(h, emb, train)
