@@ -26,8 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from cm_jax import data as data_lib
+from cm_jax import parameterization
 from cm_jax.data import source as source_lib
-from cm_jax.formats.diffusers import flax_path, from_diffusers, to_diffusers, torch_key  # pylint: disable=unused-import
+from cm_jax.formats.diffusers import from_diffusers, to_diffusers
+from cm_jax.models import clip_text
+from cm_jax.models import sd_unet
 from cm_jax.models.autoencoder import AutoencoderKL
 
 CONFIG_FILE = 'config.json'
@@ -152,6 +155,122 @@ def export_diffusers(folder, module: AutoencoderKL, params, scaling_factor: floa
   folder.mkdir(parents=True, exist_ok=True)
   safetensors_numpy.save_file(to_diffusers(jax.device_get(params)), str(folder / WEIGHTS_FILE))
   (folder / CONFIG_FILE).write_text(json.dumps(config_of(module, scaling_factor, sample_size), indent=2))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Whole diffusers pipelines: model_index.json, the VAE, the UNet, the text encoder(s) and tokenizer(s), the scheduler.
+# ----------------------------------------------------------------------------------------------------------
+PIPELINE_INDEX = 'model_index.json'
+_SCHEDULER_CONFIG = 'scheduler/scheduler_config.json'
+_PREDICTIONS = {'epsilon': 'epsilon', 'v_prediction': 'v', 'sample': 'sample'}
+
+
+@dataclasses.dataclass
+class Pipeline:
+  """A Stable Diffusion pipeline (SD 1.x / 2.x: one CLIP text tower; SDXL: two, and the pooled text_time input).
+
+  Attributes:
+    autoencoder: the VAE (latents.Autoencoder).
+    unet_module, unet_params, unet_config: the UNet2DConditionModel, its parameters and its diffusers config.
+    text_encoders, tokenizers: one per `text_encoder*` / `tokenizer*` component, in the pipeline's order.
+    process: the scheduler's noise process as the project's VP (betas, num_train_timesteps, prediction type).
+    timestep_spacing: the scheduler's, for the record (cm_jax's DDIM and LCM samplers use the trailing grid).
+  """
+  path: str
+  autoencoder: Autoencoder
+  unet_module: Any
+  unet_params: Any
+  unet_config: dict
+  text_encoders: tuple
+  tokenizers: tuple
+  process: Any
+  timestep_spacing: str
+
+  @property
+  def pooled(self) -> bool:
+    """Whether the UNet reads a pooled text embedding and time ids (SDXL's addition_embed_type='text_time')."""
+    return self.unet_config.get('addition_embed_type') == 'text_time'
+
+  def encode_prompt(self, prompts):
+    """(hidden_states [B, 77, D], pooled [B, P] or None) as the family's diffusers pipeline builds them.
+
+    SD 1.x / 2.x: the text tower's last hidden state (after its final LayerNorm). SDXL: each tower's penultimate
+    hidden state (before the final LayerNorm), concatenated on the feature axis; pooled = the last tower's projected
+    pooled output (text_embeds).
+    """
+    hidden, pooled = [], None
+    for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+      out = encoder(clip_text.tokenize(tokenizer, list(prompts)))
+      hidden.append(out['hidden_states'][-2] if self.pooled else out['last_hidden_state'])
+      pooled = out['text_embeds'] if out['text_embeds'] is not None else out['pooled']
+    return jnp.concatenate(hidden, axis=-1), (pooled if self.pooled else None)
+
+  def unet(self, latents, timesteps, hidden_states, pooled=None, time_ids=None, timestep_cond=None):
+    """The UNet's raw prediction (epsilon or v, as `process.prediction`) for NHWC latents and integer timesteps [B]."""
+    added = dict(text_embeds=pooled, time_ids=time_ids) if self.pooled else None
+    if self.pooled and (pooled is None or time_ids is None):
+      raise ValueError(f'The UNet of {self.path} reads SDXL\'s pooled text embedding and time ids; pass both.')
+    return self.unet_module.apply({'params': self.unet_params}, latents, timesteps, hidden_states, added_cond=added,
+                                  timestep_cond=timestep_cond)
+
+
+def _json(path) -> dict:
+  """A JSON file's object; FileNotFoundError / ValueError naming the file."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f'{path} does not exist.')
+  try:
+    return json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f'{path} is not valid JSON: {e}') from e
+
+
+def process_from_scheduler(config: dict, where: str) -> parameterization.VP:
+  """The VP process of a diffusers scheduler config (DDPM/DDIM/PNDM/LCM/Euler...: betas and the prediction type)."""
+  prediction = config.get('prediction_type', 'epsilon')
+  if prediction not in _PREDICTIONS:
+    raise ValueError(f'{where}: prediction_type={prediction!r}; cm_jax reads {sorted(_PREDICTIONS)}.')
+  if config.get('trained_betas') is not None:
+    raise ValueError(f'{where} lists trained_betas; cm_jax reads the linear and scaled_linear beta schedules.')
+  return parameterization.VP(num_timesteps=int(config.get('num_train_timesteps', 1000)),
+                             beta_start=float(config.get('beta_start', 0.0001)),
+                             beta_end=float(config.get('beta_end', 0.02)),
+                             beta_schedule=config.get('beta_schedule', 'linear'), prediction=_PREDICTIONS[prediction])
+
+
+def load_diffusers_pipeline(path) -> Pipeline:
+  """Reads a diffusers Stable Diffusion pipeline folder (SD 1.x, 2.x, SDXL) into JAX; no PyTorch needed.
+
+  Raises:
+    FileNotFoundError: no model_index.json, or a component it lists is missing.
+    ValueError: a component of another class, a corrupt or mis-shaped weights file, an unreadable scheduler config.
+  """
+  folder = epath.Path(path)
+  if not (folder / PIPELINE_INDEX).exists():
+    raise FileNotFoundError(f'{folder} has no {PIPELINE_INDEX}: a diffusers pipeline folder is what '
+                            'DiffusionPipeline.save_pretrained writes (vae/, unet/, text_encoder/, tokenizer/, ...).')
+  index = _json(folder / PIPELINE_INDEX)
+  components = {name: spec for name, spec in index.items() if not name.startswith('_') and isinstance(spec, list)}
+  for needed in ('vae', 'unet', 'scheduler'):
+    if needed not in components or components[needed][0] is None:
+      raise ValueError(f'{folder / PIPELINE_INDEX} lists no {needed!r} component; cm_jax reads Stable Diffusion '
+                       'pipelines (vae, unet, text_encoder(s), tokenizer(s), scheduler).')
+  for name, spec in components.items():
+    if spec[0] is not None and not (folder / name).exists():
+      raise FileNotFoundError(f'{folder / PIPELINE_INDEX} lists {name!r} but {folder / name} does not exist.')
+  encoders = sorted(n for n in components if n.startswith('text_encoder') and components[n][0] is not None)
+  tokenizers = sorted(n for n in components if n.startswith('tokenizer') and components[n][0] is not None)
+  if not encoders or len(encoders) != len(tokenizers):
+    raise ValueError(f'{folder}: text encoders {encoders} and tokenizers {tokenizers} do not pair up.')
+  unet_module, unet_params, unet_config = sd_unet.load_unet(folder / 'unet')
+  scheduler = folder / _SCHEDULER_CONFIG
+  schedule = _json(scheduler)
+  return Pipeline(path=str(folder), autoencoder=load_diffusers_autoencoder(folder / 'vae'), unet_module=unet_module,
+                  unet_params=unet_params, unet_config=unet_config,
+                  text_encoders=tuple(clip_text.load_text_encoder(folder / n) for n in encoders),
+                  tokenizers=tuple(clip_text.load_tokenizer(folder / n) for n in tokenizers),
+                  process=process_from_scheduler(schedule, str(scheduler)),
+                  timestep_spacing=schedule.get('timestep_spacing', 'leading'))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -263,10 +263,11 @@ def load_text_encoder(path) -> TextEncoder:
 
 
 def load_tokenizer(path) -> Any:
-  """transformers' CLIPTokenizer of a folder holding vocab.json and merges.txt (e.g. Stable Diffusion's tokenizer)."""
+  """transformers' CLIPTokenizer of a folder holding vocab.json and merges.txt (e.g. Stable Diffusion's tokenizer), or
+  the tokenizer.json that transformers 5's save_pretrained writes in their place."""
   folder = epath.Path(path)
   missing = [name for name in TOKENIZER_FILES if not (folder / name).exists()]
-  if missing:
+  if missing and not (folder / 'tokenizer.json').exists():
     raise ValueError(f'{folder} lacks {" and ".join(missing)}: a CLIP tokenizer folder holds {list(TOKENIZER_FILES)}.')
   from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
   return CLIPTokenizer.from_pretrained(str(folder))
