@@ -7,7 +7,9 @@ Hardware: sized for 2-4 GPUs (ECT README: "NGPUs=2/4 is recommended" for batch 1
 A100); a single TPU v4-8 host is plenty.
 Batch 128, 400k iterations, RAdam lr 1e-4 (betas 0.9 / 0.999, eps 1e-8), dropout 0.2, no augmentation, q = 2, a
 stage every 25k iterations, ln t ~ N(-1.1, 2^2), r = t (1 - q^-(stage+1) (1 + 8 sigmoid(-t))), unsquared l2 (c = 0)
-with weighting 1 / (t - r), EMA 0.9999, 2-step sampling at sigma 0.821, DDPM++ 55.7M: all from the official code
+with weighting 1 / (t - r), t unclipped and EDM's unshifted denoiser in training (data target only where r = 0),
+sigma_min = 0.003 for the sampling-time scalings (ECMPrecond), EMA 0.9999, 2-step sampling at sigma 0.821,
+DDPM++ 55.7M: all from the official code
 (locuslab/ect run_ecm.sh, ct_train.py, training/loss.py; the stage length is --double=250 ticks of 12.8 kimg at
 batch 128). run_ecm.sh itself runs 200k iterations (--duration=25.6 Mimg); the README's 400k row is the one below.
 ECT tunes EDM's released edm-cifar10-32x32-uncond-vp.pkl, which was trained with EDM's augmentation: the cm_jax
@@ -36,5 +38,8 @@ def get_config():
   c.train.log_every = 1000
   c.checkpoint.every_steps = 10_000
   c.sampling.mid_sigmas = (0.821,)
+  # The boundary of the sampling-time scalings (ECMPrecond eval mode, sigma_min = 0.003); training uses EDM's unshifted
+  # denoiser (objectives/ect.py), so this key acts only on sampling.
+  c.parameterization.sigma_min = 0.003
   c.sampling.clip_denoised = False  # ECT's generator_fn (ct_eval.py) re-noises the unclamped x0
   return c

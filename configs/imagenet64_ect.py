@@ -12,6 +12,10 @@ the official code's imgnet branch (locuslab/ect ct_train.py preset edm2-img64-s,
 training/loss.py ECMLoss). Kept from the ADM teacher instead of ECT's EDM2 settings, for want of cm_jax keys: lr
 1e-4 constant (ECT: 1e-3 decayed as 1/sqrt(k/2000), 1.4e-4 at 100k, tuned for EDM2's magnitude-preserving layers)
 and dropout 0.1 everywhere (ECT: 0.40 at resolutions <= 16 only). ECT also keeps EDM2's power-function EMA.
+ECT's EDM2 Precond has no sigma_min shift even when sampling; here
+sampling keeps the shifted scalings at sigma_min = 0.002 (c_out differs by 0.13% at the 2-step level 1.526, 3e-5 at 80;
+sigma_min = 0 would put the ln 0 of the teacher's Karras grid end into Heun sampling). Training uses EDM's unshifted
+denoiser with t unclipped, as ECT's loss.
 Paper FID: 1 step 2.49, 2 steps 1.67 -- for ECM-XL, an EDM2 (magnitude-preserving) network that cm_jax does not
 have; this config tunes the ADM teacher instead, so the published numbers are an upper target, not its expected result.
 """

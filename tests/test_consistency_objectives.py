@@ -154,13 +154,14 @@ def _ect_config(weighting='inverse_delta', t=0.5):
 
 
 def test_ect_loss_targets_data_then_f_at_r():
-  """x0 = 0, t = 0.5, f = f*, ||z|| ~ sqrt(D): stage 0 has r = 0, target x0, loss ||f*(t z, t)|| / t = c(t) ||z||;
-  stage 4 has r = 0.4375 and loss ||z|| |t c(t) - r c(r)| / (t - r), c(s) = sqrt(eps^2 + sd^2) / sqrt(s^2 + sd^2)."""
+  """x0 = 0, t = 0.5, the network is the exact denoiser D* (ECT trains EDM's unshifted denoiser, official ECMLoss),
+  ||z|| ~ sqrt(D): stage 0 has r = 0, target x0, loss ||D*(t z, t)|| / t = c(t) ||z||; stage 4 has r = 0.4375 and
+  loss ||z|| |t c(t) - r c(r)| / (t - r), c(s) = sd^2 / (s^2 + sd^2)."""
   dim = 4096
   batch = {'image': jnp.zeros((16, dim))}
-  c = lambda s: np.sqrt(EPS**2 + SD**2) / np.sqrt(s**2 + SD**2)
+  c = lambda s: SD**2 / (s**2 + SD**2)
   loss = lambda config, step: float(make_ect(config, MODEL, EDM_).loss(
-      student(0.0), {}, {'target': None, 'teacher': None}, batch, jax.random.PRNGKey(0), step)[0])
+      EXACT_TEACHER, {}, {'target': None, 'teacher': None}, batch, jax.random.PRNGKey(0), step)[0])
   np.testing.assert_allclose(loss(_ect_config(), 0), c(0.5) * np.sqrt(dim), rtol=0.02)
   r = 0.5 * (1 - 2.0**-5 * (1 + 8 / (1 + np.exp(0.5))))
   np.testing.assert_allclose(loss(_ect_config(), 400), np.sqrt(dim) * abs(0.5 * c(0.5) - r * c(r)) / (0.5 - r),
