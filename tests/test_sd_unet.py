@@ -139,16 +139,28 @@ def test_bfloat16_compute_and_remat_gradient(saved):
   """dtype=bfloat16 stays near the float32 output; remat=True leaves the gradient as it is."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  folder, _ = saved('sd1')
+  folder, _ = saved('sd2')
   module, params, _ = sd_unet.load_unet(folder)
-  (args, kwargs), _ = _inputs('sd1')
+  (args, kwargs), _ = _inputs('sd2')
   full = np.asarray(module.apply({'params': params}, *args, **kwargs))
   half = module.clone(dtype=jnp.bfloat16).apply({'params': params}, *args, **kwargs)
   assert half.dtype == jnp.float32 and _relative_error(half, full) < 5e-2
-  loss = lambda m: jax.grad(lambda p: jnp.mean(m.apply({'params': p}, *args, **kwargs) ** 2))(params)
+  args = tuple(a[:1] for a in args)
+  loss = lambda m: jax.grad(lambda p: jnp.mean(m.apply({'params': p}, *args) ** 2))(params)
   plain, rematerialised = _flatten(loss(module)), _flatten(loss(module.clone(remat=True)))
   for key, value in plain.items():
     np.testing.assert_allclose(rematerialised[key], value, rtol=1e-4, atol=1e-7, err_msg=key)
+
+
+def test_odd_sides_match_diffusers(saved):
+  """A side the down path does not halve evenly: the upsamplers resize to the skips' size, as diffusers does."""
+  folder, unet = saved('sd1')
+  module, params, _ = sd_unet.load_unet(folder)
+  (args, kwargs), (torch_args, _) = _inputs('sd1')
+  x = args[0][:, :9, :11]
+  with torch.no_grad():
+    ref = unet(torch.tensor(x.transpose(0, 3, 1, 2)), *torch_args[1:]).sample.numpy().transpose(0, 2, 3, 1)
+  assert _relative_error(module.apply({'params': params}, x, *args[1:], **kwargs), ref) < 1e-4
 
 
 def test_refuses_other_models_and_blocks(saved, tmp_path):
