@@ -28,13 +28,12 @@ import numpy as np
 from cm_jax import data as data_lib
 from cm_jax import parameterization
 from cm_jax.data import source as source_lib
-from cm_jax.formats.diffusers import from_diffusers, to_diffusers
+from cm_jax.formats import diffusers as diffusers_format
 from cm_jax.models import clip_text
 from cm_jax.models import sd_unet
 from cm_jax.models.autoencoder import AutoencoderKL
 
-CONFIG_FILE = 'config.json'
-WEIGHTS_FILE = 'diffusion_pytorch_model.safetensors'
+CONFIG_FILE = diffusers_format.CONFIG_FILE
 RUN_EXPORT = 'autoencoder'  # where a cm_jax autoencoder run exports itself
 NORMALIZATIONS = ('scaling_factor', 'per_channel', 'per_element')
 POSTERIORS = ('mean', 'sample')
@@ -115,25 +114,17 @@ class Autoencoder:
 
 def load_diffusers_autoencoder(path) -> Autoencoder:
   """The AutoencoderKL of a diffusers folder (config.json + diffusion_pytorch_model.safetensors)."""
-  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
   folder = epath.Path(path)
-  config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-  for needed in (config_path, weights_path):
-    if not needed.exists():
-      raise FileNotFoundError(f'{needed} does not exist: a diffusers AutoencoderKL folder holds {CONFIG_FILE} and '
-                              f'{WEIGHTS_FILE} (save_pretrained(..., safe_serialization=True) writes them).')
-  try:
-    config = json.loads(config_path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f'{config_path} is not valid JSON: {e}') from e
+  config_path = folder / CONFIG_FILE
+  if not config_path.exists():
+    raise FileNotFoundError(f'{config_path} does not exist: a diffusers AutoencoderKL folder holds {CONFIG_FILE} and '
+                            f'{diffusers_format.DIFFUSERS_STEM}.safetensors (save_pretrained(..., safe_serialization=True) writes them).')
+  config = diffusers_format.read_json(config_path)
   module = module_from_config(config, str(config_path))
-  try:
-    state_dict = safetensors_numpy.load_file(str(weights_path))
-  except Exception as e:  # the safetensors reader raises its own error type on a truncated or garbage file
-    raise ValueError(f'{weights_path} is not a readable safetensors file ({e}); download or export it again.') from e
+  state_dict, where = diffusers_format.read_weights(folder, diffusers_format.DIFFUSERS_STEM)
   side = 2 * module.downsampling  # parameter shapes do not depend on the image size
   abstract = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, side, side, module.in_channels)))
-  params = from_diffusers(state_dict, abstract['params'], str(weights_path))
+  params = diffusers_format.from_diffusers(state_dict, abstract['params'], where)
   return Autoencoder(module, params, config.get('scaling_factor', 0.18215), config.get('shift_factor'), str(folder))
 
 
@@ -150,11 +141,7 @@ def load_autoencoder(path) -> Autoencoder:
 
 def export_diffusers(folder, module: AutoencoderKL, params, scaling_factor: float, sample_size: int) -> None:
   """Writes `params` as a diffusers AutoencoderKL folder (config.json + safetensors), config last."""
-  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
-  folder = epath.Path(folder)
-  folder.mkdir(parents=True, exist_ok=True)
-  safetensors_numpy.save_file(to_diffusers(jax.device_get(params)), str(folder / WEIGHTS_FILE))
-  (folder / CONFIG_FILE).write_text(json.dumps(config_of(module, scaling_factor, sample_size), indent=2))
+  diffusers_format.write_model(folder, jax.device_get(params), config_of(module, scaling_factor, sample_size))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -214,17 +201,6 @@ class Pipeline:
                                   timestep_cond=timestep_cond)
 
 
-def _json(path) -> dict:
-  """A JSON file's object; FileNotFoundError / ValueError naming the file."""
-  path = epath.Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f'{path} does not exist.')
-  try:
-    return json.loads(path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f'{path} is not valid JSON: {e}') from e
-
-
 def process_from_scheduler(config: dict, where: str) -> parameterization.VP:
   """The VP process of a diffusers scheduler config (DDPM/DDIM/PNDM/LCM/Euler...: betas and the prediction type)."""
   prediction = config.get('prediction_type', 'epsilon')
@@ -249,7 +225,7 @@ def load_diffusers_pipeline(path) -> Pipeline:
   if not (folder / PIPELINE_INDEX).exists():
     raise FileNotFoundError(f'{folder} has no {PIPELINE_INDEX}: a diffusers pipeline folder is what '
                             'DiffusionPipeline.save_pretrained writes (vae/, unet/, text_encoder/, tokenizer/, ...).')
-  index = _json(folder / PIPELINE_INDEX)
+  index = diffusers_format.read_json(folder / PIPELINE_INDEX)
   components = {name: spec for name, spec in index.items() if not name.startswith('_') and isinstance(spec, list)}
   for needed in ('vae', 'unet', 'scheduler'):
     if needed not in components or components[needed][0] is None:
@@ -264,7 +240,7 @@ def load_diffusers_pipeline(path) -> Pipeline:
     raise ValueError(f'{folder}: text encoders {encoders} and tokenizers {tokenizers} do not pair up.')
   unet_module, unet_params, unet_config = sd_unet.load_unet(folder / 'unet')
   scheduler = folder / _SCHEDULER_CONFIG
-  schedule = _json(scheduler)
+  schedule = diffusers_format.read_json(scheduler)
   return Pipeline(path=str(folder), autoencoder=load_diffusers_autoencoder(folder / 'vae'), unet_module=unet_module,
                   unet_params=unet_params, unet_config=unet_config,
                   text_encoders=tuple(clip_text.load_text_encoder(folder / n) for n in encoders),

@@ -230,8 +230,8 @@ FLOW_SOLVERS = ('euler', 'heun')
 
 
 def flow_solver(config) -> str:
-  """sampling.flow_solver: 'euler' (the default) or 'heun' for the flow-matching ODE."""
-  solver = config.sampling.get('flow_solver', 'euler')
+  """sampling.flow_solver: 'euler' or 'heun' for the flow-matching ODE."""
+  solver = config.sampling.flow_solver
   if solver not in FLOW_SOLVERS:
     raise ValueError(f'sampling.flow_solver={solver!r}; expected one of {FLOW_SOLVERS}.')
   return solver

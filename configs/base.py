@@ -50,9 +50,10 @@ def get_config():
   # guidance_scale: the s given to a network with a guidance input (model.guidance_embedding); must stay 1 otherwise.
   # clip_denoised: clamp every x0 estimate of consistency sampling and editing to [-1, 1] before re-noising, as the CM
   # code does (pixel runs only).
+  # flow_solver: 'euler' or 'heun' for the flow-matching ODE (sampling.FLOW_ODE, teacher_steps steps).
   c.sampling = ml_collections.ConfigDict(dict(
       teacher_steps=18, mid_sigmas=(0.821,), mid_indices=(), index_grid_size=18, grid_every=0, num_grid=64,
-      guidance_scale=1.0, clip_denoised=False))
+      guidance_scale=1.0, clip_denoised=False, flow_solver='euler'))
 
   # Zero-shot editing (--mode=edit, cm_jax/editing.py; CM paper Algorithm 4) with the newest checkpoint's first EMA.
   # task: 'inpaint', 'colorize', 'super_resolve', 'stroke', 'denoise' or 'interpolate'. input: a PNG, or an .npy /

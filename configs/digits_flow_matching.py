@@ -18,5 +18,4 @@ def get_config():
   c = digits_edm.get_config()
   c.parameterization = ml_collections.ConfigDict(dict(name='flow_matching'))
   c.objective = ml_collections.ConfigDict(dict(name='flow_matching', p_mean=-0.4, p_std=1.0))
-  c.sampling.flow_solver = 'euler'
   return c

@@ -135,7 +135,7 @@ def test_key_layouts_and_file_variants(tokenizer, tmp_path):
   prefixed['text_model.embeddings.position_ids'] = np.arange(MAX_LENGTH, dtype=np.int64)[None]
   safetensors_numpy.save_file(prefixed, str(hub / 'model.fp16.safetensors'))
   model.save_pretrained(tmp_path / 'sharded', safe_serialization=True, max_shard_size='20KB')
-  assert (tmp_path / 'sharded' / clip_text.INDEX_FILE).exists()
+  assert (tmp_path / 'sharded' / 'model.safetensors.index.json').exists()
   ids = clip_text.tokenize(tokenizer, PROMPTS)
   reference = clip_text.load_text_encoder(tmp_path / 'plain')(ids)
   for name in ('hub', 'sharded'):

@@ -6,12 +6,66 @@ norm 'weight' -> 'scale'. Every network read from a diffusers or transformers fo
 UNet2DConditionModel, the CLIP text towers) goes through it; no PyTorch is needed.
 """
 
+import json
 import re
 
+from etils import epath
 import flax
 import numpy as np
 
+CONFIG_FILE = 'config.json'
+DIFFUSERS_STEM = 'diffusion_pytorch_model'  # diffusers' weights: <stem>.safetensors
+TRANSFORMERS_STEM = 'model'  # transformers' weights
 _LEGACY_ATTENTION = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_attn': 'to_out_0'}
+# Layer names of diffusers whose '_<digit>' is part of the name, not a list index (TimestepEmbedding's two layers).
+_NAMED_WITH_DIGIT = ('linear_1', 'linear_2')
+
+
+def read_json(path) -> dict:
+  """The object of a JSON file (a config.json, model_index.json, a scheduler config); errors name the file."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f'{path} does not exist.')
+  try:
+    return json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f'{path} is not valid JSON: {e}') from e
+
+
+def _read_safetensors(path) -> dict:
+  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+  try:
+    return safetensors_numpy.load_file(str(path))
+  except Exception as e:  # the safetensors reader raises its own error type on a truncated or garbage file
+    raise ValueError(f'{path} is not a readable safetensors file ({e}); download or export it again.') from e
+
+
+def read_weights(folder, stem: str) -> tuple[dict, str]:
+  """(state dict, where it was read) of a diffusers / transformers model folder: `<stem>.safetensors`, its fp16
+  variant, or the shards a `<stem>.safetensors.index.json` (or fp16 index) weight_map names.
+
+  `stem` is 'diffusion_pytorch_model' for diffusers models, 'model' for transformers ones.
+  """
+  folder = epath.Path(folder)
+  singles = (f'{stem}.safetensors', f'{stem}.fp16.safetensors')
+  indexes = (f'{stem}.safetensors.index.json', f'{stem}.safetensors.index.fp16.json',
+             f'{stem}.fp16.safetensors.index.json')
+  for name in singles:
+    if (folder / name).exists():
+      return _read_safetensors(folder / name), str(folder / name)
+  for name in indexes:
+    if (folder / name).exists():
+      weight_map = read_json(folder / name).get('weight_map')
+      if not isinstance(weight_map, dict):
+        raise ValueError(f'{folder / name} is not a safetensors index: it has no weight_map.')
+      state_dict = {}
+      for shard in sorted(set(weight_map.values())):
+        if not (folder / shard).exists():
+          raise FileNotFoundError(f'{folder / shard}, a shard {folder / name} names, does not exist.')
+        state_dict.update(_read_safetensors(folder / shard))
+      return state_dict, str(folder / name)
+  raise FileNotFoundError(f'{folder} holds none of {list(singles + indexes)}: save_pretrained(..., '
+                          'safe_serialization=True) writes them.')
 
 
 def flax_path(torch_key: str) -> str:
@@ -27,8 +81,8 @@ def flax_path(torch_key: str) -> str:
 
 def torch_key(path: str) -> str:
   """The inverse of flax_path for a Flax parameter path ('.../to_out_0/kernel' -> '....to_out.0.weight')."""
-  parts = [re.sub(r'_(\d+)$', r'.\1', p) for p in path.split('/')]
-  parts[-1] = {'kernel': 'weight', 'scale': 'weight'}.get(parts[-1], parts[-1])
+  parts = [p if p in _NAMED_WITH_DIGIT else re.sub(r'_(\d+)$', r'.\1', p) for p in path.split('/')]
+  parts[-1] = {'kernel': 'weight', 'scale': 'weight', 'embedding': 'weight'}.get(parts[-1], parts[-1])
   return '.'.join(parts)
 
 
@@ -54,8 +108,8 @@ def from_diffusers(state_dict: dict, abstract_params, where: str):
   for key, value in state_dict.items():
     path = flax_path(key)
     prefix, leaf = path.rsplit('/', 1)
-    if leaf == 'weight':
-      leaf = 'scale' if f'{prefix}/scale' in expected else 'kernel'
+    if leaf == 'weight':  # a norm's scale, an embedding table (nn.Embed) or a kernel
+      leaf = next((name for name in ('scale', 'embedding') if f'{prefix}/{name}' in expected), 'kernel')
     by_prefix[f'{prefix}/{leaf}'] = (key, np.asarray(value))
   unexpected = sorted(key for path, (key, _) in by_prefix.items() if path not in expected)
   if unexpected:
@@ -83,3 +137,13 @@ def to_diffusers(params) -> dict:
       value = np.transpose(value, (3, 2, 0, 1)) if value.ndim == 4 else value.T
     out[torch_key(path)] = np.ascontiguousarray(value)
   return out
+
+
+def write_model(folder, params, config: dict) -> None:
+  """A diffusers model folder of Flax `params`: the safetensors first, config.json last (a folder with a config
+  holds its whole model)."""
+  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+  folder = epath.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  safetensors_numpy.save_file(to_diffusers(params), str(folder / f'{DIFFUSERS_STEM}.safetensors'))
+  (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))

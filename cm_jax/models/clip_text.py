@@ -9,13 +9,10 @@
   pooled = last_hidden_state at the end-of-text position (the largest id when eos_token_id == 2, the legacy CLIP
   configs; else the first position holding eos_token_id) and text_embeds = text_projection(pooled).
 * `load_text_encoder(folder)` reads config.json + model.safetensors (or model.fp16.safetensors, or a sharded
-  model.safetensors.index.json) through formats/diffusers.py's converter; no PyTorch is needed. Two names the
-  converter cannot express are mapped here: an embedding table 'weight' [vocab, width] is Flax's 'embedding' (not a
-  transposed kernel), and the 'text_model.' prefix that transformers 5 drops when it saves a bare CLIPTextModel is
-  restored. `load_tokenizer` / `tokenize` give the [B, 77] int32 ids the encoder reads.
+  model.safetensors.index.json) through formats/diffusers.py's converter; no PyTorch is needed. The 'text_model.'
+  prefix that transformers 5 drops when it saves a bare CLIPTextModel is restored here. `load_tokenizer` / `tokenize` give the [B, 77] int32 ids the encoder reads.
 """
 
-import json
 from typing import Any
 
 from absl import logging
@@ -25,11 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cm_jax.formats.diffusers import from_diffusers
+from cm_jax.formats import diffusers as diffusers_format
 
-CONFIG_FILE = 'config.json'
-WEIGHT_FILES = ('model.safetensors', 'model.fp16.safetensors')
-INDEX_FILE = 'model.safetensors.index.json'
 ARCHITECTURES = ('CLIPTextModel', 'CLIPTextModelWithProjection')
 TOKENIZER_FILES = ('vocab.json', 'merges.txt')
 _LEGACY_EOS = 2  # the eos_token_id of CLIP configs written before transformers PR #24773
@@ -208,38 +202,15 @@ class TextEncoder:
     return self._apply(self.params, jnp.asarray(input_ids, jnp.int32))
 
 
-def _read_state_dict(folder: epath.Path) -> tuple[dict, str]:
-  """The PyTorch-named tensors of a transformers folder and where they came from (a single or sharded file)."""
-  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
-  index = folder / INDEX_FILE
-  if index.exists():
-    shards = sorted(set(json.loads(index.read_text())['weight_map'].values()))
-    files = [folder / name for name in shards]
-  else:
-    files = [folder / name for name in WEIGHT_FILES if (folder / name).exists()][:1]
-  if not files:
-    raise FileNotFoundError(f'{folder} holds none of {list(WEIGHT_FILES) + [INDEX_FILE]}: a transformers CLIP text '
-                            'encoder folder holds them (save_pretrained(..., safe_serialization=True) writes them).')
-  state_dict = {}
-  for file in files:
-    try:
-      state_dict.update(safetensors_numpy.load_file(str(file)))
-    except Exception as e:  # the safetensors reader raises its own error type on a truncated or garbage file
-      raise ValueError(f'{file} is not a readable safetensors file ({e}); download or export it again.') from e
-  return state_dict, str(files[0]) if len(files) == 1 else str(index)
-
-
 def _flax_names(state_dict: dict) -> dict:
   """transformers' CLIP keys in the converter's terms: the position_ids buffer dropped, 'text_model.' restored where
-  transformers 5 omits it, and embedding tables '<x>_embedding.weight' -> '<x>_embedding.embedding'."""
+  transformers 5 omits it."""
   out = {}
   for key, value in state_dict.items():
     if key.endswith('position_ids'):
       continue
     if not key.startswith(('text_model.', 'text_projection.')):
       key = 'text_model.' + key
-    if key.endswith('_embedding.weight'):
-      key = key[:-len('weight')] + 'embedding'
     out[key] = value
   return out
 
@@ -247,18 +218,12 @@ def _flax_names(state_dict: dict) -> dict:
 def load_text_encoder(path) -> TextEncoder:
   """The CLIP text encoder of a transformers folder (config.json + model.safetensors), in float32."""
   folder = epath.Path(path)
-  config_path = folder / CONFIG_FILE
-  if not config_path.exists():
-    raise FileNotFoundError(f'{config_path} does not exist: a transformers CLIP text encoder folder holds '
-                            f'{CONFIG_FILE} and {WEIGHT_FILES[0]}.')
-  try:
-    config = json.loads(config_path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f'{config_path} is not valid JSON: {e}') from e
+  config_path = folder / diffusers_format.CONFIG_FILE
+  config = diffusers_format.read_json(config_path)
   module = module_from_config(config, str(config_path))
-  state_dict, where = _read_state_dict(folder)
+  state_dict, where = diffusers_format.read_weights(folder, diffusers_format.TRANSFORMERS_STEM)
   abstract = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
-  params = from_diffusers(_flax_names(state_dict), abstract['params'], where)
+  params = diffusers_format.from_diffusers(_flax_names(state_dict), abstract['params'], where)
   return TextEncoder(module, params, config, str(folder))
 
 

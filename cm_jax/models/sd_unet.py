@@ -22,9 +22,7 @@ transformers, each head of width channels // heads (diffusers' historical naming
 """
 
 from collections.abc import Sequence
-import json
 import math
-import re
 from typing import Any
 
 from etils import epath
@@ -37,10 +35,6 @@ from cm_jax.formats import diffusers as diffusers_format
 from cm_jax.models.attention import attention
 
 CLASS_NAME = 'UNet2DConditionModel'
-CONFIG_FILE = 'config.json'
-WEIGHTS_FILES = ('diffusion_pytorch_model.safetensors', 'diffusion_pytorch_model.fp16.safetensors')
-INDEX_FILES = ('diffusion_pytorch_model.safetensors.index.json', 'diffusion_pytorch_model.safetensors.index.fp16.json',
-               'diffusion_pytorch_model.fp16.safetensors.index.json')
 DOWN_BLOCKS = ('CrossAttnDownBlock2D', 'DownBlock2D')
 UP_BLOCKS = ('CrossAttnUpBlock2D', 'UpBlock2D')
 MID_BLOCKS = ('UNetMidBlock2DCrossAttn', None)
@@ -88,18 +82,6 @@ class TimestepEmbedding(nn.Module):
     if condition is not None:
       x = x + _dense(x.shape[-1], 'cond_proj', self.dtype, use_bias=False)(condition)
     return _dense(self.features, 'linear_2', self.dtype)(nn.silu(_dense(self.features, 'linear_1', self.dtype)(x)))
-
-
-class ClassEmbedding(nn.Module):
-  """A lookup table of num_classes rows, kept as `kernel` [features, num_classes] (the transpose of diffusers'
-  `class_embedding.weight`, as the converter transposes two-dimensional weights)."""
-  num_classes: int
-  features: int
-
-  @nn.compact
-  def __call__(self, labels):
-    table = self.param('kernel', nn.initializers.normal(1.0), (self.features, self.num_classes), jnp.float32)
-    return jnp.take(table, labels, axis=1).T
 
 
 class ResnetBlock2D(nn.Module):
@@ -384,7 +366,7 @@ class UNet2DConditionModel(nn.Module):
     if self.num_class_embeds is not None:
       if class_labels is None:
         raise ValueError(f'This UNet has num_class_embeds={self.num_class_embeds}: pass class_labels [B].')
-      class_emb = ClassEmbedding(self.num_class_embeds, features, name='class_embedding')(class_labels)
+      class_emb = nn.Embed(self.num_class_embeds, features, name='class_embedding')(class_labels)
       class_emb = class_emb.astype(emb.dtype)
       emb = jnp.concatenate([emb, class_emb], -1) if self.class_embeddings_concat else emb + class_emb
     if self.addition_embed_type == 'text_time':
@@ -534,66 +516,20 @@ def module_from_config(config: dict, where: str, **overrides) -> UNet2DCondition
       **overrides)
 
 
-def _read_safetensors(path: epath.Path) -> dict:
-  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
-  try:
-    return safetensors_numpy.load_file(str(path))
-  except Exception as e:  # the safetensors reader raises its own error type on a truncated or garbage file
-    raise ValueError(f'{path} is not a readable safetensors file ({e}); download or export it again.') from e
-
-
-def read_state_dict(folder) -> tuple[dict, str]:
-  """(the state dict, where it was read) of a diffusers model folder: one safetensors file, its fp16 variant, or the
-  shards an index's weight_map names."""
-  folder = epath.Path(folder)
-  for name in WEIGHTS_FILES:
-    if (folder / name).exists():
-      return _read_safetensors(folder / name), str(folder / name)
-  for name in INDEX_FILES:
-    if (folder / name).exists():
-      try:
-        shards = sorted(set(json.loads((folder / name).read_text())['weight_map'].values()))
-      except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError) as e:
-        raise ValueError(f'{folder / name} is not a safetensors index with a weight_map: {e!r}') from e
-      state_dict = {}
-      for shard in shards:
-        if not (folder / shard).exists():
-          raise FileNotFoundError(f'{folder / shard}, a shard {folder / name} names, does not exist.')
-        state_dict.update(_read_safetensors(folder / shard))
-      return state_dict, str(folder / name)
-  raise FileNotFoundError(f'{folder} holds none of {WEIGHTS_FILES + INDEX_FILES}: a diffusers {CLASS_NAME} folder '
-                          'holds its weights as safetensors (save_pretrained writes them).')
-
-
 def load_unet(folder, **overrides):
   """(module, float32 params, config) of a diffusers UNet2DConditionModel folder (e.g. a pipeline's unet/).
 
   `overrides` as module_from_config. ValueError on an unreadable file or a tensor missing, unexpected or of the wrong
   shape (naming it and both shapes)."""
-  folder = epath.Path(folder)
-  config_path = folder / CONFIG_FILE
-  if not config_path.exists():
-    raise FileNotFoundError(f'{config_path} does not exist: a diffusers {CLASS_NAME} folder holds {CONFIG_FILE} and '
-                            'its safetensors weights.')
-  try:
-    config = json.loads(config_path.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f'{config_path} is not valid JSON: {e}') from e
+  config_path = epath.Path(folder) / diffusers_format.CONFIG_FILE
+  config = diffusers_format.read_json(config_path)
   module = module_from_config(config, str(config_path), **overrides)
-  state_dict, where = read_state_dict(folder)
+  state_dict, where = diffusers_format.read_weights(folder, diffusers_format.DIFFUSERS_STEM)
   args, kwargs = module.example_inputs()
   abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args, **kwargs))
   return module, diffusers_format.from_diffusers(state_dict, abstract['params'], where), config
 
 
 def export_unet(folder, config: dict, params) -> None:
-  """Writes `params` as a diffusers UNet2DConditionModel folder: the safetensors, then config.json (`config` with
-  its _class_name set)."""
-  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
-  folder = epath.Path(folder)
-  folder.mkdir(parents=True, exist_ok=True)
-  # torch_key reads the '_1' of 'linear_1' as a list index; diffusers' TimestepEmbedding names the layer linear_1.
-  state_dict = {re.sub(r'(^|\.)linear\.(\d+)\.', r'\1linear_\2.', key): value
-                for key, value in diffusers_format.to_diffusers(jax.device_get(params)).items()}
-  safetensors_numpy.save_file(state_dict, str(folder / WEIGHTS_FILES[0]))
-  (folder / CONFIG_FILE).write_text(json.dumps(dict(config, _class_name=CLASS_NAME), indent=2))
+  """Writes `params` as a diffusers UNet2DConditionModel folder (`config` with its _class_name set)."""
+  diffusers_format.write_model(folder, jax.device_get(params), dict(config, _class_name=CLASS_NAME))
