@@ -149,6 +149,9 @@ def test_folder_without_tokenize_gives_no_ids_and_keeps_sizes_when_asked(tmp_pat
 
 def test_folder_split_folder_and_named_caption_key(tmp_path):
   write_folder(tmp_path / 'test', FOLDER[:2], key='prompt')
+  write_folder(tmp_path / 'test' / 'nested', FOLDER[2:], key='prompt')  # its images are not test's orphans
+  (tmp_path / 'test' / '.cache').mkdir()
+  Image.new('RGB', (4, 4)).save(tmp_path / 'test' / '.cache' / 'thumb.png')  # hidden: skipped
   config = make_config(path=str(tmp_path), split='test', caption_key='prompt', image_size=4)
   assert data.build_source(config).captions([0, 1]) == ['a photo of a cat', 'a dog']
   with pytest.raises(ValueError, match=r"has no caption: no 'text' or 'caption' field \(set data.caption_key"):

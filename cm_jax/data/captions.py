@@ -377,10 +377,16 @@ def read_metadata(
       files.append(path)
   if not files:
     raise ValueError(f'{metadata} holds no captioned images.')
+  # Images another metadata.jsonl below captions (a split folder), and
+  # hidden ones, are not this file's.
+  others = {m.parent for m in folder.rglob(METADATA) if m != metadata}
   orphans = sorted(
       p
       for p in folder.rglob('*')
-      if p.suffix.lower() in IMAGE_SUFFIXES and p.resolve() not in seen
+      if p.suffix.lower() in IMAGE_SUFFIXES
+      and p.resolve() not in seen
+      and not others.intersection(p.parents)
+      and not any(part.startswith('.') for part in p.relative_to(folder).parts)
   )
   if orphans:
     more = f' (and {len(orphans) - 1} other images)' if len(orphans) > 1 else ''
