@@ -27,9 +27,12 @@ import numpy as np
 
 from cm_jax import data as data_lib
 from cm_jax import parameterization
+from cm_jax.data import captions
 from cm_jax.data import source as source_lib
 from cm_jax.formats import diffusers as diffusers_format
+from cm_jax.formats import lora as lora_format
 from cm_jax.models import clip_text
+from cm_jax.models import lora as lora_lib
 from cm_jax.models import sd_unet
 from cm_jax.models.autoencoder import AutoencoderKL
 
@@ -172,25 +175,42 @@ class Pipeline:
   tokenizers: tuple
   process: Any
   timestep_spacing: str
+  _encode: Any = dataclasses.field(default=None, repr=False)
 
   @property
   def pooled(self) -> bool:
     """Whether the UNet reads a pooled text embedding and time ids (SDXL's addition_embed_type='text_time')."""
     return self.unet_config.get('addition_embed_type') == 'text_time'
 
-  def encode_prompt(self, prompts):
-    """(hidden_states [B, 77, D], pooled [B, P] or None) as the family's diffusers pipeline builds them.
+  def tokenize(self, prompts) -> np.ndarray:
+    """int32 [n, k, 77]: the prompts' ids from each of the k tokenizers (padded / truncated as diffusers does)."""
+    return self.tokenizer()(list(prompts))
+
+  def tokenizer(self):
+    """tokenize(prompts) -> int32 [n, k, 77], picklable (data.captions.caption_tokenizer: what data workers get)."""
+    return captions.caption_tokenizer(self.tokenizers)
+
+  def text_features(self, params, ids):
+    """(hidden_states [B, 77, D], pooled [B, P] or None) of ids [B, k, 77] with the encoders' `params` (one tree per
+    encoder): the pure function of `encode_prompt`, for use inside jitted steps.
 
     SD 1.x / 2.x: the text tower's last hidden state (after its final LayerNorm). SDXL: each tower's penultimate
     hidden state (before the final LayerNorm), concatenated on the feature axis; pooled = the last tower's projected
     pooled output (text_embeds).
     """
     hidden, pooled = [], None
-    for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
-      out = encoder(clip_text.tokenize(tokenizer, list(prompts)))
+    for i, (encoder, p) in enumerate(zip(self.text_encoders, params)):
+      out = encoder.apply(p, ids[:, i])
       hidden.append(out['hidden_states'][-2] if self.pooled else out['last_hidden_state'])
       pooled = out['text_embeds'] if out['text_embeds'] is not None else out['pooled']
     return jnp.concatenate(hidden, axis=-1), (pooled if self.pooled else None)
+
+  def encode_prompt(self, prompts):
+    """(hidden_states [B, 77, D], pooled [B, P] or None) as the family's diffusers pipeline builds them
+    (`text_features` of the prompts' ids)."""
+    if self._encode is None:
+      self._encode = jax.jit(self.text_features)
+    return self._encode(tuple(e.params for e in self.text_encoders), jnp.asarray(self.tokenize(prompts)))
 
   def unet(self, latents, timesteps, hidden_states, pooled=None, time_ids=None, timestep_cond=None):
     """The UNet's raw prediction (epsilon or v, as `process.prediction`) for NHWC latents and integer timesteps [B]."""
@@ -214,12 +234,19 @@ def process_from_scheduler(config: dict, where: str) -> parameterization.VP:
                              beta_schedule=config.get('beta_schedule', 'linear'), prediction=_PREDICTIONS[prediction])
 
 
-def load_diffusers_pipeline(path) -> Pipeline:
+def load_diffusers_pipeline(path, lora=None, lora_scale: float = 1.0) -> Pipeline:
   """Reads a diffusers Stable Diffusion pipeline folder (SD 1.x, 2.x, SDXL) into JAX; no PyTorch needed.
+
+  Args:
+    path: the pipeline folder (model_index.json and its components).
+    lora: None, or a diffusers-format UNet LoRA (a .safetensors, or a folder holding pytorch_lora_weights.safetensors;
+      PEFT, older diffusers or kohya keys) merged into the UNet parameters: W + lora_scale (alpha / r) A B.
+    lora_scale: the LoRA's weight (diffusers' cross_attention_kwargs={'scale': ...}).
 
   Raises:
     FileNotFoundError: no model_index.json, or a component it lists is missing.
-    ValueError: a component of another class, a corrupt or mis-shaped weights file, an unreadable scheduler config.
+    ValueError: a component of another class, a corrupt or mis-shaped weights file, an unreadable scheduler config,
+      a LoRA key of a module the UNet lacks (named).
   """
   folder = epath.Path(path)
   if not (folder / PIPELINE_INDEX).exists():
@@ -239,6 +266,9 @@ def load_diffusers_pipeline(path) -> Pipeline:
   if not encoders or len(encoders) != len(tokenizers):
     raise ValueError(f'{folder}: text encoders {encoders} and tokenizers {tokenizers} do not pair up.')
   unet_module, unet_params, unet_config = sd_unet.load_unet(folder / 'unet')
+  if lora is not None:
+    adapters, scale = lora_format.read_lora(lora, unet_params)
+    unet_params = lora_lib.merge(unet_params, (adapters, lora_scale * scale))
   scheduler = folder / _SCHEDULER_CONFIG
   schedule = diffusers_format.read_json(scheduler)
   return Pipeline(path=str(folder), autoencoder=load_diffusers_autoencoder(folder / 'vae'), unet_module=unet_module,
@@ -420,6 +450,9 @@ def build(config, mesh=None):
   """(space, data source) of a run: pixels and config.data, or a latent space with config.data encoded on the fly or
   its latent cache. The autoencoder's parameters are placed replicated on `mesh`."""
   latent = config.get('latent')
+  if latent is not None and latent.get('pipeline'):
+    from cm_jax import text_latents  # pylint: disable=g-import-not-at-top
+    return text_latents.build(config, mesh)
   if latent is None or not latent.autoencoder:
     if latent is not None:
       check_latent_config(latent)

@@ -44,7 +44,7 @@ _USER_ERRORS = (ValueError, FileNotFoundError, checkpoint.CheckpointError, Float
 def _run(mode, config, workdir):
   """Checks the workdir, joins the run's processes (before devices start), sends the logs to the workdir, then
   trains, samples, evaluates or encodes."""
-  workdir_lib.check(workdir, mode)
+  workdir_lib.check(workdir, mode, config.latent.get('pipeline', ''))
   distributed.initialize(distributed.plan(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
   distributed.stop_on_sigterm()
   console.route_logs(workdir)

@@ -28,6 +28,7 @@ from cm_jax import latents
 from cm_jax import models
 from cm_jax import objectives
 from cm_jax import sharding
+from cm_jax import text_latents
 from cm_jax import writers
 from cm_jax.data import pipeline
 from cm_jax.parameterization import make_parameterization
@@ -134,7 +135,7 @@ class Experiment:
     self.num_classes = int(config.model.get('num_classes', 0))  # an autoencoder has no labels
     if self.num_classes > 0 and self.source.num_classes == 0:
       raise ValueError(f'model.num_classes={self.num_classes} but data set {config.data.name!r} has no labels.')
-    self.model = models.build_model(config.model)
+    self.model = models.build_model(config.model, getattr(self.space, 'unet_config', None))
     self.param = make_parameterization(config)
     self.objective = objectives.make_objective(config, self.model)
     self.sampler = self.objective.sampler
@@ -143,6 +144,8 @@ class Experiment:
     self.sample_fn()  # an inconsistent sampling config (levels, guidance scale) fails now, not after training
     self.tx = make_optimizer(config.optim)
     cond = jnp.zeros((1,), jnp.int32) if self.num_classes > 0 else None
+    if self.text_conditioned:
+      cond = self.space.example_condition(1)
     self.sample_input = (jnp.zeros((1,) + self.shape), jnp.zeros((1,)), cond)  # (x, c_noise, cond) for init
     self._init = functools.partial(create_state, model=self.model, objective=self.objective, tx=self.tx,
                                    sample_input=self.sample_input, num_ema=len(config.ema.rates))
@@ -198,12 +201,20 @@ class Experiment:
       self._sample_fn = jax.jit(fn, static_argnames=('shape', 'num_steps'))
     return self._sample_fn
 
-  def draw(self, params, space_params, rng, batch: int, num_steps: int):
+  @property
+  def text_conditioned(self) -> bool:
+    """Whether the run's network reads text (latent.pipeline: a Stable Diffusion UNet on captions or prompts)."""
+    return hasattr(self.space, 'condition')
+
+  def draw(self, params, space_params, rng, batch: int, num_steps: int, text=None):
     """`batch` samples of the sampling `params` (the objective's sample_params), decoded to the data's space and
     split over the mesh's devices; traceable. Batch i of a run is draw(..., fold_in(PRNGKey(seed), i), ...): labels
-    (class-conditional runs) from fold_in(rng, 1), the sampler's noise from rng."""
+    (class-conditional runs) from fold_in(rng, 1), the sampler's noise from rng. A text-to-image run draws for
+    `text` = (prompt ids [batch, k, L], negative prompt ids [k, L])."""
     cond = None
-    if self.num_classes > 0:
+    if text is not None:
+      cond = self.space.condition_with_null(space_params, *text)
+    elif self.num_classes > 0:
       cond = jax.random.randint(jax.random.fold_in(rng, 1), (batch,), 0, self.num_classes)
     with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):  # what per-device kernels shard by
       samples = self.sample_fn()(params, rng, cond, shape=(batch,) + self.shape, num_steps=num_steps)
@@ -218,12 +229,29 @@ class Experiment:
     mesh from the trained `params` (the objective's sample_params: LoRA merges them into the teacher)."""
     params = self.objective.sample_params(params, {'teacher': teacher_params})
     batch = self.config.train.batch_size
+    prompts = self.prompts(-(-num // batch) * batch) if self.text_conditioned else None
     out = []
     for i in range(-(-num // batch)):
+      text = None
+      if prompts is not None:
+        text = (jnp.asarray(prompts[0][i * batch:(i + 1) * batch]), jnp.asarray(prompts[1]))
       samples = self._draw(params, self.space.params, jax.random.fold_in(jax.random.PRNGKey(seed), i), batch=batch,
-                           num_steps=num_steps)
+                           num_steps=num_steps, text=text)
       out.append(np.asarray(multihost_utils.process_allgather(samples, tiled=True)))
     return np.concatenate(out)[:num]
+
+
+  def prompts(self, num: int):
+    """(ids [num, k, L], negative ids [k, L]) of a text-to-image run's first `num` prompts: sampling.prompts (one
+    per line, cycled) or the data's captions, and sampling.negative_prompt (or the empty prompt)."""
+    c = self.config.sampling
+    if c.prompts:
+      lines = text_latents.read_prompts(c.prompts)
+    else:
+      lines = self.source.captions(np.arange(min(num, len(self.source))))
+    lines = [lines[i % len(lines)] for i in range(num)]
+    pipe = self.space.pipe
+    return pipe.tokenize(lines), pipe.tokenize([c.negative_prompt])[0]
 
 
 def write_config(config, workdir) -> None:
@@ -398,6 +426,8 @@ def load_teacher(config, exp: Experiment, required: bool = False) -> Optional[Te
   parameterisation the one they are read in and the space (pixels, or one autoencoder's latents) the same.
   Otherwise the run only heads the quality table, sampled its own way.
   """
+  if not config.teacher.workdir and exp.text_conditioned and required:
+    return pipeline_teacher(config, exp)
   if not config.teacher.workdir:
     if required:  # the one place this is checked
       raise ValueError(f'objective.name={config.objective.name!r} distils a diffusion teacher: set teacher.workdir '
@@ -438,6 +468,28 @@ def load_teacher(config, exp: Experiment, required: bool = False) -> Optional[Te
   return Teacher(state.ema[0], teacher_exp)
 
 
+def pipeline_config(config):
+  """The config that samples a run's pipeline (latent.pipeline) as it is: its UNet, DDPM-trained, no adapters."""
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    c.objective = type(c.objective)(dict(name='ddpm'))
+    c.model.guidance_embedding = False
+    c.lora.rank = 0
+    c.teacher.workdir, c.teacher.init = '', False
+  return c
+
+
+def pipeline_teacher(config, exp: Experiment) -> Teacher:
+  """The pipeline's own UNet (latent.pipeline) as the diffusion teacher of a run that names no teacher.workdir."""
+  pipe = exp.space.pipe
+  if pipe.unet_config.get('time_cond_proj_dim') is not None:
+    raise ValueError(f'latent.pipeline={pipe.path!r} holds an LCM UNet (time_cond_proj_dim is set), not a diffusion '
+                     'model: distil from the Stable Diffusion pipeline it was distilled from.')
+  teacher_exp = Experiment(pipeline_config(config), exp.mesh.devices.flatten().tolist())
+  console.say(f'Teacher: the UNet of {pipe.path}.')
+  return Teacher({'unet': pipe.unet_params}, teacher_exp)
+
+
 def restore_latest(config, workdir, devices=None):
   """(experiment, state) from the newest readable checkpoint of a run; a clear error when there is none."""
   exp = Experiment(config, devices)
@@ -450,12 +502,21 @@ def restore_latest(config, workdir, devices=None):
 
 
 def sample(config, workdir: str, devices=None):
-  """Writes samples of the newest EMA parameters to workdir/samples (PNG grid and .npz)."""
-  exp, state = restore_latest(config, workdir, devices)
-  teacher = load_teacher(config, exp, required=bool(config.lora.rank))  # LoRA adapters sample with their teacher
+  """Writes samples of the newest EMA parameters to workdir/samples (PNG grid and .npz); a text-to-image run
+  without a checkpoint and with a diffusion objective samples its pipeline's own UNet (latent.pipeline)."""
+  if config.latent.get('pipeline') and not (epath.Path(workdir) / 'checkpoints').is_dir():
+    exp = Experiment(pipeline_config(config), devices)
+    if exp.config.objective.name != config.objective.name:
+      raise FileNotFoundError(f'No checkpoint in {workdir}: train first (--mode=train), or sample the pipeline '
+                              "itself with objective.name='ddpm'.")
+    params, teacher = {'unet': exp.space.pipe.unet_params}, None
+  else:
+    exp, state = restore_latest(config, workdir, devices)
+    params = state.ema[0]
+    teacher = load_teacher(config, exp, required=bool(config.lora.rank))  # LoRA adapters sample with their teacher
   out = epath.Path(workdir) / 'samples'
   for num_steps in exp.sampler.eval_steps(config):
-    samples = exp.generate(state.ema[0], config.eval.num_samples, num_steps, config.seed + 2,
+    samples = exp.generate(params, config.eval.num_samples, num_steps, config.seed + 2,
                            None if teacher is None else teacher.params)
     writers.save_png(out / f'final_{num_steps}_step.png', writers.samples_image(samples[:config.sampling.num_grid]))
     if jax.process_index() == 0:

@@ -17,8 +17,9 @@ ENTRIES = {'config.json': False, 'checkpoints': True, 'samples': True, 'tensorbo
 CONFIG_SECTIONS = ('data', 'model', 'objective', 'train')  # sections of every cm_jax config (configs/base.py)
 
 
-def check(workdir, mode: str) -> None:
-  """Stops a run whose `workdir` cannot serve `mode`, before anything is written.
+def check(workdir, mode: str, pipeline: str = '') -> None:
+  """Stops a run whose `workdir` cannot serve `mode`, before anything is written. A text-to-image run's
+  --mode=sample needs no checkpoint: it then samples its `pipeline` (config.latent.pipeline) itself.
 
   Raises:
     ValueError: the workdir (or a folder above it) is a file or not writable; an entry a run keeps there has the
@@ -37,7 +38,7 @@ def check(workdir, mode: str) -> None:
     raise ValueError(f'cannot write the workdir {workdir}: {existing} is not writable (permission denied); {advice}')
   if existing == path:
     _check_entries(path)
-  if mode in READS_A_RUN and not (path / 'checkpoints').is_dir():
+  if mode in READS_A_RUN and not (mode == 'sample' and pipeline) and not (path / 'checkpoints').is_dir():
     raise FileNotFoundError(f'No checkpoint in {path / "checkpoints"}: --mode={mode} reads a trained run; train it '
                             'first (--mode=train) or point --workdir at one.')
 

@@ -13,8 +13,12 @@ def get_config():
   # workers: grain worker processes that read and decode each host's batches (0: one thread in the trainer's process,
   # enough for in-memory sets). Decoding holds the GIL, so one process reads ~6.5k ImageNet-64 PNGs/s: raise it on
   # TPU/GPU hosts with spare cores when the input share of the step (benchmarks/input_pipeline.py) is above a few %.
+  # Captioned sets (data/captions.py: captioned_digits, captioned_folder, webdataset, TFDS with a text feature):
+  # caption_key names the caption field ('': 'text', else 'caption'); resample the resize filter of their images
+  # ('bilinear' as diffusers' scripts, 'bicubic', 'lanczos').
   c.data = ml_collections.ConfigDict(dict(
-      name='digits', split='train', data_dir='', path='', image_size=0, num_records=0, seed=0, workers=0))
+      name='digits', split='train', data_dir='', path='', image_size=0, num_records=0, seed=0, workers=0,
+      caption_key='', resample='bilinear'))
 
   # A residual MLP on the flattened 8x8 digits: on a 2-core CPU a UNet of useful width runs at ~5 steps/s,
   # this at ~30 (BUILD_NOTES.md). Image experiments set a UNet (models/unet.py).
@@ -51,9 +55,12 @@ def get_config():
   # clip_denoised: clamp every x0 estimate of consistency sampling and editing to [-1, 1] before re-noising, as the CM
   # code does (pixel runs only).
   # flow_solver: 'euler' or 'heun' for the flow-matching ODE (sampling.FLOW_ODE, teacher_steps steps).
+  # prompts (text-to-image runs): a text file, one prompt per line, that --mode=sample and the grids draw
+  # (cycled to the sample count; '': the data's captions); negative_prompt: the unconditional branch of guidance
+  # ('': the empty prompt).
   c.sampling = ml_collections.ConfigDict(dict(
       teacher_steps=18, mid_sigmas=(0.821,), mid_indices=(), index_grid_size=18, grid_every=0, num_grid=64,
-      guidance_scale=1.0, clip_denoised=False, flow_solver='euler'))
+      guidance_scale=1.0, clip_denoised=False, flow_solver='euler', prompts='', negative_prompt=''))
 
   # Zero-shot editing (--mode=edit, cm_jax/editing.py; CM paper Algorithm 4) with the newest checkpoint's first EMA.
   # task: 'inpaint', 'colorize', 'super_resolve', 'stroke', 'denoise' or 'interpolate'. input: a PNG, or an .npy /
@@ -73,8 +80,12 @@ def get_config():
   # by --mode=encode). posterior: 'mean' or 'sample' of the encoder (on the fly only). normalization:
   # 'scaling_factor' ((z - shift) * scale, the autoencoder's own), 'per_channel' / 'per_element' ((z - mu) / s * 0.5
   # with the cache's statistics).
+  # pipeline: a diffusers Stable Diffusion pipeline folder instead (cm_jax/text_latents.py): its VAE's latents, its
+  # text encoder(s) conditioning model.name='sd_unet' on the captions of a captioned data set, each caption dropped
+  # to the empty prompt with probability caption_dropout in the train step.
   c.latent = ml_collections.ConfigDict(dict(
-      autoencoder='', cache='', posterior='mean', normalization='scaling_factor', encode_batch_size=256))
+      autoencoder='', cache='', posterior='mean', normalization='scaling_factor', encode_batch_size=256,
+      pipeline='', caption_dropout=0.0))
 
   # Low-rank adapters (LoRA) on the frozen teacher instead of training the whole network (LCM-LoRA): rank 0 is off;
   # rules: regexes of the adapted kernels' paths (like mesh.rules); each gets alpha / rank (x A) B.

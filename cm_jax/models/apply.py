@@ -1,11 +1,34 @@
 """Networks bound to their parameters, labels, guidance scale and dropout: how objectives and samplers call them."""
 
+from typing import Any, Optional
+
+import flax
 import jax
 import jax.numpy as jnp
 
 from cm_jax.models import lora
 
 NULL_LABEL = -1  # the unconditional label of every network (a label < 0 embeds as zero)
+
+
+@flax.struct.dataclass
+class TextCondition:
+  """A text-to-image network's condition: the prompts' text-encoder states [B, L, D] (SDXL: with the pooled embedding
+  [B, P] and the time ids [B, 6]), and those of the unconditional branch (the empty prompt, or a negative prompt)."""
+  hidden_states: Any
+  null_hidden_states: Any
+  pooled: Optional[Any] = None
+  null_pooled: Optional[Any] = None
+  time_ids: Optional[Any] = None
+
+  def null(self) -> 'TextCondition':
+    """The unconditional branch as a condition of its own."""
+    return self.replace(hidden_states=self.null_hidden_states, pooled=self.null_pooled)
+
+
+def null_condition(cond):
+  """The unconditional branch of `cond`: label -1 for class labels, the empty (negative) prompt for text."""
+  return cond.null() if isinstance(cond, TextCondition) else jnp.full_like(cond, NULL_LABEL)
 
 
 def takes_guidance(model) -> bool:
@@ -19,18 +42,20 @@ def takes_second_time(model) -> bool:
 
 
 def can_guide(model) -> bool:
-  """Whether a network has the unconditional branch classifier-free guidance needs: labels, trained with label
-  dropout (model.label_dropout > 0), so that label -1 means "no label"."""
+  """Whether a network has the unconditional branch classifier-free guidance needs: a text-to-image network (the
+  empty prompt), or labels trained with label dropout (model.label_dropout > 0), so that label -1 means "no label"."""
+  if getattr(model, 'text_conditioned', False):
+    return True
   return bool(getattr(model, 'num_classes', 0)) and getattr(model, 'label_dropout', 0.0) > 0
 
 
 def guided(predict, cond, scale):
-  """Classifier-free guidance of `predict(labels)` (an array or a tuple of them): u + s (c - u) with c = predict(cond)
-  and u = predict(null labels), s per example [B] or a scalar; `scale` None: predict(cond) alone (one evaluation)."""
+  """Classifier-free guidance of `predict(cond)` (an array or a tuple of them): u + s (c - u) with c = predict(cond)
+  and u = predict(null_condition(cond)), s per example [B] or a scalar; `scale` None: predict(cond) alone."""
   conditional = predict(cond)
   if scale is None:
     return conditional
-  unconditional = predict(jnp.full_like(cond, NULL_LABEL))
+  unconditional = predict(null_condition(cond))
   s = jnp.asarray(scale)
   return jax.tree.map(lambda c, u: u + jnp.reshape(s, s.shape + (1,) * (c.ndim - s.ndim)) * (c - u),
                       conditional, unconditional)

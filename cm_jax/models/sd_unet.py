@@ -22,6 +22,7 @@ transformers, each head of width channels // heads (diffusers' historical naming
 """
 
 from collections.abc import Sequence
+import dataclasses
 import math
 from typing import Any
 
@@ -426,6 +427,61 @@ class UNet2DConditionModel(nn.Module):
     args = (jnp.zeros((batch, side, side, self.in_channels)), jnp.zeros((batch,)),
             jnp.zeros((batch, length, self.cross_attention_dim)))
     return args, kwargs
+
+
+def guidance_scale_embedding(w, dim: int):
+  """LCM's w-embedding [B, dim]: [sin(1000 w f_k), cos(1000 w f_k)], f_k = 10000^(-k / (dim/2 - 1)), k < dim/2."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+  angles = 1000.0 * jnp.asarray(w, jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], -1)
+  return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+class TextUNet(nn.Module):
+  """A UNet2DConditionModel as a cm_jax network F(x, c_noise, cond; s) (models/apply.py), its parameters under 'unet'.
+
+  c_noise is the VP timestep; cond a models.apply.TextCondition. With `guidance_embedding` the UNet has LCM's
+  guidance input: s (cm_jax's guidance scale, diffusers' guidance_scale, 1 + LCM's w) reaches time_cond_proj_dim
+  (= guidance_dim) as guidance_scale_embedding(s - 1), as diffusers' LCM pipeline feeds it; without, the same UNet
+  has no cond_proj layer (the teacher of a guidance-input student). `unet` holds the UNet's fields, time_cond_proj_dim
+  aside, as sorted (name, value) pairs (a hashable module field).
+  """
+  unet: tuple
+  guidance_embedding: bool = False
+  guidance_dim: int = 256
+  text_conditioned = True  # models.apply.can_guide: the empty prompt is the unconditional branch
+
+  @nn.compact
+  def __call__(self, x, c_noise, cond, train: bool = False, guidance=None):
+    del train  # the Stable Diffusion UNet has no dropout
+    fields = dict(self.unet, time_cond_proj_dim=self.guidance_dim if self.guidance_embedding else None)
+    timestep_cond = None
+    if self.guidance_embedding:  # guidance None (init): s = 1
+      s = jnp.ones((x.shape[0],)) if guidance is None else jnp.broadcast_to(guidance, (x.shape[0],))
+      timestep_cond = guidance_scale_embedding(s - 1.0, self.guidance_dim)
+    added = None if cond.pooled is None else {'text_embeds': cond.pooled, 'time_ids': cond.time_ids}
+    return UNet2DConditionModel(**fields, name='unet')(x, c_noise, cond.hidden_states, added_cond=added,
+                                                       timestep_cond=timestep_cond)
+
+  def diffusers_config(self, source: dict) -> dict:
+    """The diffusers config.json of this network: `source` (the pipeline's or the run's UNet config) with this
+    network's guidance input (time_cond_proj_dim)."""
+    return dict(source, _class_name=CLASS_NAME,
+                time_cond_proj_dim=self.guidance_dim if self.guidance_embedding else None)
+
+
+def text_unet(config: dict, where: str, guidance_embedding: bool = False, guidance_dim: int = 256,
+              **overrides) -> TextUNet:
+  """The TextUNet of a diffusers UNet config; a config with time_cond_proj_dim (an LCM UNet) has the guidance input
+  of that width whatever `guidance_embedding` says."""
+  unet = module_from_config(config, where, **overrides)
+  if unet.time_cond_proj_dim is not None:
+    guidance_embedding, guidance_dim = True, int(unet.time_cond_proj_dim)
+  fields = {f.name: getattr(unet, f.name) for f in dataclasses.fields(unet)
+            if f.name not in ('parent', 'name', 'time_cond_proj_dim')}
+  return TextUNet(unet=tuple(sorted(fields.items())), guidance_embedding=guidance_embedding,
+                  guidance_dim=guidance_dim)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -58,8 +58,10 @@ def check_keys(objective_config, required, optional=frozenset()) -> None:
 
 
 def labels(batch, model_config):
-  """The conditioning labels of a batch, or None for an unconditional model."""
-  return batch['label'] if model_config.num_classes > 0 else None
+  """The condition of a batch: its TextCondition (a text-to-image run), class labels, or None (unconditional)."""
+  if 'text' in batch:
+    return batch['text']
+  return batch['label'] if model_config.get('num_classes', 0) > 0 else None
 
 
 def sample_guidance(rng, guidance_scale, batch: int):
