@@ -1,11 +1,13 @@
 """The ADM UNet (Dhariwal and Nichol 2021) as retrained in EDM: the class-conditional ImageNet-64 network of EDM,
-CM and iCT (and of ECT and sCD's teachers at 64x64)."""
+CM and iCT (and of ECT and sCD's teachers at 64x64). layout='edm' is EDM's own DhariwalUNet, named as its state dicts
+(models/edm.py): EDM's released pickles load into it (models/checkpoints.py)."""
 
 import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
 
+from cm_jax.models import edm
 from cm_jax.models.blocks import remat_block, unet
 from cm_jax.models.layers import NoiseLabelEmbedding
 
@@ -34,6 +36,10 @@ class ADM(nn.Module):
       name (blocks.remat_block).
     attention_kernel: 'xla' or 'flash' (Pallas flash attention on TPU, with a forward-mode kernel for JVPs),
       models/attention.py.
+    layout: 'cm_jax' (models/blocks.py) or 'edm': EDM's DhariwalUNet, parameter for parameter (models/edm.py: its
+      augmentation input, a first conv of channels * channel_mult[0], no attention below head_dim channels); 'edm'
+      has the positional embedding only and no guidance_embedding.
+    augment_dim: EDM's augmentation-label input width ('edm' layout only); 0: none.
   """
   channels: int = 192
   channel_mult: Sequence[int] = (1, 2, 3, 4)
@@ -52,11 +58,19 @@ class ADM(nn.Module):
   norm: str = 'group'
   remat: str = ''
   attention_kernel: str = 'xla'
+  layout: str = 'cm_jax'
+  augment_dim: int = 0
 
   @nn.compact
-  def __call__(self, x, c_noise, cond=None, train=False, guidance=None):
-    """Maps x [B, H, W, C], c_noise [B], cond [B] int (< 0: no label) or None, guidance [B] or None (s = 1) to
-    [B, H, W, C] (float32)."""
+  def __call__(self, x, c_noise, cond=None, train=False, guidance=None, augment_labels=None):
+    """Maps x [B, H, W, C], c_noise [B], cond [B] int (< 0: no label) or None, guidance [B] or None (s = 1) and
+    EDM's augment_labels [B, augment_dim] or None (no augmentation) to [B, H, W, C] (float32)."""
+    if self.layout == 'edm':
+      return edm.dhariwal_unet(self, x, c_noise, cond, train, guidance, augment_labels)
+    if self.layout != 'cm_jax':
+      raise ValueError(f"model.layout={self.layout!r}; expected 'cm_jax' or 'edm'.")
+    if self.augment_dim or augment_labels is not None:
+      raise ValueError("model.augment_dim is an option of model.layout='edm'.")
     block = functools.partial(remat_block(self.remat), head_dim=self.head_dim, attention_kernel=self.attention_kernel,
                               dropout=self.dropout,
                               adaptive_norm=self.adaptive_norm, dtype=self.dtype, norm=self.norm)

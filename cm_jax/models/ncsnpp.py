@@ -3,6 +3,8 @@
 DDPM++: positional embedding of c_noise (128 sinusoids), (1, 1) resampling filter, plain encoder.
 NCSN++: Fourier embedding (256 features, scale 16), (1, 3, 3, 1) filter, residual image-pyramid encoder.
 Both: BigGAN-style residual up/down blocks, attention at 16x16, skip rescaling by 1/sqrt(2), dropout.
+layout='edm' is EDM's own SongUNet, named as its state dicts (models/edm.py): EDM's released pickles load into it
+(models/checkpoints.py).
 """
 
 import functools
@@ -11,6 +13,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import numpy as np
 
+from cm_jax.models import edm
 from cm_jax.models.blocks import remat_block, unet
 from cm_jax.models.layers import NoiseLabelEmbedding
 
@@ -41,6 +44,11 @@ class NCSNpp(nn.Module):
       name (blocks.remat_block).
     attention_kernel: 'xla' or 'flash' (Pallas flash attention on TPU, with a forward-mode kernel for JVPs),
       models/attention.py.
+    layout: 'cm_jax' (models/blocks.py) or 'edm': EDM's SongUNet, parameter for parameter (models/edm.py: its
+      mapping, label and augmentation placement, fused residual encoder); with 'edm' the Fourier frequencies are a
+      parameter (read from EDM's file) and guidance_embedding is unavailable.
+    augment_dim: EDM's augmentation-label input width (9 in its CIFAR-10 runs; 'edm' layout only); 0: none.
+    decoder_type: EDM's decoder, 'standard' or 'skip' (progressive output; 'edm' layout only).
   """
   channels: int = 128
   channel_mult: Sequence[int] = (2, 2, 2)
@@ -61,11 +69,20 @@ class NCSNpp(nn.Module):
   norm: str = 'group'
   remat: str = ''
   attention_kernel: str = 'xla'
+  layout: str = 'cm_jax'
+  augment_dim: int = 0
+  decoder_type: str = 'standard'
 
   @nn.compact
-  def __call__(self, x, c_noise, cond=None, train=False, guidance=None):
-    """Maps x [B, H, W, C], c_noise [B], cond [B] int (< 0: no label) or None, guidance [B] or None (s = 1) to
-    [B, H, W, C] (float32)."""
+  def __call__(self, x, c_noise, cond=None, train=False, guidance=None, augment_labels=None):
+    """Maps x [B, H, W, C], c_noise [B], cond [B] int (< 0: no label) or None, guidance [B] or None (s = 1) and
+    EDM's augment_labels [B, augment_dim] or None (no augmentation) to [B, H, W, C] (float32)."""
+    if self.layout == 'edm':
+      return edm.song_unet(self, x, c_noise, cond, train, guidance, augment_labels)
+    if self.layout != 'cm_jax':
+      raise ValueError(f"model.layout={self.layout!r}; expected 'cm_jax' or 'edm'.")
+    if self.augment_dim or augment_labels is not None or self.decoder_type != 'standard':
+      raise ValueError("model.augment_dim and model.decoder_type are options of model.layout='edm'.")
     eps = 1e-6
     block = functools.partial(
         remat_block(self.remat), attention_kernel=self.attention_kernel, dropout=self.dropout,
