@@ -150,8 +150,8 @@ def export_diffusers(folder, module: AutoencoderKL, params, scaling_factor: floa
 # ----------------------------------------------------------------------------------------------------------
 # Whole diffusers pipelines: model_index.json, the VAE, the UNet, the text encoder(s) and tokenizer(s), the scheduler.
 # ----------------------------------------------------------------------------------------------------------
-PIPELINE_INDEX = 'model_index.json'
-_SCHEDULER_CONFIG = 'scheduler/scheduler_config.json'
+PIPELINE_INDEX = diffusers_format.PIPELINE_INDEX
+_SCHEDULER_CONFIG = diffusers_format.SCHEDULER_CONFIG
 _PREDICTIONS = {'epsilon': 'epsilon', 'v_prediction': 'v', 'sample': 'sample'}
 
 

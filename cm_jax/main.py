@@ -1,5 +1,5 @@
 """Command line: python -m cm_jax.main --config=configs/NAME.py[:arg] --workdir=DIR
-                                        [--mode=train|sample|eval|fid|edit|encode].
+                                        [--mode=train|sample|eval|fid|edit|encode|export].
 
 Config fields are overridden with --config.key=value; an unknown key stops the run before any work.
 A multi-process run joins its processes first (cm_jax/distributed.py: the --coordinator_address,
@@ -25,9 +25,10 @@ from cm_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, event files, samples, config.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'fid', 'edit', 'encode'],
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'fid', 'edit', 'encode', 'export'],
                           'What to do (fid: FID/IS of the newest checkpoint, config.eval.fid; edit: zero-shot editing, '
-                          'config.edit; encode: write config.latent.cache, a latent run\'s pre-encoded data).')
+                          'config.edit; encode: write config.latent.cache, a latent run\'s pre-encoded data; export: '
+                          'a text-to-image run as diffusers files in WORKDIR/export).')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None,
     f'host:port of process 0 of a multi-process run (else ${distributed.ENV_COORDINATOR}; detected on TPU VMs, Slurm).')
@@ -52,7 +53,8 @@ def _run(mode, config, workdir):
   name = config_flags.get_config_filename(flags.FLAGS['config'])
   modes = {'train': ('cm_jax.train', 'train_and_evaluate'), 'sample': ('cm_jax.train', 'sample'),
            'eval': ('cm_jax.train', 'evaluate'), 'fid': ('cm_jax.evaluation.fid', 'run'),
-           'edit': ('cm_jax.editing', 'run'), 'encode': ('cm_jax.train', 'encode')}
+           'edit': ('cm_jax.editing', 'run'), 'encode': ('cm_jax.train', 'encode'),
+           'export': ('cm_jax.export', 'run')}
   module, function = modes[mode]
   run = getattr(importlib.import_module(module), function)  # after the processes joined: JAX starts here
   if mode == 'train':

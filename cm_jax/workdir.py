@@ -10,7 +10,7 @@ import os
 
 from etils import epath
 
-READS_A_RUN = ('sample', 'eval', 'fid', 'edit')
+READS_A_RUN = ('sample', 'eval', 'fid', 'edit', 'export')
 # What a run keeps in its workdir: name -> True for a directory, False for a file.
 ENTRIES = {'config.json': False, 'checkpoints': True, 'samples': True, 'tensorboard': True, 'logs': True,
            'fid': True, 'fid.json': False, 'edits': True, 'proxy_classifier.msgpack': False}

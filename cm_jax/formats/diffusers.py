@@ -8,6 +8,8 @@ UNet2DConditionModel, the CLIP text towers) goes through it; no PyTorch is neede
 
 import json
 import re
+import shutil
+from typing import Optional
 
 from etils import epath
 import flax
@@ -147,3 +149,29 @@ def write_model(folder, params, config: dict) -> None:
   folder.mkdir(parents=True, exist_ok=True)
   safetensors_numpy.save_file(to_diffusers(params), str(folder / f'{DIFFUSERS_STEM}.safetensors'))
   (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+
+
+PIPELINE_INDEX = 'model_index.json'
+SCHEDULER_CONFIG = 'scheduler/scheduler_config.json'
+
+
+def write_pipeline(folder, source, unet_params, unet_config: dict, scheduler_config: Optional[dict] = None) -> None:
+  """A diffusers pipeline folder: the `source` pipeline's components with a new unet/ (and, given, a new scheduler
+  config), model_index.json last. Written beside `folder` and renamed into place, so a folder that exists holds a
+  whole pipeline (`folder` must not exist)."""
+  folder, source = epath.Path(folder), epath.Path(source)
+  staging = folder.parent / f'.{folder.name}.partial'
+  if staging.exists():
+    shutil.rmtree(staging)  # an interrupted export
+  index = read_json(source / PIPELINE_INDEX)
+  for name, spec in index.items():
+    if name.startswith('_') or not isinstance(spec, list) or spec[0] is None or name in ('unet', 'scheduler'):
+      continue
+    shutil.copytree(source / name, staging / name)
+  write_model(staging / 'unet', unet_params, unet_config)
+  scheduler = scheduler_config or read_json(source / SCHEDULER_CONFIG)
+  (staging / 'scheduler').mkdir(parents=True)
+  (staging / SCHEDULER_CONFIG).write_text(json.dumps(scheduler, indent=2))
+  index['scheduler'] = ['diffusers', scheduler['_class_name']]
+  (staging / PIPELINE_INDEX).write_text(json.dumps(index, indent=2))
+  staging.rename(folder)
