@@ -619,3 +619,230 @@ def test_a_tensor_that_does_not_fit_is_named(tmp_path):
   path.write_bytes(_snapshot(net))
   with pytest.raises(ValueError, match=r'model\.map_layer1\.weight has shape \(5, 7\)'):
     checkpoints.load_edm(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The CM paper's guided-diffusion UNet (openai/consistency_models cm/unet.py): a PyTorch reference of its structure
+# and names, saved as a torch.save state dict, read by load_cm. (cm/unet.py runs its attention in float16; the
+# reference runs it in float64, the exact function.)
+
+
+class GDResBlock(torch.nn.Module):
+
+  def __init__(self, cin, emb, cout, scale_shift, up=False, down=False):
+    super().__init__()
+    self.scale_shift, self.up, self.down = scale_shift, up, down
+    self.in_layers = torch.nn.Sequential(torch.nn.GroupNorm(32, cin), torch.nn.SiLU(),
+                                         torch.nn.Conv2d(cin, cout, 3, padding=1))
+    self.emb_layers = torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Linear(emb, cout * (2 if scale_shift else 1)))
+    self.out_layers = torch.nn.Sequential(torch.nn.GroupNorm(32, cout), torch.nn.SiLU(), torch.nn.Dropout(0.0),
+                                          torch.nn.Conv2d(cout, cout, 3, padding=1))
+    self.skip_connection = torch.nn.Identity() if cin == cout else torch.nn.Conv2d(cin, cout, 1)
+
+  def forward(self, x, emb):
+    h = self.in_layers[1](self.in_layers[0](x))
+    if self.up or self.down:
+      resample = (lambda t: F.interpolate(t, scale_factor=2, mode='nearest')) if self.up else (
+          lambda t: F.avg_pool2d(t, 2))
+      h, x = resample(h), resample(x)
+    h = self.in_layers[2](h)
+    emb_out = self.emb_layers(emb)[:, :, None, None]
+    if self.scale_shift:
+      scale, shift = emb_out.chunk(2, dim=1)
+      h = self.out_layers[0](h) * (1 + scale) + shift
+    else:
+      h = self.out_layers[0](h + emb_out)
+    h = self.out_layers[3](self.out_layers[2](self.out_layers[1](h)))
+    return self.skip_connection(x) + h
+
+
+class GDAttention(torch.nn.Module):
+
+  def __init__(self, channels, head_channels):
+    super().__init__()
+    self.heads = channels // head_channels
+    self.norm = torch.nn.GroupNorm(32, channels)
+    self.qkv = torch.nn.Conv2d(channels, 3 * channels, 1)
+    self.proj_out = torch.nn.Conv2d(channels, channels, 1)
+
+  def forward(self, x):
+    b, c, h, w = x.shape
+    qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)  # b (three h d) s
+    q, k, v = qkv.unbind(1)
+    weights = torch.einsum('bhds,bhdt->bhst', q, k / np.sqrt(c // self.heads)).softmax(dim=-1)
+    a = torch.einsum('bhst,bhdt->bhds', weights, v).reshape(b, c, h, w)
+    return x + self.proj_out(a)
+
+
+class GDDownsample(torch.nn.Module):
+
+  def __init__(self, channels):
+    super().__init__()
+    self.op = torch.nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+  def forward(self, x):
+    return self.op(x)
+
+
+class GDUpsample(torch.nn.Module):
+
+  def __init__(self, channels):
+    super().__init__()
+    self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+
+  def forward(self, x):
+    return self.conv(F.interpolate(x, scale_factor=2, mode='nearest'))
+
+
+class GDUNet(torch.nn.Module):
+
+  def __init__(self, image_size, channels, num_res_blocks, attention_resolutions, channel_mult, num_classes,
+               head_channels, scale_shift, resblock_updown):
+    super().__init__()
+    self.channels = channels
+    emb = 4 * channels
+    self.time_embed = torch.nn.Sequential(torch.nn.Linear(channels, emb), torch.nn.SiLU(), torch.nn.Linear(emb, emb))
+    if num_classes:
+      self.label_emb = torch.nn.Embedding(num_classes, emb)
+    block = lambda cin, cout, **kw: GDResBlock(cin, emb, cout, scale_shift, **kw)
+    ch = channel_mult[0] * channels
+    self.input_blocks = torch.nn.ModuleList([torch.nn.ModuleList([torch.nn.Conv2d(3, ch, 3, padding=1)])])
+    chans, ds = [ch], 1
+    for level, mult in enumerate(channel_mult):
+      for _ in range(num_res_blocks):
+        layers = [block(ch, mult * channels)]
+        ch = mult * channels
+        if image_size // ds in attention_resolutions:
+          layers.append(GDAttention(ch, head_channels))
+        self.input_blocks.append(torch.nn.ModuleList(layers))
+        chans.append(ch)
+      if level != len(channel_mult) - 1:
+        self.input_blocks.append(torch.nn.ModuleList([block(ch, ch, down=True) if resblock_updown
+                                                      else GDDownsample(ch)]))
+        chans.append(ch)
+        ds *= 2
+    self.middle_block = torch.nn.ModuleList([block(ch, ch), GDAttention(ch, head_channels), block(ch, ch)])
+    self.output_blocks = torch.nn.ModuleList()
+    for level, mult in list(enumerate(channel_mult))[::-1]:
+      for i in range(num_res_blocks + 1):
+        layers = [block(ch + chans.pop(), channels * mult)]
+        ch = channels * mult
+        if image_size // ds in attention_resolutions:
+          layers.append(GDAttention(ch, head_channels))
+        if level and i == num_res_blocks:
+          layers.append(block(ch, ch, up=True) if resblock_updown else GDUpsample(ch))
+          ds //= 2
+        self.output_blocks.append(torch.nn.ModuleList(layers))
+    self.out = torch.nn.Sequential(torch.nn.GroupNorm(32, ch), torch.nn.SiLU(), torch.nn.Conv2d(ch, 3, 3, padding=1))
+
+  @staticmethod
+  def _run(layers, h, emb):
+    for layer in layers:
+      h = layer(h, emb) if isinstance(layer, GDResBlock) else layer(h)
+    return h
+
+  def forward(self, x, timesteps, y=None):
+    half = self.channels // 2
+    freqs = torch.exp(-np.log(10000) * torch.arange(half, dtype=x.dtype) / half)
+    args = timesteps[:, None] * freqs[None]
+    emb = self.time_embed(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+    if y is not None:
+      emb = emb + self.label_emb(y)
+    hs, h = [], x
+    for layers in self.input_blocks:
+      h = self._run(layers, h, emb)
+      hs.append(h)
+    h = self._run(self.middle_block, h, emb)
+    for layers in self.output_blocks:
+      h = self._run(layers, torch.cat([h, hs.pop()], dim=1), emb)
+    return self.out(h)
+
+
+CM_CASES = {
+    # ImageNet-64's kind: classes, scale-shift norm, resampling residual blocks; 1 head at 32 channels, 2 at 64.
+    'imagenet_like': (dict(channels=32, num_res_blocks=1, attention_resolutions=(8,), channel_mult=(1, 2),
+                           num_classes=5, head_channels=32, scale_shift=True, resblock_updown=True),
+                      dict(name='adm', layout='guided_diffusion', channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                           attn_resolutions=(8,), head_dim=32, num_classes=5, adaptive_norm='scale_shift',
+                           resblock_updown=True, time_scale=1000.0, dropout=0.0)),
+    # LSUN's kind: unconditional, additive norm, conv down / nearest-conv up, three levels.
+    'lsun_like': (dict(channels=32, num_res_blocks=1, attention_resolutions=(8, 4), channel_mult=(1, 1, 2),
+                       num_classes=0, head_channels=32, scale_shift=False, resblock_updown=False),
+                  dict(name='adm', layout='guided_diffusion', channels=32, channel_mult=(1, 1, 2), num_res_blocks=1,
+                       attn_resolutions=(8, 4), head_dim=32, num_classes=0, adaptive_norm='shift',
+                       resblock_updown=False, time_scale=1000.0, dropout=0.0)),
+}
+
+
+def _gd_network(case, seed=0):
+  torch.manual_seed(seed)
+  net = GDUNet(RES, **CM_CASES[case][0]).eval()
+  with torch.no_grad():
+    for name, p in net.named_parameters():
+      if p.ndim > 1:
+        p.copy_(torch.randn_like(p) / np.sqrt(p[0].numel()))
+      elif 'weight' in name:
+        p.copy_(1 + 0.1 * torch.randn_like(p))
+      else:
+        p.copy_(0.1 * torch.randn_like(p))
+  return net
+
+
+def _cm_reference(net, x, sigma, labels, consistency, c_noise_scale=1.0):
+  """cm/karras_diffusion.py's denoise: c_skip x + c_out F(c_in x, 1000 * 0.25 ln(sigma + 1e-44), y)."""
+  sd, eps = 0.5, 0.002
+  s = sigma.reshape(-1, 1, 1, 1)
+  if consistency:
+    c_skip, c_out = sd**2 / ((s - eps) ** 2 + sd**2), (s - eps) * sd / (s**2 + sd**2).sqrt()
+  else:
+    c_skip, c_out = sd**2 / (s**2 + sd**2), s * sd / (s**2 + sd**2).sqrt()
+  c_in = 1 / (s**2 + sd**2).sqrt()
+  return c_skip * x + c_out * net(c_in * x, c_noise_scale * 1000 * 0.25 * torch.log(sigma + 1e-44), labels)
+
+
+@pytest.mark.parametrize('case', sorted(CM_CASES))
+@pytest.mark.parametrize('kind', ['consistency', 'edm'])
+def test_cm_release_matches_the_reference(case, kind, tmp_path):
+  net = _gd_network(case)
+  path = tmp_path / ('edm_net_ema.pt' if kind == 'edm' else 'cd_net.pt')
+  torch.save(net.state_dict(), path)
+  cm_net = checkpoints.load_cm(path, CM_CASES[case][1], resolution=RES)
+  assert cm_net.preconditioning['name'] == kind  # from the file name: edm_* is an EDM teacher
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((4, 3, RES, RES)).astype(np.float32)
+  labels = np.array([0, 4, 2, 1]) if CM_CASES[case][0]['num_classes'] else None
+  reference = _gd_network(case).double()
+  with torch.no_grad():
+    want = _cm_reference(reference, torch.from_numpy(x).double(), torch.from_numpy(SIGMAS).double(),
+                         None if labels is None else torch.from_numpy(labels), kind == 'consistency').numpy()
+    float32 = _cm_reference(net, torch.from_numpy(x), torch.from_numpy(SIGMAS),
+                            None if labels is None else torch.from_numpy(labels), kind == 'consistency').numpy()
+    # c_noise = 250 ln(sigma) reaches 1095 at sigma = 80, where one float32 ulp of it (2^-23 relative) moves the
+    # sinusoids by ~1e-4: the reference's change under that perturbation is what float32 cannot resolve.
+    ulp = _cm_reference(reference, torch.from_numpy(x).double(), torch.from_numpy(SIGMAS).double(),
+                        None if labels is None else torch.from_numpy(labels), kind == 'consistency',
+                        1 + 2.0**-23).numpy()
+  fn = cm_net.consistency if kind == 'consistency' else cm_net.denoise
+  got = np.asarray(fn(x.transpose(0, 2, 3, 1), SIGMAS, labels)).transpose(0, 3, 1, 2)
+  for i, sigma in enumerate(SIGMAS):
+    error = _relative_error(got[i], want[i])
+    tolerance = _tolerance(max(_relative_error(float32[i], want[i]), _relative_error(ulp[i], want[i])))
+    assert error < tolerance, (case, kind, sigma, error, tolerance)
+  if kind == 'consistency':  # the boundary: f(x, sigma_min) = x
+    np.testing.assert_allclose(fn(x.transpose(0, 2, 3, 1), np.full(4, 0.002, np.float32), labels),
+                               x.transpose(0, 2, 3, 1), atol=1e-6)
+
+
+def test_cm_state_dict_of_another_architecture_is_named(tmp_path):
+  path = tmp_path / 'cd_net.pt'
+  torch.save(_gd_network('lsun_like').state_dict(), path)
+  wider = dict(CM_CASES['lsun_like'][1], channels=64)
+  with pytest.raises(ValueError, match=r'tensor input_blocks\.0\.0\.bias has shape \(32,\) .* needs \(64,\)'):
+    checkpoints.load_cm(path, wider, resolution=RES)
+  with pytest.raises(ValueError, match=r'lacks the tensor label_emb\.weight'):
+    checkpoints.load_cm(path, dict(CM_CASES['lsun_like'][1], num_classes=5), resolution=RES)
+  with pytest.raises(ValueError, match='has no place in'):  # the 1000-class preset is not this file's network
+    torch.save(_gd_network('imagenet_like').state_dict(), path)
+    checkpoints.load_cm(path, CM_CASES['lsun_like'][1], resolution=RES)
+  with pytest.raises(FileNotFoundError):
+    checkpoints.load_cm(tmp_path / 'missing.pt')

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 
 from cm_jax.models import edm
+from cm_jax.models import guided_diffusion
 from cm_jax.models.blocks import remat_block, unet
 from cm_jax.models.layers import NoiseLabelEmbedding
 
@@ -36,9 +37,12 @@ class ADM(nn.Module):
       name (blocks.remat_block).
     attention_kernel: 'xla' or 'flash' (Pallas flash attention on TPU, with a forward-mode kernel for JVPs),
       models/attention.py.
-    layout: 'cm_jax' (models/blocks.py) or 'edm': EDM's DhariwalUNet, parameter for parameter (models/edm.py: its
-      augmentation input, a first conv of channels * channel_mult[0], no attention below head_dim channels); 'edm'
-      has the positional embedding only and no guidance_embedding.
+    layout: 'cm_jax' (models/blocks.py), 'edm': EDM's DhariwalUNet, parameter for parameter (models/edm.py: its
+      augmentation input, a first conv of channels * channel_mult[0], no attention below head_dim channels; the
+      positional embedding only, no guidance_embedding), or 'guided_diffusion': the UNet of the CM paper's
+      releases (models/guided_diffusion.py; time_scale 1000 is the CM code's 250 ln sigma).
+    resblock_updown: guided-diffusion's resampling residual blocks ('guided_diffusion' layout only; False: a
+      stride-2 conv down and a nearest-neighbour conv up).
     augment_dim: EDM's augmentation-label input width ('edm' layout only); 0: none.
   """
   channels: int = 192
@@ -60,6 +64,7 @@ class ADM(nn.Module):
   attention_kernel: str = 'xla'
   layout: str = 'cm_jax'
   augment_dim: int = 0
+  resblock_updown: bool = False
 
   @nn.compact
   def __call__(self, x, c_noise, cond=None, train=False, guidance=None, augment_labels=None):
@@ -67,8 +72,13 @@ class ADM(nn.Module):
     EDM's augment_labels [B, augment_dim] or None (no augmentation) to [B, H, W, C] (float32)."""
     if self.layout == 'edm':
       return edm.dhariwal_unet(self, x, c_noise, cond, train, guidance, augment_labels)
+    if self.resblock_updown and self.layout != 'guided_diffusion':
+      raise ValueError("model.resblock_updown is an option of model.layout='guided_diffusion'.")
+    if self.layout == 'guided_diffusion' and augment_labels is None:
+      return guided_diffusion.unet(self, x, c_noise, cond, train, guidance)
     if self.layout != 'cm_jax':
-      raise ValueError(f"model.layout={self.layout!r}; expected 'cm_jax' or 'edm'.")
+      raise ValueError(f"model.layout={self.layout!r}; expected 'cm_jax', 'edm' or 'guided_diffusion' (which has "
+                       'no augment_labels).')
     if self.augment_dim or augment_labels is not None:
       raise ValueError("model.augment_dim is an option of model.layout='edm'.")
     block = functools.partial(remat_block(self.remat), head_dim=self.head_dim, attention_kernel=self.attention_kernel,

@@ -1,4 +1,5 @@
-"""Released networks of other projects read into cm_jax networks: EDM's network pickles (`load_edm`).
+"""Released networks of other projects read into cm_jax networks: EDM's network pickles (`load_edm`) and the CM
+paper's guided-diffusion state dicts (`load_cm`).
 
 An EDM snapshot (`network-snapshot-*.pkl`, `edm-cifar10-32x32-uncond-vp.pkl`, ...) is a pickle of
 dict(ema=<EDMPrecond | VPPrecond | VEPrecond>, loss_fn=..., augment_pipe=..., dataset_kwargs=...) whose modules are
@@ -8,6 +9,7 @@ unpickler (nothing from the file is imported or run, no PyTorch needed); the net
 tensors, named as EDM names them, become the parameters through formats.diffusers' PyTorch -> Flax converter.
 """
 
+import re
 from typing import Any, NamedTuple
 
 import flax
@@ -153,32 +155,48 @@ def _flax_shape(shape: tuple, expected: tuple) -> tuple:
   return shape
 
 
-def _params(model, state_dict: dict, resolution: int, channels: int, taps, where: str):
-  """The Flax parameters of `model` from EDM's state dict of its network (the 'model.' prefix removed)."""
+def _torch_name(path: str) -> str:
+  """A Flax path as the PyTorch name it is read from ('input_blocks_1_0/in_layers_2/kernel' ->
+  'input_blocks.1.0.in_layers.2.weight'; EDM's names have no '_<digit>' parts)."""
+  parts = [re.sub(r'_(\d+)(?=_\d|$)', r'.\1', part) for part in path.split('/')]
+  parts = [re.sub(r'_(\d+)(?=\.)', r'.\1', part) for part in parts]
+  parts[-1] = {'kernel': 'weight', 'scale': 'weight', 'embedding': 'weight'}.get(parts[-1], parts[-1])
+  return '.'.join(parts)
+
+
+def _params(model, state_dict: dict, resolution: int, channels: int, taps, where: str, prefix: str = 'model.',
+            described: str = 'the network its constructor arguments describe'):
+  """The Flax parameters of `model` from a state dict of its network (EDM's with the 'model.' prefix removed)."""
   cond = jnp.zeros((1,), jnp.int32) if model.num_classes else None
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, resolution, resolution, channels)),
                                                jnp.zeros((1,)), cond))['params']
-  expected = {diffusers.torch_key(path): leaf.shape
-              for path, leaf in flax.traverse_util.flatten_dict(abstract, sep='/').items()}
-  tensors = {}
+  expected = {path: leaf.shape for path, leaf in flax.traverse_util.flatten_dict(abstract, sep='/').items()}
+  tensors, by_path = {}, {}
   for key, value in state_dict.items():
     if key.endswith('.resample_filter'):  # EDM's constant FIR buffers: the config's filter, checked
       if not _resample_filter_ok(value, taps):
-        raise ValueError(f'{where}: buffer model.{key} {value.shape} is not the filter {list(taps)} its '
+        raise ValueError(f'{where}: buffer {prefix}{key} {value.shape} is not the filter {list(taps)} its '
                          'constructor arguments name.')
       continue
     tensors[key] = value
-  unexpected = [key for key in tensors if key not in expected]
+    module, leaf = diffusers.flax_path(key).rsplit('/', 1)
+    if leaf == 'weight':  # as formats.diffusers reads it: a norm's scale, an embedding table or a kernel
+      leaf = next((name for name in ('scale', 'embedding') if f'{module}/{name}' in expected), 'kernel')
+    by_path[f'{module}/{leaf}'] = key
+  unexpected = [key for path, key in by_path.items() if path not in expected]
   if unexpected:
-    raise ValueError(f'{where}: tensor model.{unexpected[0]} {tensors[unexpected[0]].shape} has no place in the '
-                     f'network its constructor arguments describe ({len(unexpected)} such tensors).')
-  for key, shape in expected.items():
-    if key not in tensors:
-      raise ValueError(f'{where}: the network lacks the tensor model.{key} (shape {tuple(shape)} in Flax layout).')
-    got = _flax_shape(tuple(tensors[key].shape), tuple(shape))
+    raise ValueError(f'{where}: tensor {prefix}{unexpected[0]} {tensors[unexpected[0]].shape} has no place in '
+                     f'{described} ({len(unexpected)} such tensors).')
+  for path, shape in expected.items():
+    if path not in by_path:
+      raise ValueError(f'{where}: the file lacks the tensor {prefix}{_torch_name(path)} (shape {tuple(shape)} in '
+                       f'Flax layout) of {described}.')
+    key = by_path[path]
+    got = tuple(tensors[key].shape)
+    got = _flax_shape(got, tuple(shape)) if path.endswith('/kernel') else got
     if got != tuple(shape):
-      raise ValueError(f'{where}: tensor model.{key} has shape {tuple(tensors[key].shape)} ({got} in Flax layout); '
-                       f'the network its constructor arguments describe needs {tuple(shape)}.')
+      raise ValueError(f'{where}: tensor {prefix}{key} has shape {tuple(tensors[key].shape)} ({got} in Flax '
+                       f'layout); {described} needs {tuple(shape)}.')
   return diffusers.from_diffusers(tensors, abstract, where)
 
 
@@ -227,3 +245,99 @@ def load_edm(path) -> EDMNetwork:
   taps = model_config.get('resample_filter', (1, 1))
   params = _params(model, torch_pickle.module_state_dict(net), resolution, channels, taps, where)
   return EDMNetwork(model_config, params, precond)
+
+
+# The CM paper's released networks (openai/consistency_models scripts/launch.sh, script_util's channel_mult by image
+# size): ImageNet-64 (class-conditional) and LSUN-256 (bedroom, cat). time_scale 1000: the CM code feeds the network
+# 1000 * 0.25 ln(sigma).
+CM_CONFIGS = {
+    'imagenet64': (64, dict(name='adm', layout='guided_diffusion', channels=192, channel_mult=(1, 2, 3, 4),
+                            num_res_blocks=3, attn_resolutions=(32, 16, 8), head_dim=64, num_classes=1000,
+                            adaptive_norm='scale_shift', resblock_updown=True, time_scale=1000.0, dropout=0.0)),
+    'lsun256': (256, dict(name='adm', layout='guided_diffusion', channels=256, channel_mult=(1, 1, 2, 2, 4, 4),
+                          num_res_blocks=2, attn_resolutions=(32, 16, 8), head_dim=64, num_classes=0,
+                          adaptive_norm='shift', resblock_updown=True, time_scale=1000.0, dropout=0.0)),
+}
+CM_PRECONDITIONING = dict(sigma_data=0.5, sigma_min=0.002, sigma_max=80.0)
+
+
+class CMNetwork(NamedTuple):
+  """A CM-paper network read into cm_jax: `model_config, params, preconditioning = load_cm(path)`.
+
+  preconditioning: dict(name='consistency' (a consistency model: f with the sigma_min boundary) or 'edm' (an EDM
+  teacher, edm_*_ema.pt: the denoiser D), sigma_data, sigma_min, sigma_max, resolution, channels).
+  """
+  model_config: dict
+  params: Any
+  preconditioning: dict
+
+  def _net(self, labels, batch):
+    model = models.build_model(self.model_config)
+    cond = None
+    if self.model_config['num_classes']:
+      if labels is None:
+        raise ValueError('this network is class-conditional: give labels.')
+      cond = jnp.broadcast_to(jnp.asarray(labels, jnp.int32), (batch,))
+    return lambda x_in, c_noise: model.apply({'params': self.params}, x_in, c_noise, cond)
+
+  def _process(self):
+    p = self.preconditioning
+    return parameterization.EDM(p['sigma_data'], p['sigma_min'], p['sigma_max'])
+
+  def consistency(self, x, sigma, labels=None):
+    """The checkpoint's f(x, sigma) (CM's boundary scalings): x [B, H, W, C], sigma [B], labels int [B] or None."""
+    x = jnp.asarray(x, jnp.float32)
+    sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), x.shape[:1])
+    return self._process().consistency(self._net(labels, x.shape[0]), x, sigma)
+
+  def denoise(self, x, sigma, labels=None):
+    """EDM's D(x; sigma) of the network (the EDM teachers' output)."""
+    x = jnp.asarray(x, jnp.float32)
+    sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), x.shape[:1])
+    return self._process().denoise(self._net(labels, x.shape[0]), x, sigma)
+
+
+def load_cm(path, model_config=None, resolution=None, kind=None) -> CMNetwork:
+  """Reads a CM-paper `.pt` state dict (openai/consistency_models' UNetModel) into ADM(layout='guided_diffusion').
+
+  Args:
+    path: the torch.save file (cd_imagenet64_lpips.pt, edm_imagenet64_ema.pt, ct_bedroom256.pt, ...).
+    model_config: the network's models.build_model config; None: CM_CONFIGS['imagenet64'] when the file has class
+      embeddings, CM_CONFIGS['lsun256'] otherwise.
+    resolution: the image size the network was trained on (None: that of the CM_CONFIGS entry; required with a
+      model_config of its own).
+    kind: 'consistency' or 'edm' (an EDM teacher); None: 'edm' for files named edm_*, 'consistency' otherwise.
+
+  Raises:
+    FileNotFoundError: no file at `path`.
+    ValueError: not a state dict, or a tensor missing, extra or mis-shaped for the network (naming it and both
+      shapes).
+  """
+  path = epath.Path(path)
+  where = str(path)
+  state_dict = torch_pickle.load_state_dict(path)
+  if model_config is None:
+    preset = 'imagenet64' if 'label_emb.weight' in state_dict else 'lsun256'
+    preset_resolution, model_config = CM_CONFIGS[preset]
+    resolution = resolution or preset_resolution
+    described = f"the CM paper's {preset} network"
+  else:
+    model_config = dict(model_config)
+    described = 'the network of model_config'
+    if resolution is None:
+      raise ValueError('load_cm: give the resolution of a network described by its own model_config.')
+  if model_config.get('layout') != 'guided_diffusion':
+    raise ValueError(f"load_cm reads ADM(layout='guided_diffusion') networks; model_config has layout "
+                     f"{model_config.get('layout')!r}.")
+  kind = kind or ('edm' if path.name.startswith('edm_') else 'consistency')
+  if kind not in ('consistency', 'edm'):
+    raise ValueError(f"load_cm kind={kind!r}; expected 'consistency' or 'edm'.")
+  out = state_dict.get('out.2.weight')
+  channels = int(out.shape[0]) if out is not None and out.ndim == 4 else 3
+  if 'input_blocks.0.0.weight' in state_dict and state_dict['input_blocks.0.0.weight'].shape[1] != channels:
+    raise ValueError(f"{where}: its network maps {state_dict['input_blocks.0.0.weight'].shape[1]} channels to "
+                     f'{channels} (learn_sigma?); cm_jax networks keep the channels of their input.')
+  model = models.build_model(model_config)
+  params = _params(model, state_dict, int(resolution), channels, (1, 1), where, prefix='', described=described)
+  precond = dict(name=kind, **CM_PRECONDITIONING, resolution=int(resolution), channels=channels)
+  return CMNetwork(model_config, params, precond)
