@@ -21,8 +21,15 @@ from cm_jax import models
 from cm_jax.formats import torch_pickle
 from cm_jax.models import checkpoints
 
-torch = pytest.importorskip('torch')
-F = torch.nn.functional
+try:
+  import torch  # pylint: disable=g-import-not-at-top
+  F = torch.nn.functional
+  Module = torch.nn.Module
+except ImportError:  # the reference needs PyTorch; the tests named test_without_torch_* do not
+  torch = F = None
+  Module = object
+
+DATA = os.path.join(os.path.dirname(__file__), 'data')
 
 # What EDM's persistence wrapper would exec on a normal unpickling; the loader must never run it.
 POISONED_SOURCE = "raise SystemExit('the pickled source code ran')"
@@ -62,7 +69,13 @@ def _dumps(obj) -> bytes:
 # The PyTorch reference (EDM's structure: module names, constructor arguments, forward passes).
 
 
-class Persistent(torch.nn.Module):
+@pytest.fixture(autouse=True)
+def _skip_without_torch(request):
+  if torch is None and not request.node.name.startswith('test_without_torch'):
+    pytest.skip('needs PyTorch (the reference implementation)')
+
+
+class Persistent(Module):
   """Pickles as EDM's persistent classes do, recording its constructor arguments."""
 
   def __init__(self, **kwargs):
@@ -444,6 +457,7 @@ def _snapshot(net) -> bytes:
 @pytest.fixture(scope='module', params=sorted(CASES))
 def loaded(request, tmp_path_factory):
   """(case, torch network, load_edm result) of a snapshot written to a file."""
+  pytest.importorskip('torch')
   net = _network(request.param)
   path = tmp_path_factory.mktemp('edm') / f'{request.param}.pkl'
   path.write_bytes(_snapshot(net))
@@ -467,8 +481,8 @@ def _relative_error(got, want):
   return float(np.max(np.abs(np.asarray(got) - want)) / np.max(np.abs(want)))
 
 
-def _torch(*arrays, dtype=torch.float64):
-  return [None if a is None else torch.from_numpy(a).to(dtype) for a in arrays]
+def _torch(*arrays, dtype=None):
+  return [None if a is None else torch.from_numpy(a).to(dtype or torch.float64) for a in arrays]
 
 
 def _tolerance(float32_error):
@@ -540,7 +554,7 @@ def test_fourier_frequencies_are_read_and_never_trained(tmp_path):
   assert not np.any(grads['map_noise']['freqs']) and np.any(grads['map_layer0']['kernel'])
 
 
-def test_default_layout_is_unchanged():
+def test_without_torch_default_layout_is_unchanged():
   """The 'edm' layout is an option: the default NCSNpp / ADM parameter trees are cm_jax's own."""
   for name in ('ncsnpp', 'adm'):
     model = models.build_model(dict(name=name, channels=16, channel_mult=(1, 2), num_res_blocks=1,
@@ -561,7 +575,7 @@ class _Evil:
     return os.system, ('echo the pickle ran a command',)
 
 
-def test_a_pickle_that_runs_code_is_refused(tmp_path):
+def test_without_torch_a_pickle_that_runs_code_is_refused(tmp_path):
   path = tmp_path / 'evil.pkl'
   path.write_bytes(pickle.dumps(dict(ema=_Evil())))
   with pytest.raises(ValueError, match=r'refusing the global (posix|os|nt)\.system') as info:
@@ -578,7 +592,47 @@ def test_the_embedded_source_is_never_run(tmp_path):
   assert 'module_src' not in obj['ema'].state
 
 
-def test_missing_file(tmp_path):
+# A committed EDM pickle written by the reference (`python tests/test_checkpoints.py` rewrites it): NCSN++ (Fourier,
+# residual encoder, [1, 3, 3, 1]) with class and augmentation labels under EDMPrecond, 8x8 images, and its float64
+# outputs, so the loader is tested without PyTorch.
+FIXTURE_CASE = (EDMPrecond, dict(model_type='SongUNet', label_dim=3, augment_dim=2, model_channels=4,
+                                 channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], embedding_type='fourier',
+                                 channel_mult_noise=2, encoder_type='residual', resample_filter=[1, 3, 3, 1]))
+FIXTURE = os.path.join(DATA, 'tiny_edm_ncsnpp.pkl')
+FIXTURE_OUTPUTS = os.path.join(DATA, 'tiny_edm_ncsnpp_outputs.npz')
+
+
+def _write_fixture():
+  torch.manual_seed(0)
+  cls, kwargs = FIXTURE_CASE
+  net = cls(img_resolution=8, img_channels=3, **kwargs).eval()
+  with open(FIXTURE, 'wb') as f:
+    f.write(_dumps(dict(ema=net, loss_fn=None, augment_pipe=None, dataset_kwargs=dict(resolution=8))))
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
+  labels, onehot = np.array([0, 2, -1, 1]), np.zeros((4, 3), np.float32)
+  onehot[[0, 1, 3], [0, 2, 1]] = 1
+  augment = rng.standard_normal((4, 2)).astype(np.float32)
+  with torch.no_grad():
+    d = net.double()(*_torch(x, SIGMAS, onehot, augment)).numpy()
+  np.savez(FIXTURE_OUTPUTS, x=x.transpose(0, 2, 3, 1), sigma=SIGMAS, labels=labels, augment=augment,
+           denoised=d.transpose(0, 2, 3, 1))
+
+
+def test_without_torch_a_committed_edm_pickle_loads(tmp_path):
+  expected = np.load(FIXTURE_OUTPUTS)
+  edm_net = checkpoints.load_edm(FIXTURE)
+  assert edm_net.preconditioning['name'] == 'edm' and edm_net.model_config['augment_dim'] == 2
+  got = np.asarray(edm_net.denoise(expected['x'], expected['sigma'], expected['labels'], expected['augment']))
+  for i in range(len(got)):
+    assert _relative_error(got[i], expected['denoised'][i]) < 1e-5, expected['sigma'][i]
+  data = open(FIXTURE, 'rb').read()
+  (tmp_path / 'truncated.pkl').write_bytes(data[:len(data) * 2 // 3])
+  with pytest.raises(ValueError, match='is not a readable pickle of PyTorch modules'):
+    checkpoints.load_edm(tmp_path / 'truncated.pkl')
+
+
+def test_without_torch_missing_file(tmp_path):
   with pytest.raises(FileNotFoundError, match='No file at'):
     checkpoints.load_edm(tmp_path / 'nothing.pkl')
 
@@ -627,7 +681,7 @@ def test_a_tensor_that_does_not_fit_is_named(tmp_path):
 # reference runs it in float64, the exact function.)
 
 
-class GDResBlock(torch.nn.Module):
+class GDResBlock(Module):
 
   def __init__(self, cin, emb, cout, scale_shift, up=False, down=False):
     super().__init__()
@@ -656,7 +710,7 @@ class GDResBlock(torch.nn.Module):
     return self.skip_connection(x) + h
 
 
-class GDAttention(torch.nn.Module):
+class GDAttention(Module):
 
   def __init__(self, channels, head_channels):
     super().__init__()
@@ -674,7 +728,7 @@ class GDAttention(torch.nn.Module):
     return x + self.proj_out(a)
 
 
-class GDDownsample(torch.nn.Module):
+class GDDownsample(Module):
 
   def __init__(self, channels):
     super().__init__()
@@ -684,7 +738,7 @@ class GDDownsample(torch.nn.Module):
     return self.op(x)
 
 
-class GDUpsample(torch.nn.Module):
+class GDUpsample(Module):
 
   def __init__(self, channels):
     super().__init__()
@@ -694,7 +748,7 @@ class GDUpsample(torch.nn.Module):
     return self.conv(F.interpolate(x, scale_factor=2, mode='nearest'))
 
 
-class GDUNet(torch.nn.Module):
+class GDUNet(Module):
 
   def __init__(self, image_size, channels, num_res_blocks, attention_resolutions, channel_mult, num_classes,
                head_channels, scale_shift, resblock_updown):
@@ -846,3 +900,7 @@ def test_cm_state_dict_of_another_architecture_is_named(tmp_path):
     checkpoints.load_cm(path, CM_CASES['lsun_like'][1], resolution=RES)
   with pytest.raises(FileNotFoundError):
     checkpoints.load_cm(tmp_path / 'missing.pt')
+
+
+if __name__ == '__main__':
+  _write_fixture()
