@@ -8,7 +8,8 @@ searched in their '/'-joined parameter paths ('block_0/dense_1/kernel'), as the 
 
 Training runs the un-merged form (`apply_unmerged`: the base kernels stay as they are and each adapted layer adds its
 low-rank branch); sampling and export merge (`merge`), and several adapters combine by a weighted sum of their
-updates (LCM-LoRA's "acceleration vector" plus a style LoRA).
+updates (LCM-LoRA's "acceleration vector" plus a style LoRA). cm_jax.formats.lora writes adapters of a diffusers
+network as the LoRA file diffusers' load_lora_weights reads, and reads such files (PEFT, older diffusers, kohya keys).
 """
 
 import re
@@ -91,13 +92,14 @@ def apply_unmerged(model: nn.Module, params: LoRAParams, *args, **kwargs):
   """model.apply with the base parameters, each adapted Dense / Conv adding its branch scale (x A) B
   (conv: scale conv(x, A) B, A with the layer's window, strides and padding)."""
   adapters = flax.traverse_util.flatten_dict(params.adapters, sep='/', is_leaf=_is_adapter)
+  in_branch = []  # set while the branch's own Conv runs: its path is empty too, and must not be adapted
 
   def interceptor(next_fun, call_args, call_kwargs, context):
     out = next_fun(*call_args, **call_kwargs)
     module = context.module
-    if context.method_name != '__call__' or not isinstance(module, (nn.Dense, nn.Conv)):
+    if in_branch or context.method_name != '__call__' or not isinstance(module, (nn.Dense, nn.Conv)):
       return out
-    adapter = adapters.get('/'.join(module.path) + '/kernel')
+    adapter = adapters.get('/'.join((*module.path, 'kernel')))  # a top-level layer's path is empty: 'kernel'
     if adapter is None:
       return out
     x = call_args[0]
@@ -105,9 +107,13 @@ def apply_unmerged(model: nn.Module, params: LoRAParams, *args, **kwargs):
     if isinstance(module, nn.Dense):
       low = jnp.dot(x.astype(out.dtype), a)
     else:
-      low = nn.Conv(a.shape[-1], module.kernel_size, strides=module.strides, padding=module.padding,
-                    input_dilation=module.input_dilation, kernel_dilation=module.kernel_dilation, use_bias=False,
-                    dtype=out.dtype, parent=None).apply({'params': {'kernel': a}}, x)
+      in_branch.append(True)
+      try:
+        low = nn.Conv(a.shape[-1], module.kernel_size, strides=module.strides, padding=module.padding,
+                      input_dilation=module.input_dilation, kernel_dilation=module.kernel_dilation, use_bias=False,
+                      dtype=out.dtype, parent=None).apply({'params': {'kernel': a}}, x)
+      finally:
+        in_branch.pop()
     return out + params.scale * jnp.dot(low, b)
 
   with nn.intercept_methods(interceptor):
