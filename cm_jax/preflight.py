@@ -55,6 +55,9 @@ from cm_jax import sharding
 from cm_jax import train
 from cm_jax.data import source as source_lib
 from cm_jax.data import toy
+from cm_jax.formats import diffusers as diffusers_format
+from cm_jax.models import clip_text
+from cm_jax.models import sd_configs
 from cm_jax.models.apply import without_guidance
 
 GIB = 2**30
@@ -120,10 +123,23 @@ def topology(name: str) -> Topology:
 # The experiment, abstract: nothing is read.
 # ----------------------------------------------------------------------------------------------------------
 class ShapeSource(NamedTuple):
-  """A data source known by its record shape and dtype alone (what train.Experiment reads of a source)."""
+  """A data source known by its record shape and dtype alone (what train.Experiment reads of a source); a captioned
+  source's records also hold 'caption_ids' int32 `caption_shape` ([k, 77]: one row per tokenizer)."""
   shape: tuple
   dtype: np.dtype
   num_classes: int
+  caption_shape: Optional[tuple] = None
+
+
+CAPTIONED_PIXELS = ('captioned_folder', 'webdataset')  # uint8 images of data.image_size, with captions
+CAPTION_LENGTH = 77  # CLIP's context: every SD tokenizer pads / truncates to it
+
+
+def _side(data) -> int:
+  if not data.image_size:
+    raise ValueError(f'data.image_size=0 keeps {data.name!r}\'s stored size, which the pre-flight does not read: '
+                     'set --config.data.image_size.')
+  return int(data.image_size)
 
 
 def data_record(data) -> tuple[tuple, np.dtype]:
@@ -131,11 +147,11 @@ def data_record(data) -> tuple[tuple, np.dtype]:
   toy points and digits), from the data set's description, without reading a record."""
   if data.name in toy.NAMES:
     return (2,), np.dtype(np.float32)
-  if data.name == 'image_folder':
-    if not data.image_size:
-      raise ValueError('data.image_size=0 keeps an image folder\'s stored size, which the pre-flight does not read: '
-                       'set --config.data.image_size.')
-    return (data.image_size, data.image_size, 3), np.dtype(np.uint8)
+  if data.name == 'captioned_digits':  # held in memory as floats, like the digits
+    source_lib.check_stored_size(data.name, (8, 8, 1), data.image_size)
+    return (8, 8, 1), np.dtype(np.float32)
+  if data.name in ('image_folder', 'prompts') + CAPTIONED_PIXELS:  # prompts: the resolution a sampling run draws
+    return (_side(data), _side(data), 3), np.dtype(np.uint8)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from cm_jax.data import digits  # pylint: disable=g-import-not-at-top
   name = digits.CmJaxDigits.name if data.name == 'digits' else data.name
@@ -157,10 +173,104 @@ def _autoencoder_config(path: str) -> tuple[dict, str]:
                           'is not supported yet: point latent.autoencoder at the VAE folder or the exported run.')
 
 
-def abstract_space(config, mesh):
-  """(space, source) as latents.build gives them, with nothing read: pixels of config.data's shape, or the latent
+class _FixedTokens(latents.Pipeline):
+  """A pipeline known by its config files: every prompt tokenises to BOS then EOS padding (the pre-flight compiles
+  the step; which ids flow through it does not change its cost)."""
+
+  def tokenize(self, prompts) -> np.ndarray:
+    ids = np.full((len(prompts), len(self.text_encoders), CAPTION_LENGTH), 49407, np.int32)
+    ids[..., 0] = 49406
+    return ids
+
+
+def pipeline_configs(config, sd_architecture: str = '') -> tuple[dict, str, bool]:
+  """({'unet', 'vae' (None: a pixel pipeline), 'text_encoders', 'scheduler'} config dicts, where from, whether from a
+  folder) of a text-to-image run: latent.pipeline's config files (model_index.json and each component's config; no
+  weights are read), else the public architecture sd_configs.ARCHITECTURES[sd_architecture] (empty: guessed from
+  data.image_size and the prediction, sd_configs.guess)."""
+  from cm_jax import digits_pipeline  # pylint: disable=g-import-not-at-top
+  from cm_jax import text_latents  # pylint: disable=g-import-not-at-top
+  path = config.latent.get('pipeline', '') if config.get('latent') is not None else ''
+  if not path:
+    name = sd_architecture or sd_configs.guess(int(config.data.get('image_size', 0) or 0),
+                                               config.parameterization.get('prediction', 'epsilon'))
+    return dict(sd_configs.architecture(name)), f'the public {name} architecture (cm_jax/models/sd_configs.py)', False
+  folder = epath.Path(digits_pipeline.ensure() if path == text_latents.DIGITS else path)
+  index_path = folder / latents.PIPELINE_INDEX
+  if not index_path.exists():
+    raise FileNotFoundError(f'latent.pipeline={path!r} has no {latents.PIPELINE_INDEX}: the pre-flight reads the '
+                            'pipeline\'s config files (no weights); leave latent.pipeline empty to use a public '
+                            f'architecture (--sd_architecture, one of {sorted(sd_configs.ARCHITECTURES)}).')
+  index = diffusers_format.read_json(index_path)
+  present = {n for n, spec in index.items() if not n.startswith('_') and isinstance(spec, list) and spec[0]}
+  read = lambda *parts: diffusers_format.read_json(folder.joinpath(*parts))
+  encoders = sorted(n for n in present if n.startswith('text_encoder'))
+  return (dict(unet=read('unet', latents.CONFIG_FILE),
+               vae=read('vae', latents.CONFIG_FILE) if 'vae' in present else None,
+               text_encoders=tuple(read(n, latents.CONFIG_FILE) for n in encoders),
+               scheduler=diffusers_format.read_json(folder / diffusers_format.SCHEDULER_CONFIG)), str(folder), True)
+
+
+def abstract_text_space(config, mesh, sd_architecture: str = ''):
+  """(text_latents.TextLatentSpace, ShapeSource) of a text-to-image run (latent.pipeline or model.name='sd_unet')
+  with nothing read but config files: the VAE and the text encoders built from their configs with abstract
+  (replicated) parameters, the UNet config the network's (models.build_model), captions as [k, 77] ids."""
+  from cm_jax import text_latents  # pylint: disable=g-import-not-at-top
+  latent = config.latent
+  if latent.get('autoencoder') or latent.get('cache') or latent.get('normalization',
+                                                                    'scaling_factor') != 'scaling_factor':
+    raise ValueError('a text-to-image run brings its pipeline\'s VAE, encoded on the fly: leave latent.autoencoder '
+                     'and latent.cache empty and latent.normalization=scaling_factor.')
+  configs, where, from_folder = pipeline_configs(config, sd_architecture)
+  replicated = sharding.replicated(mesh)
+  place = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), tree)
+  encoders = []
+  for i, c in enumerate(configs['text_encoders']):
+    module = clip_text.module_from_config(c, f'{where}: text encoder {i}')
+    params = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))['params']
+    encoders.append(clip_text.TextEncoder(module, place(params), c, where))
+  autoencoder = None
+  if configs['vae'] is not None:
+    vae = configs['vae']
+    module = latents.module_from_config(vae, f'{where}: vae')
+    side = 2 * module.downsampling
+    params = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, side, side, module.in_channels)))
+    autoencoder = latents.Autoencoder(module, place(params['params']), vae.get('scaling_factor', 0.18215),
+                                      vae.get('shift_factor'), where)
+  pipe = _FixedTokens(path=where, autoencoder=autoencoder, unet_module=None, unet_params=None,
+                      unet_config=dict(configs['unet']), text_encoders=tuple(encoders),
+                      tokenizers=(None,) * len(encoders),
+                      process=latents.process_from_scheduler(configs['scheduler'], f'{where}: scheduler'),
+                      timestep_spacing=configs['scheduler'].get('timestep_spacing', 'leading'))
+  if from_folder:
+    text_latents.check_process(config, pipe)
+  shape, dtype = data_record(config.data)
+  if autoencoder is None:  # a pixel pipeline: the UNet's channels
+    shape = shape[:2] + (int(configs['unet'].get('in_channels', 4)),)
+  params = {'autoencoder': autoencoder and autoencoder.params, 'text_encoders': tuple(e.params for e in encoders)}
+  if autoencoder is None:
+    space = latents.PixelSpace(shape)
+  else:
+    space = latents.LatentSpace(autoencoder, autoencoder.module.latent_shape(shape), 'scaling_factor', True,
+                                latent.get('posterior', 'mean'), None, params['autoencoder'])
+  text = text_latents.TextLatentSpace(space, pipe, int(shape[0]), float(latent.get('caption_dropout', 0.0)), params)
+  num_classes = int(config.model.get('num_classes', 0))
+  return text, ShapeSource(shape, dtype, num_classes, (len(encoders), CAPTION_LENGTH))
+
+
+def text_to_image(config) -> bool:
+  """Whether `config` is a text-to-image run: latent.pipeline names a pipeline, or the network is an SD UNet."""
+  latent = config.get('latent')
+  return bool(latent is not None and latent.get('pipeline')) or config.model.get('name') == 'sd_unet'
+
+
+def abstract_space(config, mesh, sd_architecture: str = ''):
+  """(space, source) as latents.build gives them, with nothing read: pixels of config.data's shape, the latent
   space of an autoencoder built from its config.json with abstract (replicated) parameters and placeholder cache
-  statistics (zero mean, unit scale)."""
+  statistics (zero mean, unit scale), or a text-to-image run's space (abstract_text_space; `sd_architecture` picks
+  the public architecture when the config names no latent.pipeline)."""
+  if text_to_image(config):
+    return abstract_text_space(config, mesh, sd_architecture)
   (shape, dtype), latent = data_record(config.data), config.get('latent')
   num_classes = int(config.model.get('num_classes', 0))
   if latent is None or not latent.autoencoder:
@@ -186,9 +296,10 @@ def abstract_space(config, mesh):
   return space, ShapeSource(shape, dtype, num_classes)
 
 
-def experiment(config, devices) -> train.Experiment:
+def experiment(config, devices, sd_architecture: str = '') -> train.Experiment:
   """train.Experiment of `config` on `devices` with its space and source from `abstract_space`."""
-  return train.Experiment(config, devices, build_space=abstract_space)
+  build = lambda c, mesh: abstract_space(c, mesh, sd_architecture)
+  return train.Experiment(config, devices, build_space=build)
 
 
 def _as_first_ema(params, exp: train.Experiment):
@@ -209,10 +320,15 @@ def abstract_teacher(exp: train.Experiment):
 
 
 def abstract_batch(exp: train.Experiment) -> dict:
-  """One global batch as the pipeline gives it: {'image', 'label'}, split over the mesh."""
+  """One global batch as the pipeline gives it: {'image', 'label'} (and a captioned source's 'caption_ids'), split
+  over the mesh."""
   size, where = exp.config.train.batch_size, exp.batch_sharding
-  return {'image': jax.ShapeDtypeStruct((size,) + tuple(exp.source.shape), exp.source.dtype, sharding=where),
-          'label': jax.ShapeDtypeStruct((size,), jnp.int32, sharding=where)}
+  batch = {'image': jax.ShapeDtypeStruct((size,) + tuple(exp.source.shape), exp.source.dtype, sharding=where),
+           'label': jax.ShapeDtypeStruct((size,), jnp.int32, sharding=where)}
+  caption_shape = getattr(exp.source, 'caption_shape', None)
+  if caption_shape is not None:
+    batch['caption_ids'] = jax.ShapeDtypeStruct((size,) + tuple(caption_shape), jnp.int32, sharding=where)
+  return batch
 
 
 def shard_bytes(tree) -> int:
@@ -333,11 +449,12 @@ def _largest_inputs(inputs, count: int = 8) -> list:
 
 
 def run(config, topology_name: str, cache_dir: Optional[str] = None, hbm_gib: Optional[float] = None,
-        config_name: str = 'config', sampler: bool = True) -> Report:
+        config_name: str = 'config', sampler: bool = True, sd_architecture: str = '') -> Report:
   """The pre-flight of `config` on a topology: builds the abstract experiment, compiles and analyses its train step
-  and (when the step fits and `sampler`) its sampler at its fewest steps."""
+  and (when the step fits and `sampler`) its sampler at its fewest steps. `sd_architecture`: the public Stable
+  Diffusion architecture of a text-to-image config without latent.pipeline (sd_configs.ARCHITECTURES)."""
   topo = topology(topology_name)
-  exp = experiment(config, topo.devices)  # the batch divides over the chips, hence over their hosts
+  exp = experiment(config, topo.devices, sd_architecture)  # the batch divides over the chips, hence over their hosts
   state, batch = exp.abstract_state, abstract_batch(exp)
   frozen = exp.frozen(abstract_teacher(exp), abstract=True)
   report = Report(config_name, topo, exp, topo.chip.hbm_gib if hbm_gib is None else hbm_gib, shard_bytes(state),
@@ -356,7 +473,13 @@ def run(config, topology_name: str, cache_dir: Optional[str] = None, hbm_gib: Op
   params = state.ema[0] if same else _as_first_ema(params, exp)
   key = jax.eval_shape(jax.random.PRNGKey, 0)
   rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
-  lowered = exp.draw_fn().lower(params, exp.space.params, rng, batch=config.train.batch_size, num_steps=report.sample_steps)
+  text = None
+  if exp.text_conditioned:  # the prompts' ids [B, k, 77] and the negative prompt's [k, 77]
+    k = len(exp.space.pipe.text_encoders)
+    text = (jax.ShapeDtypeStruct((config.train.batch_size, k, CAPTION_LENGTH), jnp.int32, sharding=exp.batch_sharding),
+            jax.ShapeDtypeStruct((k, CAPTION_LENGTH), jnp.int32, sharding=replicated))
+  lowered = exp.draw_fn().lower(params, exp.space.params, rng, batch=config.train.batch_size,
+                                num_steps=report.sample_steps, text=text)
   try:
     report.sampler = compile_and_analyse(lowered, topo, cache_dir)
   except OutOfMemory as e:
@@ -390,6 +513,10 @@ def describe(report: Report) -> list[str]:
            f'chips of {chip.name} ({chip.hbm_gib:g} GiB HBM, {chip.peak_tflops:g} TFLOP/s bf16 peak each), '
            f'{topo.num_hosts} host(s); mesh {mesh}; global batch {batch} ({batch // chips} per chip); state '
            f'{_gib(report.state_bytes)} per chip']
+  if exp.text_conditioned:
+    lines.append(f'text-to-image: the networks of {exp.space.pipe.path}; model.dtype={c.model.get("dtype")} '
+                 f'remat={c.model.get("remat")} attention_kernel={c.model.get("attention_kernel")}; the '
+                 f'{len(exp.space.pipe.text_encoders)} text encoder(s) and the VAE encoder run inside the step')
   step = report.step
   if step is None:
     lines.append(f'train step: the compiler refused it: {report.refused}')
@@ -446,6 +573,10 @@ def define_flags() -> None:
   flags.DEFINE_string('cache_dir', None, 'Persistent compilation cache directory (and pre-flight records).')
   flags.DEFINE_float('hbm_gib', None, 'Per-chip capacity to check against instead of the chip\'s HBM.')
   flags.DEFINE_bool('sampler', True, 'Also compile the sampler (its bytes beside the training inputs count).')
+  flags.DEFINE_enum('sd_architecture', '', [''] + sorted(sd_configs.ARCHITECTURES),
+                    'A text-to-image config without latent.pipeline: the public Stable Diffusion architecture to '
+                    'compile (cm_jax/models/sd_configs.py); empty: sdxl at data.image_size >= 1024, sd21_base for '
+                    'v-prediction, else sd15.')
   flags.mark_flags_as_required(['config', 'topology'])
 
 
@@ -456,7 +587,7 @@ def main(argv):
   start_jax(cpu_count(f.topology), f.cache_dir)
   name = config_flags.get_config_filename(f['config'])
   try:
-    report = run(f.config, f.topology, f.cache_dir, f.hbm_gib, name, f.sampler)
+    report = run(f.config, f.topology, f.cache_dir, f.hbm_gib, name, f.sampler, f.sd_architecture)
   except (ValueError, FileNotFoundError, ImportError) as e:
     print(f'cm_jax: error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)
