@@ -113,8 +113,11 @@ def _rebuild_parameter(data, *unused):
 
 
 def _load_storage_bytes(data):
-  """Stands in for torch.storage._load_from_bytes: the flat array of a legacy torch.save stream of one storage."""
-  storage, storages = _read_legacy(bytes(data))
+  """Stands in for torch.storage._load_from_bytes: the flat array of a legacy torch.save stream of one storage (a
+  read-only view of the pickle's bytes, not a copy)."""
+  if not isinstance(data, (bytes, bytearray)):
+    raise pickle.UnpicklingError('an inline storage that is not bytes')
+  storage, storages = _read_legacy(data)
   if not isinstance(storage, _Storage):
     raise pickle.UnpicklingError(f'an inline storage holds a {type(storage).__name__}')
   return storages[storage.key]
@@ -204,9 +207,9 @@ def _tensor_refs(obj) -> dict:
   return obj
 
 
-def _read_zip(data: bytes):
-  """(tensor refs, {storage key: flat array}) of a zip-format file."""
-  with zipfile.ZipFile(io.BytesIO(data)) as archive:
+def _read_zip(file):
+  """(tensor refs, {storage key: flat array}) of a zip-format file (an open binary file)."""
+  with zipfile.ZipFile(file) as archive:
     pickles = [name for name in archive.namelist() if name.endswith('/data.pkl') and name.count('/') == 1]
     if not pickles:
       raise ValueError('the zip archive has no <name>/data.pkl')
@@ -219,7 +222,8 @@ def _read_zip(data: bytes):
 
 
 def _read_legacy(data: bytes):
-  """(object, {storage key: flat array}) of a legacy-format stream."""
+  """(object, {storage key: flat array}) of a legacy-format stream; the arrays view `data`."""
+  view = memoryview(data)
   with io.BytesIO(data) as f:
     if _unpickle(f) != _LEGACY_MAGIC:
       raise ValueError('it is neither a zip archive nor a legacy torch.save stream (wrong magic number)')
@@ -234,16 +238,21 @@ def _read_legacy(data: bytes):
     for key in _unpickle(f):
       if key not in dtypes:
         raise ValueError(f'storage {key} is not named by the object')
-      count = int(np.frombuffer(f.read(8), '<i8')[0])
-      raw = f.read(count * dtypes[key].itemsize)
-      if len(raw) != count * dtypes[key].itemsize:
+      header = f.read(8)
+      if len(header) != 8:
         raise ValueError(f'storage {key} is truncated')
-      storages[key] = np.frombuffer(raw, dtypes[key])
+      count, start = int(np.frombuffer(header, '<i8')[0]), f.tell()
+      end = start + count * dtypes[key].itemsize
+      if count < 0 or end > len(data):
+        raise ValueError(f'storage {key} is truncated')
+      storages[key] = np.frombuffer(view[start:end], dtypes[key])
+      f.seek(end)
     return obj, storages
 
 
-def _materialize(ref: _TensorRef, storages: dict) -> np.ndarray:
-  """A copy of the strided view ref of its flat storage, after checking that it lies inside it."""
+def _materialize(ref: _TensorRef, storages: dict, copy: bool = True) -> np.ndarray:
+  """The strided view ref of its flat storage, after checking that it lies inside it: a copy, or with copy=False
+  the storage itself (read-only) where the tensor is all of it, contiguous."""
   flat = storages[ref.storage.key] if isinstance(ref.storage, _Storage) else ref.storage
   if not isinstance(flat, np.ndarray):
     raise ValueError(f'a tensor whose storage is a {type(flat).__name__}')
@@ -251,19 +260,17 @@ def _materialize(ref: _TensorRef, storages: dict) -> np.ndarray:
     last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride))
     if ref.offset < 0 or min(ref.stride, default=0) < 0 or last >= len(flat):
       raise ValueError('a tensor view reaches outside its storage')
+  size = int(np.prod(ref.shape, dtype=np.int64))
+  contiguous = tuple(ref.stride) == tuple(int(np.prod(ref.shape[i + 1:], dtype=np.int64))
+                                         for i in range(len(ref.shape)))
+  if not copy and ref.offset == 0 and size == len(flat) and contiguous:
+    return flat.reshape(ref.shape)
   view = np.lib.stride_tricks.as_strided(flat[ref.offset:], ref.shape, [s * flat.itemsize for s in ref.stride])
   return view.copy()
 
 
 def _cause(e: Exception) -> str:
   return ' '.join(str(e).split()) or type(e).__name__
-
-
-def _read_bytes(path) -> bytes:
-  path = epath.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f'No file at {path}.')
-  return path.read_bytes()
 
 
 def load_state_dict(path) -> dict[str, np.ndarray]:
@@ -273,13 +280,18 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
     FileNotFoundError: no file at `path`.
     ValueError: the file is not a torch.save file of a dict of tensors (one line, naming the cause).
   """
-  data = _read_bytes(path)
+  path = epath.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f'No file at {path}.')
   try:
-    if zipfile.is_zipfile(io.BytesIO(data)):
-      refs, storages = _read_zip(data)
-    else:
-      obj, storages = _read_legacy(data)
-      refs = _tensor_refs(obj)
+    with path.open('rb') as f:
+      if zipfile.is_zipfile(f):  # read member by member, not whole
+        f.seek(0)
+        refs, storages = _read_zip(f)
+      else:
+        f.seek(0)
+        obj, storages = _read_legacy(f.read())
+        refs = _tensor_refs(obj)
     return {name: _materialize(ref, storages) for name, ref in refs.items()}
   except Exception as e:  # Pickle, zip, IO and layout errors alike.
     raise ValueError(f'{path} is not a readable PyTorch state dict: {_cause(e)}') from e
@@ -287,15 +299,19 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
 
 def load_module_pickle(path):
   """The object of a plain pickle of torch modules at `path` (e.g. an EDM network snapshot), with tensors as
-  numpy arrays, modules as PersistentObject / Record states; no code from the file is imported or run.
+  numpy arrays (read-only where a tensor is its whole storage), modules as PersistentObject / Record states; no
+  code from the file is imported or run.
 
   Raises:
     FileNotFoundError: no file at `path`.
     ValueError: the file is not such a pickle, or it names a global outside the allowed ones (one line).
   """
-  data = _read_bytes(path)
+  path = epath.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f'No file at {path}.')
   try:
-    obj = _RestrictedUnpickler(io.BytesIO(data), _MODULE_GLOBALS, records=True).load()
+    with path.open('rb') as f:  # streamed: each storage's bytes are read once, into the object they become
+      obj = _RestrictedUnpickler(f, _MODULE_GLOBALS, records=True).load()
     return _materialize_tree(obj)
   except Exception as e:
     raise ValueError(f'{path} is not a readable pickle of PyTorch modules: {_cause(e)}') from e
@@ -305,7 +321,7 @@ def _materialize_tree(obj):
   """obj with every tensor reference replaced by its array (in dicts, lists, tuples, records and persistent
   objects)."""
   if isinstance(obj, _TensorRef):
-    return _materialize(obj, {})
+    return _materialize(obj, {}, copy=False)
   if isinstance(obj, PersistentObject):
     return PersistentObject(obj.class_name, _materialize_tree(obj.state))
   if isinstance(obj, Record):
