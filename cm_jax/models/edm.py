@@ -30,7 +30,6 @@ from cm_jax.models import attention as attention_lib
 from cm_jax.models.blocks import resample
 from cm_jax.models.layers import adaptive_norm, feature_norm
 
-ENCODER_TYPES = ('standard', 'residual')  # SongUNet's encoder_type (EDM's 'skip' encoder is not built)
 DECODER_TYPES = ('standard', 'skip')  # SongUNet's decoder_type
 
 

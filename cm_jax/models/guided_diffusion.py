@@ -9,7 +9,6 @@ code's rescaled time), class labels through an embedding table added after time_
 conv, attention heads of head_dim channels with the qkv channels ordered (q|k|v, head, channel).
 """
 
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -103,6 +102,9 @@ def unet(net, x, c_noise, cond, train, guidance):
                      f'cond is {"None" if cond is None else "given"}.')
   if jnp.dtype(net.dtype) != jnp.float32 or net.norm != 'group' or net.remat or net.augment_dim:
     raise ValueError("model.layout='guided_diffusion' runs in float32 with GroupNorm, without remat or augment_dim.")
+  if net.time_embedding != 'positional':
+    raise ValueError("model.layout='guided_diffusion' has the positional embedding only; "
+                     f'model.time_embedding={net.time_embedding!r}.')
   if net.adaptive_norm not in ('scale_shift', 'shift'):
     raise ValueError("model.layout='guided_diffusion' takes adaptive_norm 'scale_shift' or 'shift'.")
   levels = len(net.channel_mult)
