@@ -160,7 +160,7 @@ class Pipeline:
   """A Stable Diffusion pipeline (SD 1.x / 2.x: one CLIP text tower; SDXL: two, and the pooled text_time input).
 
   Attributes:
-    autoencoder: the VAE (latents.Autoencoder).
+    autoencoder: the VAE (latents.Autoencoder), or None for a pipeline of pixels (model_index.json's vae null).
     unet_module, unet_params, unet_config: the UNet2DConditionModel, its parameters and its diffusers config.
     text_encoders, tokenizers: one per `text_encoder*` / `tokenizer*` component, in the pipeline's order.
     process: the scheduler's noise process as the project's VP (betas, num_train_timesteps, prediction type).
@@ -254,10 +254,11 @@ def load_diffusers_pipeline(path, lora=None, lora_scale: float = 1.0) -> Pipelin
                             'DiffusionPipeline.save_pretrained writes (vae/, unet/, text_encoder/, tokenizer/, ...).')
   index = diffusers_format.read_json(folder / PIPELINE_INDEX)
   components = {name: spec for name, spec in index.items() if not name.startswith('_') and isinstance(spec, list)}
-  for needed in ('vae', 'unet', 'scheduler'):
+  for needed in ('unet', 'scheduler'):
     if needed not in components or components[needed][0] is None:
       raise ValueError(f'{folder / PIPELINE_INDEX} lists no {needed!r} component; cm_jax reads Stable Diffusion '
                        'pipelines (vae, unet, text_encoder(s), tokenizer(s), scheduler).')
+  has_vae = 'vae' in components and components['vae'][0] is not None  # none: a pixel-space pipeline
   for name, spec in components.items():
     if spec[0] is not None and not (folder / name).exists():
       raise FileNotFoundError(f'{folder / PIPELINE_INDEX} lists {name!r} but {folder / name} does not exist.')
@@ -271,7 +272,8 @@ def load_diffusers_pipeline(path, lora=None, lora_scale: float = 1.0) -> Pipelin
     unet_params = lora_lib.merge(unet_params, (adapters, lora_scale * scale))
   scheduler = folder / _SCHEDULER_CONFIG
   schedule = diffusers_format.read_json(scheduler)
-  return Pipeline(path=str(folder), autoencoder=load_diffusers_autoencoder(folder / 'vae'), unet_module=unet_module,
+  autoencoder = load_diffusers_autoencoder(folder / 'vae') if has_vae else None
+  return Pipeline(path=str(folder), autoencoder=autoencoder, unet_module=unet_module,
                   unet_params=unet_params, unet_config=unet_config,
                   text_encoders=tuple(clip_text.load_text_encoder(folder / n) for n in encoders),
                   tokenizers=tuple(clip_text.load_tokenizer(folder / n) for n in tokenizers),

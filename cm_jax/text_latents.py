@@ -23,6 +23,7 @@ import numpy as np
 from etils import epath
 
 from cm_jax import data as data_lib
+from cm_jax import digits_pipeline
 from cm_jax import latents
 from cm_jax.data import captions
 from cm_jax.models.apply import TextCondition
@@ -51,9 +52,9 @@ def check_process(config, pipe: latents.Pipeline) -> None:
 
 @dataclasses.dataclass
 class TextLatentSpace:
-  """latents.LatentSpace (on the fly, scaling_factor) plus the pipeline's text encoders; params = {'autoencoder':
-  the VAE's, 'text_encoders': one tree per encoder}."""
-  latent: latents.LatentSpace
+  """latents.LatentSpace (on the fly, scaling_factor; a PixelSpace when the pipeline has no VAE) plus the pipeline's
+  text encoders; params = {'autoencoder': the VAE's or None, 'text_encoders': one tree per encoder}."""
+  latent: Any  # latents.LatentSpace, or latents.PixelSpace for a pipeline without a VAE
   pipe: latents.Pipeline
   side: int  # the data's pixel resolution (SDXL's time ids)
   caption_dropout: float
@@ -112,6 +113,7 @@ class TextLatentSpace:
     return dict(self.latent.describe(), pipeline=str(epath.Path(self.pipe.path).resolve()))
 
 
+DIGITS = 'digits'  # latent.pipeline of the built-in pixel pipeline of the captioned digits (digits_pipeline.py)
 PROMPTS = 'prompts'  # data.name of a run that only samples: the prompts of sampling.prompts, no images
 
 
@@ -159,7 +161,7 @@ def _source(config, pipe: latents.Pipeline):
     raise ValueError(f"data.name='{PROMPTS}' samples the prompts of sampling.prompts at data.image_size pixels: set "
                      f'both (got {config.sampling.prompts!r}, {config.data.image_size}).')
   side = int(config.data.image_size)
-  channels = int(pipe.autoencoder.module.in_channels)
+  channels = int(pipe.autoencoder.module.in_channels if pipe.autoencoder else pipe.unet_config['in_channels'])
   return PromptSource(tuple(read_prompts(config.sampling.prompts)), (side, side, channels))
 
 
@@ -171,13 +173,17 @@ def build(config, mesh=None):
                      'latent.autoencoder and latent.cache empty and latent.normalization=scaling_factor.')
   if not 0.0 <= latent.caption_dropout < 1.0:
     raise ValueError(f'latent.caption_dropout={latent.caption_dropout} must be in [0, 1).')
-  pipe = pipeline(str(epath.Path(latent.pipeline).resolve()))
+  pipe = pipeline(str(digits_pipeline.ensure() if latent.pipeline == DIGITS else epath.Path(latent.pipeline).resolve()))
   check_process(config, pipe)
   source = _source(config, pipe)
-  params = {'autoencoder': pipe.autoencoder.params, 'text_encoders': tuple(e.params for e in pipe.text_encoders)}
+  params = {'autoencoder': pipe.autoencoder and pipe.autoencoder.params,
+            'text_encoders': tuple(e.params for e in pipe.text_encoders)}
   if mesh is not None:
     params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  space = latents.LatentSpace(pipe.autoencoder, pipe.autoencoder.module.latent_shape(source.shape), 'scaling_factor',
-                              True, latent.posterior, None, params['autoencoder'])
+  if pipe.autoencoder is None:
+    space = latents.PixelSpace(source.shape)
+  else:
+    space = latents.LatentSpace(pipe.autoencoder, pipe.autoencoder.module.latent_shape(source.shape),
+                                'scaling_factor', True, latent.posterior, None, params['autoencoder'])
   return TextLatentSpace(space, pipe, int(source.shape[0]), float(latent.caption_dropout), params), source
 

@@ -229,17 +229,21 @@ class Experiment:
     mesh from the trained `params` (the objective's sample_params: LoRA merges them into the teacher)."""
     params = self.objective.sample_params(params, {'teacher': teacher_params})
     batch = self.config.train.batch_size
-    prompts = self.prompts(-(-num // batch) * batch) if self.text_conditioned else None
+    text = self.prompt_batches(-(-num // batch), batch)
     out = []
     for i in range(-(-num // batch)):
-      text = None
-      if prompts is not None:
-        text = (jnp.asarray(prompts[0][i * batch:(i + 1) * batch]), jnp.asarray(prompts[1]))
       samples = self._draw(params, self.space.params, jax.random.fold_in(jax.random.PRNGKey(seed), i), batch=batch,
-                           num_steps=num_steps, text=text)
+                           num_steps=num_steps, text=text(i))
       out.append(np.asarray(multihost_utils.process_allgather(samples, tiled=True)))
     return np.concatenate(out)[:num]
 
+
+  def prompt_batches(self, num_batches: int, batch: int):
+    """i -> the `text` of draw's batch i: a text-to-image run's prompts (`prompts`, in order, cycled), else None."""
+    if not self.text_conditioned:
+      return lambda i: None
+    ids, negative = self.prompts(num_batches * batch)
+    return lambda i: (jnp.asarray(ids[i * batch:(i + 1) * batch]), jnp.asarray(negative))
 
   def prompts(self, num: int):
     """(ids [num, k, L], negative ids [k, L]) of a text-to-image run's first `num` prompts: sampling.prompts (one

@@ -5,48 +5,16 @@ loader that reads these folders reads a released pipeline the same way. The CLIP
 (vocab.json + merges.txt in CLIP's layout) over a few words, since no released vocabulary can be downloaded here.
 """
 
-import json
 import pathlib
+
+from cm_jax.models import clip_text
 
 WORDS = ('a', 'photo', 'of', 'cat', 'dog', 'handwritten', 'seven', 'the', 'digit', 'astronaut')
 
 
-def _bytes_to_unicode() -> list[str]:
-  """The 256 printable characters byte-level BPE maps bytes onto (GPT-2 / CLIP's table)."""
-  keep = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(range(ord('®'), ord('ÿ') + 1))
-  chars, extra = [], 0
-  for b in range(256):
-    if b in keep:
-      chars.append(chr(b))
-    else:
-      chars.append(chr(256 + extra))
-      extra += 1
-  return chars
-
-
 def write_clip_tokenizer(folder) -> pathlib.Path:
-  """A CLIPTokenizer folder: the 512 byte tokens (with and without '</w>'), merges spelling WORDS, the two specials."""
-  from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
-  folder = pathlib.Path(folder)
-  folder.mkdir(parents=True, exist_ok=True)
-  base = _bytes_to_unicode()
-  vocab = base + [c + '</w>' for c in base]
-  merges = []
-  for word in WORDS:
-    pieces = list(word[:-1]) + [word[-1] + '</w>']
-    while len(pieces) > 1:
-      merges.append(f'{pieces[0]} {pieces[1]}')
-      pieces = [pieces[0] + pieces[1]] + pieces[2:]
-      if pieces[0] not in vocab:
-        vocab.append(pieces[0])
-  merges = list(dict.fromkeys(merges))
-  vocab += ['<|startoftext|>', '<|endoftext|>']
-  (folder / 'vocab.json').write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-  (folder / 'merges.txt').write_text('#version: 0.2\n' + '\n'.join(merges) + '\n')
-  tokenizer = CLIPTokenizer(str(folder / 'vocab.json'), str(folder / 'merges.txt'), model_max_length=77,
-                            pad_token='<|endoftext|>')
-  tokenizer.save_pretrained(str(folder))
-  return folder
+  """A CLIPTokenizer folder over WORDS (clip_text.write_tokenizer)."""
+  return pathlib.Path(clip_text.write_tokenizer(folder, WORDS))
 
 
 def _perturbed(module, seed: int):

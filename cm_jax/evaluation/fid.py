@@ -205,8 +205,8 @@ def _stream(batch_fn, num_batches: int, progress_path: Optional[epath.Path], fin
 @functools.lru_cache(maxsize=16)
 def _sample_moments_fn(exp, extractor: Extractor, batch: int, num_steps: int):
   """generated_moments' jitted batch, compiled once per (run, feature network, batch, step count)."""
-  def fn(params, space_params, extractor_params, rng, first, total):
-    images = exp.draw(params, space_params, rng, batch, num_steps)
+  def fn(params, space_params, extractor_params, rng, first, total, text):
+    images = exp.draw(params, space_params, rng, batch, num_steps, text)
     return batch_moments(*extractor.apply(extractor_params, images), first, total)
   return jax.jit(fn, out_shardings=sharding.replicated(exp.mesh))
 
@@ -220,8 +220,9 @@ def generated_moments(exp, params, extractor: Extractor, num: int, num_steps: in
   fn = _sample_moments_fn(exp, extractor, batch, num_steps)
   key = jax.random.PRNGKey(seed)
   fingerprint = json.dumps([extractor.name, num, num_steps, seed, batch])
+  text = exp.prompt_batches(-(-num // batch), batch)  # a text-to-image run's prompts, batch by batch
   return _stream(
-      lambda i: fn(params, exp.space.params, extractor_params, jax.random.fold_in(key, i), i * batch, num),
+      lambda i: fn(params, exp.space.params, extractor_params, jax.random.fold_in(key, i), i * batch, num, text(i)),
       -(-num // batch), progress_path, fingerprint, save_every or -(-num // batch), what)
 
 

@@ -141,13 +141,13 @@ def to_diffusers(params) -> dict:
   return out
 
 
-def write_model(folder, params, config: dict) -> None:
-  """A diffusers model folder of Flax `params`: the safetensors first, config.json last (a folder with a config
-  holds its whole model)."""
+def write_model(folder, params, config: dict, stem: str = DIFFUSERS_STEM) -> None:
+  """A diffusers (or, with stem TRANSFORMERS_STEM, transformers) model folder of Flax `params`: the safetensors
+  first, config.json last (a folder with a config holds its whole model)."""
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
   folder = epath.Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
-  safetensors_numpy.save_file(to_diffusers(params), str(folder / f'{DIFFUSERS_STEM}.safetensors'))
+  safetensors_numpy.save_file(to_diffusers(params), str(folder / f'{stem}.safetensors'), metadata={'format': 'pt'})
   (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
 

@@ -13,6 +13,7 @@
   prefix that transformers 5 drops when it saves a bare CLIPTextModel is restored here. `load_tokenizer` / `tokenize` give the [B, 77] int32 ids the encoder reads.
 """
 
+import json
 from typing import Any
 
 from absl import logging
@@ -236,6 +237,45 @@ def load_tokenizer(path) -> Any:
     raise ValueError(f'{folder} lacks {" and ".join(missing)}: a CLIP tokenizer folder holds {list(TOKENIZER_FILES)}.')
   from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
   return CLIPTokenizer.from_pretrained(str(folder))
+
+
+def _bytes_to_unicode() -> list[str]:
+  """The 256 printable characters byte-level BPE maps bytes onto (GPT-2 / CLIP's table)."""
+  keep = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(range(ord('®'), ord('ÿ') + 1))
+  chars, extra = [], 0
+  for b in range(256):
+    if b in keep:
+      chars.append(chr(b))
+    else:
+      chars.append(chr(256 + extra))
+      extra += 1
+  return chars
+
+
+def write_tokenizer(folder, words) -> epath.Path:
+  """A CLIPTokenizer folder whose byte-level BPE spells each of `words` as one token: the 512 byte tokens (with and
+  without '</w>'), the merges of `words`, the two specials (a vocabulary made here, where none can be downloaded)."""
+  from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
+  folder = epath.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  base = _bytes_to_unicode()
+  vocab = base + [c + '</w>' for c in base]
+  merges = []
+  for word in words:
+    pieces = list(word[:-1]) + [word[-1] + '</w>']
+    while len(pieces) > 1:
+      merges.append(f'{pieces[0]} {pieces[1]}')
+      pieces = [pieces[0] + pieces[1]] + pieces[2:]
+      if pieces[0] not in vocab:
+        vocab.append(pieces[0])
+  merges = list(dict.fromkeys(merges))
+  vocab += ['<|startoftext|>', '<|endoftext|>']
+  (folder / 'vocab.json').write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+  (folder / 'merges.txt').write_text('#version: 0.2\n' + '\n'.join(merges) + '\n')
+  tokenizer = CLIPTokenizer(str(folder / 'vocab.json'), str(folder / 'merges.txt'), model_max_length=77,
+                            pad_token='<|endoftext|>')
+  tokenizer.save_pretrained(str(folder))
+  return folder
 
 
 def tokenize(tokenizer, prompts, max_length: int = 77) -> np.ndarray:
