@@ -245,25 +245,33 @@ class Experiment:
     ids, negative = self.prompts(num_batches * batch)
     return lambda i: (jnp.asarray(ids[i * batch:(i + 1) * batch]), jnp.asarray(negative))
 
-  def prompts(self, num: int):
-    """(ids [num, k, L], negative ids [k, L]) of a text-to-image run's first `num` prompts: sampling.prompts (one
-    per line, cycled) or the data's captions, and sampling.negative_prompt (or the empty prompt)."""
+  def prompt_texts(self, num: int) -> list[str]:
+    """A text-to-image run's first `num` prompts: sampling.prompts (one per line, cycled) or the data's captions."""
     c = self.config.sampling
     if c.prompts:
       lines = text_latents.read_prompts(c.prompts)
     else:
       lines = self.source.captions(np.arange(min(num, len(self.source))))
-    lines = [lines[i % len(lines)] for i in range(num)]
+    return [lines[i % len(lines)] for i in range(num)]
+
+  def prompts(self, num: int):
+    """(ids [num, k, L], negative ids [k, L]) of `prompt_texts(num)` and sampling.negative_prompt (or the empty
+    prompt)."""
+    lines, c = self.prompt_texts(num), self.config.sampling
     pipe = self.space.pipe
     return pipe.tokenize(lines), pipe.tokenize([c.negative_prompt])[0]
 
 
-def write_config(config, workdir) -> None:
-  """Writes the resolved config as JSON (process 0)."""
+def write_config(config, workdir, start_step: int = 0) -> None:
+  """Checks that `config` is the workdir's run (run_config.check: a ValueError naming the keys that define another
+  run), then records it (process 0): WORKDIR/config.json atomically, and config_history/ when it changed. Called
+  after the restore, so that a refused config or a failed restore leaves config.json as it was."""
+  from cm_jax import run_config  # pylint: disable=g-import-not-at-top
+  run_config.check(config, workdir)
   if jax.process_index() == 0:
-    path = epath.Path(workdir) / 'config.json'
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    line = run_config.write(config, workdir, start_step)
+    if line:
+      console.say(line)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -292,7 +300,6 @@ def train_and_evaluate(config, workdir: str, devices=None, name: str = ''):
   exp = Experiment(config, devices)
   workdir = epath.Path(workdir)
   console.say(describe(exp, name, workdir))
-  write_config(config, workdir)
   teacher = load_teacher(config, exp, required=exp.objective.distils is not None)
   teacher_params = None if teacher is None else teacher.params
   frozen = exp.frozen(teacher_params)
@@ -316,6 +323,7 @@ def train_and_evaluate(config, workdir: str, devices=None, name: str = ''):
       console.say('Starting from the teacher\'s parameters (teacher.init=True).')
     state = exp.init_state(teacher_params if config.teacher.init else None)
     parameter_overview.log_parameter_overview(state.params, include_stats='global', jax_logging_process=0)
+  write_config(config, workdir, start)  # after the restore: config.json changes only for this workdir's own run
 
   step_fn = exp.train_step()
 
@@ -545,6 +553,15 @@ def encode(config, workdir: str, devices=None):
   console.say(f'Wrote the latent cache {config.latent.cache}: {len(cache)} records of shape {cache.shape}.')
 
 
+def _proxy_scores(proxy, exp: Experiment, params, num: int, num_steps: int, seed: int, teacher_params=None) -> tuple:
+  """(FD,) of the digits proxy, and the caption agreement % for a text-to-image run on the captioned digits."""
+  from cm_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+  fd = report.proxy_frechet(proxy, exp, params, num, num_steps, seed, teacher_params)
+  if not (exp.text_conditioned and exp.config.data.name == 'captioned_digits'):
+    return (fd,)
+  return fd, report.caption_agreement(proxy, exp, params, num, num_steps, seed, teacher_params)
+
+
 def quality_report(exp: Experiment, state, teacher: Optional[Teacher], workdir) -> dict:
   """Frechet distance of the digits proxy for the teacher and the model, each sampled with its own sampler at its
   evaluation step counts (a diffusion teacher: sampling.teacher_steps; a consistency model: eval.steps)."""
@@ -556,9 +573,9 @@ def quality_report(exp: Experiment, state, teacher: Optional[Teacher], workdir) 
     t = teacher.experiment
     for n in t.sampler.eval_steps(t.config):
       rows.append((f'teacher ({t.sampler.label(n)})', t.sampler.nfe(t.config, n),
-                   report.proxy_frechet(proxy, t, teacher.params, c.eval.num_samples, n, c.seed + 3)))
+                   *_proxy_scores(proxy, t, teacher.params, c.eval.num_samples, n, c.seed + 3)))
   for n in exp.sampler.eval_steps(c):
     rows.append((f'{c.objective.name} ({exp.sampler.label(n)})', exp.sampler.nfe(c, n),
-                 report.proxy_frechet(proxy, exp, state.ema[0], c.eval.num_samples, n, c.seed + 3,
-                                      None if teacher is None else teacher.params)))
+                 *_proxy_scores(proxy, exp, state.ema[0], c.eval.num_samples, n, c.seed + 3,
+                                None if teacher is None else teacher.params)))
   return report.proxy_table(rows, proxy)

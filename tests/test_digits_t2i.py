@@ -66,3 +66,21 @@ def test_teacher_lcm_lora_and_export(cache):
   adapters, scale = lora_format.read_lora(workdir / 'export', latents.load_diffusers_pipeline(
       digits_pipeline.ensure()).unet_params)
   assert scale == pytest.approx(1.0) and len(jax.tree.leaves(adapters)) > 10
+
+
+def test_caption_agreement_counts_samples_classified_as_their_prompts_digit():
+  from cm_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+
+  class Proxy:
+    def classify(self, images):
+      assert images.shape == (4, 8, 8, 1)
+      return np.array([7, 1, 2, 3])
+
+  class Run:
+    def generate(self, params, num, num_steps, seed, teacher_params=None):
+      return np.zeros((num, 8, 8, 1), np.float32)
+
+    def prompt_texts(self, num):
+      return [captions.digit_caption(d, p) for d, p in ((7, 0), (1, 3), (7, 5), (3, 1))][:num]
+
+  assert report.caption_agreement(Proxy(), Run(), None, 4, 1, 0) == 75.0

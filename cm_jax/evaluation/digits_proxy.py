@@ -100,6 +100,10 @@ class DigitsProxy:
       raise ValueError(f'Expected images [N, 8, 8, 1], got {images.shape}.')
     return np.asarray(_forward(self.params, images)[1], np.float64)
 
+  def classify(self, images) -> np.ndarray:
+    """The classifier's digit [N] for images float32 [N, 8, 8, 1] in [-1, 1]."""
+    return np.argmax(np.asarray(_forward(self.params, np.asarray(images, np.float32))[0]), -1)
+
   def frechet(self, images) -> float:
     """FD(N(mu_g, S_g), N(mu_test, S_test)) in feature space; lower is better."""
     return frechet_distance(*feature_statistics(self.features(images)),

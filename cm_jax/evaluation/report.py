@@ -1,6 +1,9 @@
 """The small-data quality table: digits-proxy Frechet distance of each model's samples."""
 
 import jax
+import numpy as np
+
+from cm_jax.data import captions
 
 from cm_jax.evaluation import fid
 from cm_jax.evaluation.digits_proxy import DigitsProxy
@@ -25,11 +28,27 @@ def proxy_frechet(proxy: DigitsProxy, exp, params, num: int, num_steps: int, see
   return frechet_distance(*moments.statistics(), *proxy.reference)
 
 
+def caption_agreement(proxy: DigitsProxy, exp, params, num: int, num_steps: int, seed: int,
+                      teacher_params=None) -> float:
+  """% of `num` samples of a text-to-image run on the captioned digits whose proxy-classified digit is their
+  prompt's (the digits analogue of the CLIP score)."""
+  samples = exp.generate(params, num, num_steps, seed, teacher_params)
+  wanted = np.array([captions.caption_digit(p) for p in exp.prompt_texts(len(samples))])
+  return 100.0 * float(np.mean(proxy.classify(samples) == wanted))
+
+
 def proxy_table(rows, proxy: DigitsProxy) -> dict:
-  """Prints | model | NFE | FD | for rows of (name, nfe, FD); returns {name: FD}."""
+  """Prints | model | NFE | FD | for rows of (name, nfe, FD) or (name, nfe, FD, caption agreement %); returns
+  {name: FD} and {name + ' caption agreement': %}."""
+  agreement = any(len(row) > 3 for row in rows)
   lines = [f'Digits proxy (classifier test accuracy {proxy.test_accuracy:.3f}; Frechet distance to held-out digits, '
-           'lower is better)', '| model | NFE | FD |', '|---|---|---|']
-  lines += [f'| {name} | {nfe} | {fd:.3f} |' for name, nfe, fd in rows]
+           'lower is better' + ('; caption agreement: % of samples classified as their prompt\'s digit' if agreement
+                                else '') + ')',
+           '| model | NFE | FD |' + (' caption agreement |' if agreement else ''),
+           '|---|---|---|' + ('---|' if agreement else '')]
+  lines += [f'| {row[0]} | {row[1]} | {row[2]:.3f} |' + (f' {row[3]:.1f} |' if len(row) > 3 else '') for row in rows]
   if jax.process_index() == 0:
     print('\n'.join(lines), flush=True)
-  return {name: fd for name, _, fd in rows}
+  out = {row[0]: row[2] for row in rows}
+  out.update({f'{row[0]} caption agreement': row[3] for row in rows if len(row) > 3})
+  return out
