@@ -66,7 +66,7 @@ def build_source(
         config.path, config.image_size, caption_key, tokenize, resample
     )
   try:
-    records = captions.open_tfds(config.name, config.split, config.data_dir)
+    records = tfds_source.open_tfds(config.name, config.split, config.data_dir)
   except tfds.core.DatasetNotFoundError:
     # TFDS's own message lists every registered data set: too long to help.
     raise ValueError(

@@ -60,6 +60,7 @@ import tensorflow_datasets as tfds
 from cm_jax.data import digits
 from cm_jax.data import image_folder
 from cm_jax.data import source as source_lib
+from cm_jax.data import tfds_source
 
 MAX_LENGTH = 77  # CLIP's context: Stable Diffusion's prompt length
 METADATA = 'metadata.jsonl'
@@ -675,29 +676,6 @@ def webdataset_source(
 # --- TFDS --------------------------------------------------------------------
 
 
-def open_tfds(name: str, split: str, data_dir: str):
-  """tfds.data_source of a prepared (ArrayRecord) split.
-
-  Raises:
-    tfds.core.DatasetNotFoundError: for a name TFDS does not know.
-    ValueError: for a split that is not prepared.
-  """
-  try:
-    return tfds.data_source(
-        name,
-        split=split,
-        data_dir=data_dir or None,
-        download=False,
-        builder_kwargs={'file_format': 'array_record'},
-    )
-  except KeyError as err:  # TFDS's error for a split that is not prepared.
-    raise ValueError(
-        f'Split {split!r} of TFDS data set {name!r} is not prepared in data_dir'
-        f' {data_dir or "(TFDS default)"}; prepare it in ArrayRecord format'
-        f' first. TFDS said: {err}'
-    ) from err
-
-
 def tfds_caption_feature(features, caption_key: str = '') -> str | None:
   """The path of the caption feature: caption_key, or 'text'/'caption' if
   the set has one at its top level (else None).
@@ -840,5 +818,5 @@ def tfds_captioned_source(
     resample: 'bilinear', 'bicubic' or 'lanczos'.
     records: the split's data source when already open.
   """
-  records = records if records is not None else open_tfds(name, split, data_dir)
+  records = records if records is not None else tfds_source.open_tfds(name, split, data_dir)
   return TfdsCaptions(name, records, caption_key, image_size, resample, tokenize)

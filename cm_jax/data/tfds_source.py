@@ -65,12 +65,15 @@ def _reopen(name: str, directory: str, split: str) -> TfdsSource:
   return TfdsSource(name, records)
 
 
-def tfds_source(
-    name: str, split: str, data_dir: str, image_size: int
-) -> TfdsSource:
-  """Opens `split` of the prepared TFDS set `name` ('' data_dir: default)."""
+def open_tfds(name: str, split: str, data_dir: str):
+  """tfds.data_source of a prepared (ArrayRecord) split.
+
+  Raises:
+    tfds.core.DatasetNotFoundError: for a name TFDS does not know.
+    ValueError: for a split that is not prepared.
+  """
   try:
-    records = tfds.data_source(
+    return tfds.data_source(
         name,
         split=split,
         data_dir=data_dir or None,
@@ -83,6 +86,13 @@ def tfds_source(
         f' {data_dir or "(TFDS default)"}; prepare it in ArrayRecord format'
         f' first. TFDS said: {err}'
     ) from err
+
+
+def tfds_source(
+    name: str, split: str, data_dir: str, image_size: int
+) -> TfdsSource:
+  """Opens `split` of the prepared TFDS set `name` ('' data_dir: default)."""
+  records = open_tfds(name, split, data_dir)
   result = TfdsSource(name, records)
   source.check_stored_size(name, result.shape, image_size)
   return result
