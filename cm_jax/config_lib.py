@@ -6,12 +6,12 @@ from etils import epath
 import ml_collections
 
 
-def _tuples(value):
+def tuples(value):
   """JSON lists back to tuples, as the configs write them."""
   if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
+    return tuple(tuples(v) for v in value)
   if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
+    return {k: tuples(v) for k, v in value.items()}
   return value
 
 
@@ -21,6 +21,6 @@ def load_run_config(workdir) -> ml_collections.ConfigDict:
   if not path.exists():
     raise FileNotFoundError(f'{path} does not exist: is {workdir!r} the workdir of a cm_jax run?')
   try:
-    return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+    return ml_collections.ConfigDict(tuples(json.loads(path.read_text())))
   except json.JSONDecodeError as e:
     raise ValueError(f'{path} is not valid JSON: {e}') from e

@@ -21,6 +21,7 @@ from cm_jax import checkpoint
 from cm_jax import cli
 from cm_jax import console
 from cm_jax import distributed
+from cm_jax import run_config
 from cm_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
@@ -46,9 +47,15 @@ def _run(mode, config, workdir):
   """Checks the workdir, joins the run's processes (before devices start), sends the logs to the workdir, then
   trains, samples, evaluates or encodes."""
   workdir_lib.check(workdir, mode, config.latent.get('pipeline', ''))
+  if mode == 'train':
+    run_config.check(config, workdir)  # another run's workdir: refused before anything (the log too) is written
   distributed.initialize(distributed.plan(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
   distributed.stop_on_sigterm()
   console.route_logs(workdir)
+  if mode in workdir_lib.READS_A_RUN:  # the model is the run's own (its config.json), whatever config is passed
+    config, note = run_config.for_reading(config, workdir, mode)
+    if note:
+      console.say(note)
   logging.info('Config:\n%s', config)
   name = config_flags.get_config_filename(flags.FLAGS['config'])
   modes = {'train': ('cm_jax.train', 'train_and_evaluate'), 'sample': ('cm_jax.train', 'sample'),

@@ -1,8 +1,10 @@
 """The run directory (--workdir), checked before any work: what it must be, and what it may already hold.
 
-A run keeps config.json (its resolved config), checkpoints/, samples/, tensorboard/, logs/, fid/ (--mode=fid's
-reference statistics and partial moments), fid.json, edits/ and proxy_classifier.msgpack there. --mode=train and --mode=encode create it; sample, eval, fid and edit read a trained
-run, so it must hold checkpoints/. `check` only reads the file system.
+A run keeps config.json (its newest resolved config), config_history/ (each config it has had: run_config.py),
+checkpoints/, samples/, tensorboard/, logs/, fid/ (--mode=fid's reference statistics and partial moments), fid.json,
+edits/ and proxy_classifier.msgpack there. --mode=train and --mode=encode create it; sample, eval, fid and edit read
+a trained run, so it must hold checkpoints/. `check` only reads the file system. A workdir belongs to one run:
+run_config.check refuses a train config that defines another run.
 """
 
 import json
@@ -12,8 +14,8 @@ from etils import epath
 
 READS_A_RUN = ('sample', 'eval', 'fid', 'edit', 'export')
 # What a run keeps in its workdir: name -> True for a directory, False for a file.
-ENTRIES = {'config.json': False, 'checkpoints': True, 'samples': True, 'tensorboard': True, 'logs': True,
-           'fid': True, 'fid.json': False, 'edits': True, 'proxy_classifier.msgpack': False}
+ENTRIES = {'config.json': False, 'config_history': True, 'checkpoints': True, 'samples': True, 'tensorboard': True,
+           'logs': True, 'fid': True, 'fid.json': False, 'edits': True, 'proxy_classifier.msgpack': False}
 CONFIG_SECTIONS = ('data', 'model', 'objective', 'train')  # sections of every cm_jax config (configs/base.py)
 
 
