@@ -2,6 +2,12 @@
 
   python benchmarks/step_time.py [--config=configs/digits_ict.py] [--steps=10] [--rounds=5] [--batch_size=128] \
       [--unet_channels=0]
+  python benchmarks/step_time.py --family=t2i [--batch_size=64]
+
+--family=t2i times the text-to-image steps of configs/digits_t2i_*.py on the digits pipeline's UNet2DConditionModel
+(cross-attention on the frozen text tower, encoded in the step): DDPM, LCD (one student forward and backward, one
+target forward, two teacher forwards for the guided target; goal <= 2.5x DDPM) and LCM-LoRA (goal <= LCD), ratios to
+DDPM, the pipeline's UNet as the teacher.
 
 Every objective's step is compiled first; then the steps are timed in interleaved rounds (each round runs --steps
 steps of every objective in turn), so a change of machine load during the run shifts all objectives alike. Prints,
@@ -24,6 +30,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from cm_jax import train
+from configs import digits_t2i_ddpm, digits_t2i_lcd, digits_t2i_lcm_lora
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits_ict.py', 'Network, data and batch to time.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per objective per round (after 3 warm-up steps).')
@@ -44,17 +51,26 @@ OBJECTIVES = {  # name -> (parameterization, objective config, distils a teacher
 
 
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved timing rounds.')
+_FAMILY = flags.DEFINE_enum('family', 'pixel', ['pixel', 't2i'], 'pixel: OBJECTIVES on --config; t2i: T2I.')
 _UNET = flags.DEFINE_integer('unet_channels', 0, 'If > 0, time a two-level UNet of this width (one block per level, '
                              'attention at 4x4) instead of the config\'s network.')
 
 
-class Timed:
-  """One objective's compiled train step with its state, batch and teacher; `run(n)` gives n step times."""
+T2I = {'ddpm': digits_t2i_ddpm, 'lcd': digits_t2i_lcd, 'lcm_lora': digits_t2i_lcm_lora}
 
-  def __init__(self, config, distill: bool):
+
+class Timed:
+  """One objective's compiled train step with its state, batch and teacher; `run(n)` gives n step times.
+
+  teacher: 'initial' (the initial parameters: a distillation objective on --config), 'pipeline' (the pipeline's own
+  UNet: the text-to-image family) or None."""
+
+  def __init__(self, config, teacher=None):
     exp = train.Experiment(config)
     self.state, self.step_fn = exp.init_state(), exp.train_step()
-    self.frozen = exp.frozen(jax.tree.map(jnp.copy, self.state.params) if distill else None)  # on device, not donated
+    params = {'initial': lambda: jax.tree.map(jnp.copy, self.state.params),  # on device, not donated
+              'pipeline': lambda: train.pipeline_teacher(config, exp).params, None: lambda: None}[teacher]()
+    self.frozen = exp.frozen(params)
     with exp.batches(0) as batches:
       self.batch = next(batches)
     memory = self.step_fn.lower(self.state, self.batch, self.frozen).compile().memory_analysis()
@@ -72,8 +88,21 @@ class Timed:
     return times
 
 
+def _timed_t2i() -> dict:
+  timed = {}
+  for name, module in T2I.items():
+    config = module.get_config()
+    config.teacher.workdir = ''
+    config.train.batch_size = _BATCH.value
+    timed[name] = Timed(config, 'pipeline' if name != 'ddpm' else None)
+  return timed
+
+
 def main(argv):
   del argv
+  if _FAMILY.value == 't2i':
+    report(_timed_t2i(), 'ddpm')
+    return
   timed = {}
   for name, (parameterization, objective, distill) in OBJECTIVES.items():
     config = ml_collections.ConfigDict(_CONFIG.value.to_dict())
@@ -84,12 +113,17 @@ def main(argv):
       config.model = ml_collections.ConfigDict(dict(
           name='unet', channels=_UNET.value, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
           num_classes=0))
-    timed[name] = Timed(config, distill)
+    timed[name] = Timed(config, 'initial' if distill else None)
+  report(timed, 'edm')
+
+
+def report(timed: dict, base: str) -> None:
+  """Times the steps in interleaved rounds; prints each median and the ratios to `base`'s step."""
   rounds = [{name: float(np.median(t.run(_STEPS.value))) for name, t in timed.items()} for _ in range(_ROUNDS.value)]
   for name, t in timed.items():
     median = np.median([r[name] for r in rounds])
     print(f'{name}: median step {median * 1e3:.2f} ms, peak memory {t.peak / 2**20:.1f} MiB', flush=True)
-  ratios = {n: np.median([r[n] / r['edm'] for r in rounds]) for n in timed if n != 'edm'}
+  ratios = {n: np.median([r[n] / r[base] for r in rounds]) for n in timed if n != base}
   print('ratios: ' + ' '.join(f'{n}={x:.2f}' for n, x in ratios.items()))
 
 
