@@ -8,7 +8,10 @@ Each (config, topology) pair is one pre-flight (cm_jax/preflight.py; TPU topolog
 assigns a config key (a Python literal, else a string) in every config, e.g. --set=mesh.shape.data=1
 --set=mesh.shape.fsdp=-1 for FSDP over all chips. A paper network's train step takes minutes to a quarter of an hour
 to compile on a 2-core host (the sampler a few minutes more: --sampler): with --cache_dir a rerun reads the
-pre-flight's records. Prints one row per pair; the
+pre-flight's records. A text-to-image config (configs/sd15_sample, sdxl_lcm_lora, ...) compiles its SD UNet from the
+public architecture of --sd_architecture (cm_jax/models/sd_configs.py) unless it names a latent.pipeline folder,
+e.g. --configs=sd15_sample --set=train.batch_size=48 --set=model.remat=True --topologies=v5p:2x2x1. Prints one row
+per pair; the
 collective columns count instructions in the compiled step (each once).
 """
 
@@ -26,6 +29,8 @@ _TOPOLOGIES = flags.DEFINE_list('topologies', ['v5p:2x2x1'], 'Topologies, as --t
 _SET = flags.DEFINE_multi_string('set', [], 'key=value assigned in every config (e.g. mesh.shape.fsdp=4).')
 _CACHE_DIR = flags.DEFINE_string('cache_dir', None, 'Persistent compilation cache and pre-flight records.')
 _SAMPLER = flags.DEFINE_bool('sampler', False, 'Also compile each sampler (its bytes count towards HBM/chip).')
+_SD = flags.DEFINE_string('sd_architecture', '', 'Text-to-image configs without latent.pipeline: the public Stable '
+                          'Diffusion architecture (sd15, sd21_base, sdxl; empty: guessed, as the pre-flight).')
 COLUMNS = ('config', 'topology', 'chips (hosts)', 'mesh', 'batch', 'HBM GiB/chip', 'fits', 'TFLOP/chip/step',
            'step ms (est.)', 'images/s', 'MFU', 'FLOP/byte', 'all-gather', 'reduce-scatter', 'all-reduce')
 
@@ -68,7 +73,9 @@ def main(argv):
   print('| ' + ' | '.join(COLUMNS) + ' |\n|' + '---|' * len(COLUMNS), flush=True)
   for name in _CONFIGS.value:
     for topology in _TOPOLOGIES.value:
-      print(row(name, preflight.run(load_config(name), topology, _CACHE_DIR.value, sampler=_SAMPLER.value)), flush=True)
+      report = preflight.run(load_config(name), topology, _CACHE_DIR.value, sampler=_SAMPLER.value,
+                             sd_architecture=_SD.value)
+      print(row(name, report), flush=True)
 
 
 if __name__ == '__main__':
