@@ -432,8 +432,8 @@ class UNet2DConditionModel(nn.Module):
 def guidance_scale_embedding(w, dim: int):
   """LCM's w-embedding [B, dim]: [sin(1000 w f_k), cos(1000 w f_k)], f_k = 10000^(-k / (dim/2 - 1)), k < dim/2."""
   half = dim // 2
-  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
-  angles = 1000.0 * jnp.asarray(w, jnp.float32)[:, None] * freqs[None]
+  freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(10000.0) / (half - 1)))  # diffusers' float32 order
+  angles = (1000.0 * jnp.asarray(w, jnp.float32))[:, None] * freqs[None]
   emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], -1)
   return jnp.pad(emb, ((0, 0), (0, dim % 2)))
 
