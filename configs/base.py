@@ -89,7 +89,9 @@ def get_config():
 
   # Low-rank adapters (LoRA) on the frozen teacher instead of training the whole network (LCM-LoRA): rank 0 is off;
   # rules: regexes of the adapted kernels' paths (like mesh.rules); each gets alpha / rank (x A) B.
-  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=1.0, rules=(r'kernel$',)))
+  # form: 'merged' (W + alpha / rank A B formed in each step: fastest when activations outnumber the kernels, as in a
+  # UNet) or 'unmerged' (x W + alpha / rank (x A) B per layer: no full-size kernel copy or kernel gradient).
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=1.0, rules=(r'kernel$',), form='merged'))
 
   # Experiment trackers besides TensorBoard (always on): Weights & Biases with mode 'online' or 'offline' (the
   # `wandb` extra); 'off' by default. A restarted run continues the same W&B run (WORKDIR/wandb_run_id).

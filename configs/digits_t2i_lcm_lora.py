@@ -21,7 +21,7 @@ def get_config():
   c.latent.caption_dropout = 0.0
   c.objective = ml_collections.ConfigDict(dict(
       name='lcd', skip=20, guidance_scale=(2.0, 2.0), target_ema=0.0, distance='l2', distance_c=0.0))
-  c.lora = ml_collections.ConfigDict(dict(rank=16, alpha=16.0, rules=(r'kernel$',)))
+  c.lora = ml_collections.ConfigDict(dict(c.lora, rank=16, alpha=16.0, rules=(r'kernel$',)))
   c.ema.rates = (0.0,)
   c.sampling.guidance_scale = 1.0
   c.train.num_steps = 3000

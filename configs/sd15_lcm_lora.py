@@ -38,7 +38,7 @@ def sd_latent_consistency(resolution: int, lora: bool, prediction: str = 'epsilo
   c.model.remat = True  # diffusers' scripts: --gradient_checkpointing
   c.teacher.init = not lora
   if lora:
-    c.lora = ml_collections.ConfigDict(dict(rank=64, alpha=64.0, rules=LORA_RULES))
+    c.lora = ml_collections.ConfigDict(dict(c.lora, rank=64, alpha=64.0, rules=LORA_RULES))
   c.ema.rates = (0.0,) if lora else (0.95,)  # sampled: the online adapters / the EMA target
   c.optim = ml_collections.ConfigDict(dict(c.optim, learning_rate=1e-4 if lora else 1e-6, grad_clip=1.0))
   c.train = ml_collections.ConfigDict(dict(c.train, batch_size=96, num_steps=1000, log_every=10))

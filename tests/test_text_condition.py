@@ -42,3 +42,30 @@ def test_caption_dropout_replaces_captions_by_the_empty_prompt(tmp_path, monkeyp
   np.testing.assert_allclose(hidden[~dropped], kept[~dropped], atol=1e-5)
   np.testing.assert_allclose(np.asarray(text.null_hidden_states), np.broadcast_to(empty, hidden.shape), atol=1e-5)
   assert out['image'].shape == (n, 8, 8, 1) and float(jnp.abs(out['image']).max()) <= 1.0
+
+
+def test_lora_merged_and_unmerged_forms_agree_in_value_and_gradient(tmp_path, monkeypatch):
+  from cm_jax import latents  # pylint: disable=g-import-not-at-top
+  from cm_jax.models import apply  # pylint: disable=g-import-not-at-top
+  from cm_jax.models import lora  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(digits_pipeline, 'CACHE_DIR', str(tmp_path))
+  pipe = latents.load_diffusers_pipeline(digits_pipeline.ensure())
+  model = sd_unet.text_unet(pipe.unet_config, 'unet')
+  base = {'unet': pipe.unet_params}
+  paths = lora.select(base, (r'(to_q|to_v|conv1|proj_in)/kernel$',))
+  adapters = lora.init(jax.random.PRNGKey(0), base, paths, 3)
+  adapters = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(1), a.shape), adapters)
+  hidden, _ = pipe.encode_prompt(['a handwritten seven', 'the digit 1'])
+  cond = apply.TextCondition(hidden_states=hidden, null_hidden_states=hidden)
+  x, t = jax.random.normal(jax.random.PRNGKey(2), (2, 8, 8, 1)), jnp.array([999.0, 259.0])
+
+  def loss(a, merged):
+    out = apply.network(model, lora.LoRAParams(base, a, 2.5, merged), cond)(x, t)
+    return jnp.sum(out ** 2), out
+
+  (value_m, out_m), grad_m = jax.value_and_grad(loss, has_aux=True)(adapters, True)
+  (value_u, out_u), grad_u = jax.value_and_grad(loss, has_aux=True)(adapters, False)
+  np.testing.assert_allclose(out_m, out_u, rtol=1e-4, atol=1e-5)
+  assert float(jnp.abs(out_m - apply.network(model, base, cond)(x, t)).max()) > 1e-3
+  for gm, gu in zip(jax.tree.leaves(grad_m), jax.tree.leaves(grad_u)):
+    np.testing.assert_allclose(gm, gu, rtol=1e-3, atol=1e-4 * float(jnp.abs(gu).max()))

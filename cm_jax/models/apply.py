@@ -78,8 +78,8 @@ def network(model, params, cond=None, dropout_rng=None, guidance=None):
 
   guidance: per-example guidance scale s [B] (or None); it reaches the model only when the model takes it
   (`takes_guidance`), other networks ignore it. `params` may be lora.LoRAParams (a frozen base with adapters):
-  the network then runs in LoRA's un-merged form. A network with a second time input (`takes_second_time`) is
-  F(x_in, c_noise, interval=None).
+  the network then runs with the merged kernels or in LoRA's un-merged form (LoRAParams.merged). A network with a
+  second time input (`takes_second_time`) is F(x_in, c_noise, interval=None).
   """
   train = dropout_rng is not None
   rngs = {'dropout': dropout_rng} if train else None
@@ -87,6 +87,9 @@ def network(model, params, cond=None, dropout_rng=None, guidance=None):
   if isinstance(params, lora.LoRAParams):
     if takes_second_time(model):
       raise ValueError('LoRA adapters on a network with a second time input (model.second_time) are not supported.')
+    if params.merged:
+      merged = lora.merge(params.base, (params.adapters, params.scale))
+      return lambda x, c_noise: model.apply({'params': merged}, x, c_noise, cond, train=train, rngs=rngs, **extra)
     return lambda x, c_noise: lora.apply_unmerged(model, params, x, c_noise, cond, train=train, rngs=rngs, **extra)
   if takes_second_time(model):
     return lambda x, c_noise, interval=None: model.apply({'params': params}, x, c_noise, cond, train=train, rngs=rngs,

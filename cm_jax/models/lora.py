@@ -24,12 +24,17 @@ import numpy as np
 PyTree = Any
 
 
+FORMS = ('merged', 'unmerged')  # lora.form: how a step applies the adapters (objectives/lora.py)
+
+
 @flax.struct.dataclass
 class LoRAParams:
-  """A frozen base network, its adapters and their scale alpha / r: what a loss receives as `params` under LoRA."""
+  """A frozen base network, its adapters and their scale alpha / r: what a loss receives as `params` under LoRA;
+  `merged`: applied as the merged kernels (`merge`) rather than in the un-merged form (`apply_unmerged`)."""
   base: PyTree
   adapters: PyTree
   scale: float = flax.struct.field(pytree_node=False)
+  merged: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 def kernel_paths(params) -> list[str]:

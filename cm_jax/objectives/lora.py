@@ -3,7 +3,10 @@ only low-rank adapters on its kernels train (models/lora.py); `config.lora.rank`
 that distils a teacher.
 
 The wrapped loss sees `lora.LoRAParams(teacher, adapters)` where it saw the network's parameters, so the student runs
-in LoRA's un-merged form; theta- is the same with the EMA adapters when the objective keeps a target. The train state,
+with its adapters, merged into the kernels in the step (lora.form='merged': W + s A B formed once per call, cheapest
+when the activations outnumber the kernels, as in a UNet on latents: LCM-LoRA's step then costs what LCD's does,
+BUILD_NOTES) or un-merged (lora.form='unmerged': x W + s (x A) B per layer, no full-size kernel copy or gradient);
+theta- is the same with the EMA adapters when the objective keeps a target. The train state,
 its EMAs and checkpoints hold the adapters only; samples use the teacher merged with the EMA adapters.
 """
 
@@ -31,7 +34,11 @@ def with_lora(objective: Objective, config, model) -> Objective:
   if takes_guidance(model):
     raise ValueError('LoRA adapts the teacher\'s own network, which has no guidance input: set '
                      'model.guidance_embedding=False (LCM-LoRA has no w-embedding) and a fixed objective.guidance_scale.')
-  scale, rules = c.alpha / c.rank, tuple(c.rules)
+  form = c.get('form', 'unmerged')  # runs written before the key trained un-merged
+  if form not in lora.FORMS:
+    raise ValueError(f'lora.form={form!r}; expected one of {lora.FORMS}.')
+  scale, rules, merged = c.alpha / c.rank, tuple(c.rules), form == 'merged'
+
 
   def init_params(model_, rng, sample_input):
     base = jax.eval_shape(lambda: objective.init_params(model_, rng, sample_input))
@@ -40,8 +47,8 @@ def with_lora(objective: Objective, config, model) -> Objective:
   def loss(adapters, extra, frozen, batch, rng, step):
     base = frozen['teacher']
     if frozen.get('target') is not None:
-      frozen = dict(frozen, target=lora.LoRAParams(base, frozen['target'], scale))
-    return objective.loss(lora.LoRAParams(base, adapters, scale), extra, frozen, batch, rng, step)
+      frozen = dict(frozen, target=lora.LoRAParams(base, frozen['target'], scale, merged))
+    return objective.loss(lora.LoRAParams(base, adapters, scale, merged), extra, frozen, batch, rng, step)
 
   return dataclasses.replace(objective, loss=loss, init_params=init_params,
                              sample_params=lambda adapters, frozen: lora.merge(frozen['teacher'], (adapters, scale)))
