@@ -18,6 +18,14 @@ it does not fit. The last line is machine-readable:
 
   preflight: fits=<yes|no> hbm_gib=<x.xx> hbm_capacity_gib=<x.x> step_s=<x.xxxx> mfu=<x.xx>
 
+A text-to-image config (latent.pipeline, or model.name='sd_unet') needs no weights either: its VAE, text encoders
+and UNet are built from the pipeline folder's config files, or without latent.pipeline from the public SD 1.5 /
+2.1-base / SDXL architectures of cm_jax/models/sd_configs.py (--sd_architecture; empty: guessed from data.image_size
+and the prediction), and its batch holds caption ids [k, 77]. E.g. (12 images per chip, as diffusers' LCM scripts):
+
+  python -m cm_jax.preflight --config=configs/sd15_sample.py --topology=v5p:2x2x1 --config.train.batch_size=48 \
+      --config.model.attention_kernel=flash --nosampler
+
 `--topology=cpu:N` compiles for N host CPU devices against a nominal chip (NOMINAL_CPU), so that the machinery runs
 where libtpu is absent; its step time is a roofline (FLOPs at the nominal peak, bytes at the nominal bandwidth).
 
