@@ -27,6 +27,7 @@ import numpy as np
 
 from cm_jax import data as data_lib
 from cm_jax import parameterization
+from cm_jax import workdir as workdir_lib
 from cm_jax.data import captions
 from cm_jax.data import source as source_lib
 from cm_jax.formats import diffusers as diffusers_format
@@ -42,6 +43,8 @@ NORMALIZATIONS = ('scaling_factor', 'per_channel', 'per_element')
 POSTERIORS = ('mean', 'sample')
 _CACHE_JSON = 'cache.json'
 _CACHE_STATS = 'stats.npz'
+_STATS = ('element_mean', 'element_std', 'channel_mean', 'channel_std')
+_CACHE_DATA = ('name', 'split', 'path', 'image_size', 'num_records')  # the data keys a cache records and is checked on
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -128,6 +131,11 @@ def load_diffusers_autoencoder(path) -> Autoencoder:
   side = 2 * module.downsampling  # parameter shapes do not depend on the image size
   abstract = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, side, side, module.in_channels)))
   params = diffusers_format.from_diffusers(state_dict, abstract['params'], where)
+  bad = [k for k, v in flax.traverse_util.flatten_dict(params, sep='/').items() if not np.all(np.isfinite(v))]
+  if bad:
+    raise ValueError(f'The autoencoder {folder} has non-finite (NaN or inf) weights in {len(bad)} tensors, first '
+                     f'{bad[0]} ({where}): it is not usable; export or train it again, or choose another '
+                     'latent.autoencoder.')
   return Autoencoder(module, params, config.get('scaling_factor', 0.18215), config.get('shift_factor'), str(folder))
 
 
@@ -136,10 +144,26 @@ def load_autoencoder(path) -> Autoencoder:
   folder = epath.Path(path)
   if (folder / RUN_EXPORT / CONFIG_FILE).exists():
     return load_diffusers_autoencoder(folder / RUN_EXPORT)
+  if (folder / PIPELINE_INDEX).exists() and not (folder / CONFIG_FILE).exists():
+    raise ValueError(f'{path} is a diffusers pipeline, not an autoencoder folder: its autoencoder is {folder / "vae"} '
+                     f'(set latent.autoencoder={folder / "vae"}), or give the pipeline as latent.pipeline.')
+  objective = _run_objective(folder)
+  if objective not in (None, 'autoencoder'):
+    raise ValueError(f'{path} is a cm_jax {objective!r} run, not an autoencoder run: latent.autoencoder names a '
+                     'diffusers AutoencoderKL folder or the workdir of an autoencoder run (objective.name='
+                     "'autoencoder', e.g. configs/digits_autoencoder.py).")
   if (folder / 'checkpoints').exists():
     raise FileNotFoundError(f'The autoencoder run {path} has no export in {folder / RUN_EXPORT}: it is written when '
                             'the run finishes (run its training command again to finish it).')
   return load_diffusers_autoencoder(folder)
+
+
+def _run_objective(folder: epath.Path):
+  """The objective.name in a cm_jax run's config.json (None when the folder holds no such file)."""
+  try:
+    return json.loads((folder / CONFIG_FILE).read_text())['objective']['name']
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
 
 
 def export_diffusers(folder, module: AutoencoderKL, params, scaling_factor: float, sample_size: int) -> None:
@@ -298,13 +322,30 @@ class LatentCacheSource:
     if not meta.exists():
       raise FileNotFoundError(f'No latent cache in {self.directory} ({_CACHE_JSON} is missing): write it with '
                               '--mode=encode first.')
-    self.meta = json.loads(meta.read_text())
-    self.shape, self.num_classes = tuple(self.meta['shape']), int(self.meta['num_classes'])
+    rewrite = f'delete {self.directory} and write the cache again with --mode=encode.'
+    try:
+      self.meta = json.loads(meta.read_text())
+      self.shape, self.num_classes = tuple(self.meta['shape']), int(self.meta['num_classes'])
+      shards = [self.directory / name for name in self.meta['shards']]
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f'{meta} is not the index of a latent cache ({type(e).__name__}: {e}): {rewrite}') from e
     self.dtype = np.dtype(np.float32)
-    stats = np.load(self.directory / _CACHE_STATS)
-    self.stats = {k: stats[k] for k in stats.files}
-    self._records = array_record_data_source.ArrayRecordDataSource(
-        [str(self.directory / name) for name in self.meta['shards']])
+    try:
+      with (self.directory / _CACHE_STATS).open('rb') as f:
+        stats = np.load(f, allow_pickle=False)
+        self.stats = {k: stats[k] for k in _STATS}
+    except (OSError, ValueError, KeyError, EOFError) as e:
+      raise ValueError(f'{self.directory / _CACHE_STATS} does not hold the latent statistics ({type(e).__name__}: '
+                       f'{e}): {rewrite}') from e
+    try:
+      self._records = array_record_data_source.ArrayRecordDataSource([str(s) for s in shards])
+    except (OSError, RuntimeError, ValueError) as e:  # name the shard: ArrayRecord's message does not
+      for shard in shards:
+        try:
+          array_record_data_source.ArrayRecordDataSource([str(shard)])
+        except (OSError, RuntimeError, ValueError) as shard_error:
+          raise ValueError(f'The shard {shard} of the latent cache is unreadable ({shard_error}): {rewrite}') from e
+      raise
 
   def __len__(self) -> int:
     return len(self._records)
@@ -315,16 +356,46 @@ class LatentCacheSource:
             'label': np.array([e['label'] for e in examples], np.int32)}
 
 
+def _check_cache_is_of(cache: LatentCacheSource, autoencoder: Autoencoder, data=None) -> None:
+  """Stops when the latent cache was encoded with another autoencoder (or, given `data`, from other data)."""
+  made_with = epath.Path(cache.meta['autoencoder']).resolve()
+  if made_with != epath.Path(autoencoder.path).resolve():
+    raise ValueError(f'The latent cache {cache.directory} was encoded with {made_with}, not with latent.autoencoder='
+                     f'{autoencoder.path}: set another latent.cache, or delete it and encode again.')
+  recorded = cache.meta.get('data', {}) if data is not None else {}
+  differ = [f'data.{k} is {recorded[k]!r} there, {data.get(k)!r} here' for k in _CACHE_DATA
+            if k in recorded and recorded[k] != data.get(k)]
+  if differ:
+    raise ValueError(f'The latent cache {cache.directory} was encoded from other data ({"; ".join(differ)}): set '
+                     'another latent.cache, or delete it and encode again.')
+
+
+def complete_cache(config, directory):
+  """The complete latent cache in `directory` when it holds one of config.latent.autoencoder and config.data
+  (--mode=encode has nothing to do then), None when it holds none (no cache.json).
+
+  Raises:
+    ValueError: the cache there is of another autoencoder or other data, or its files are unreadable (named).
+  """
+  if not (epath.Path(directory) / _CACHE_JSON).exists():
+    return None
+  cache = LatentCacheSource(directory)
+  _check_cache_is_of(cache, load_autoencoder(config.latent.autoencoder), config.data)
+  return cache
+
+
 def write_cache(config, directory) -> LatentCacheSource:
   """Encodes config.data through config.latent.autoencoder into an ArrayRecord cache in `directory`.
 
   Each process encodes its contiguous share of the records into its own shard; the per-element and per-channel
   mean / std of the unscaled posterior means (over all records) go to stats.npz, and cache.json, written last by
-  process 0, marks the cache complete. A directory that already holds a complete cache is refused.
+  process 0, marks the cache complete (written atomically). A directory that already holds a complete cache is
+  refused (cached: `complete_cache`).
   """
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   directory = epath.Path(directory)
+  workdir_lib.writable_directory(directory, 'the latent cache', 'latent.cache')
   if (directory / _CACHE_JSON).exists():
     raise ValueError(f'{directory} already holds a latent cache; delete it or set another latent.cache.')
   source = data_lib.build_source(config.data)
@@ -352,8 +423,8 @@ def write_cache(config, directory) -> LatentCacheSource:
     with (directory / _CACHE_STATS).open('wb') as f:
       np.savez(f, element_mean=element_mean, element_std=np.sqrt(np.maximum(element_sq - element_mean**2, 1e-12)),
                channel_mean=channel_mean, channel_std=np.sqrt(np.maximum(channel_sq - channel_mean**2, 1e-12)))
-    (directory / _CACHE_JSON).write_text(json.dumps({
-        'autoencoder': str(autoencoder.path), 'data': {k: config.data[k] for k in ('name', 'split', 'path')},
+    workdir_lib.write_atomically(directory / _CACHE_JSON, json.dumps({
+        'autoencoder': str(autoencoder.path), 'data': {k: config.data.get(k) for k in _CACHE_DATA},
         'image_shape': list(source.shape), 'shape': list(shape), 'count': n, 'num_classes': source.num_classes,
         'shards': shards}, indent=2))
   multihost_utils.sync_global_devices('latent cache written')
@@ -464,10 +535,7 @@ def build(config, mesh=None):
   autoencoder = load_autoencoder(latent.autoencoder)
   if latent.cache:
     source = LatentCacheSource(latent.cache)
-    made_with = epath.Path(source.meta['autoencoder']).resolve()
-    if made_with != epath.Path(autoencoder.path).resolve():
-      raise ValueError(f'The latent cache {latent.cache} was encoded with {made_with}, not with latent.autoencoder='
-                       f'{autoencoder.path}.')
+    _check_cache_is_of(source, autoencoder)
     expected = autoencoder.module.latent_shape(tuple(source.meta['image_shape']))
     if source.shape != expected:
       raise ValueError(f'The latent cache {latent.cache} holds latents of shape {source.shape}; the autoencoder makes '

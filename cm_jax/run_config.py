@@ -21,13 +21,13 @@ A key absent from an older config.json reads as its configs/base.py default.
 """
 
 import json
-import os
 import re
 
 from etils import epath
 import ml_collections
 
 from cm_jax import config_lib
+from cm_jax import workdir as workdir_lib
 from configs import base
 
 DEFINES = ('seed', 'objective', 'model', 'parameterization', 'teacher', 'lora', 'ema.rates', 'train.batch_size',
@@ -150,16 +150,6 @@ def check(config, workdir) -> None:
                      f'of its {CONFIG}).')
 
 
-def _atomic_write(path: epath.Path, text: str) -> None:
-  """Writes `text` to `path` through a temporary file renamed over it (readers see the old file or the new)."""
-  tmp = path.parent / f'.{path.name}.tmp-{os.getpid()}'
-  tmp.write_text(text)
-  if '://' in str(path):
-    tmp.rename(path)
-  else:
-    os.replace(tmp, path)
-
-
 def write(config, workdir, start_step: int) -> str:
   """Records `config` as the run's newest config: config.json, and a new config_history/ entry when it differs from
   the last one (a config.json from before the history becomes entry 0000_earlier.json). Call it on process 0, after
@@ -171,18 +161,18 @@ def write(config, workdir, start_step: int) -> str:
   entries = sorted((p for p in history.glob('*.json') if re.match(r'\d{4}_', p.name)), key=lambda p: p.name)
   previous = _read(workdir)
   if not entries and previous is not None:
-    _atomic_write(history / '0000_earlier.json', json.dumps(previous, indent=2, sort_keys=True))
+    workdir_lib.write_atomically(history / '0000_earlier.json', json.dumps(previous, indent=2, sort_keys=True))
     entries = [history / '0000_earlier.json']
   last = json.loads(entries[-1].read_text()) if entries else None
   line = ''
   if last != json.loads(text):
     entry = history / f'{len(entries):04d}_step_{start_step}.json'
-    _atomic_write(entry, text)
+    workdir_lib.write_atomically(entry, text)
     if last is not None:
       changed = differences(last, config, which=lambda p: True)
       line = ('cm_jax: settings changed on resume, recorded in ' + str(entry) + ': ' +
               ', '.join(f'{k} {_show(a)} -> {_show(b)}' for k, a, b in changed))
-  _atomic_write(workdir / CONFIG, text)
+  workdir_lib.write_atomically(workdir / CONFIG, text)
   return line
 
 

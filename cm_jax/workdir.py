@@ -29,20 +29,40 @@ def check(workdir, mode: str, pipeline: str = '') -> None:
     FileNotFoundError: a mode that reads a trained run (READS_A_RUN) finds no checkpoints/ there.
   """
   path = epath.Path(workdir)
-  existing = path
-  while not existing.exists() and existing.parent != existing:
-    existing = existing.parent
-  advice = 'choose a --workdir that is a writable directory (or a new one).'
-  if not existing.is_dir():
-    where = 'it is a file' if existing == path else f'{existing} is a file'
-    raise ValueError(f'cannot write the workdir {workdir}: {where}; {advice}')
-  if '://' not in str(existing) and not os.access(existing, os.W_OK | os.X_OK):
-    raise ValueError(f'cannot write the workdir {workdir}: {existing} is not writable (permission denied); {advice}')
-  if existing == path:
+  if writable_directory(path, 'the workdir', '--workdir') == path:
     _check_entries(path)
   if mode in READS_A_RUN and not (mode == 'sample' and pipeline) and not (path / 'checkpoints').is_dir():
     raise FileNotFoundError(f'No checkpoint in {path / "checkpoints"}: --mode={mode} reads a trained run; train it '
                             'first (--mode=train) or point --workdir at one.')
+
+
+def writable_directory(path, what: str, setting: str) -> epath.Path:
+  """Stops when the directory `path` cannot be written or made: it, or the nearest folder above it that exists, is a
+  file, or that folder is not writable. Returns that nearest existing folder (`path` itself when it exists); `what`
+  and `setting` name the directory and the setting that chose it in the message. Only reads the file system."""
+  path = epath.Path(path)
+  existing = path
+  while not existing.exists() and existing.parent != existing:
+    existing = existing.parent
+  advice = f'choose a {setting} that is a writable directory (or a new one).'
+  if not existing.is_dir():
+    where = 'it is a file' if existing == path else f'{existing} is a file'
+    raise ValueError(f'cannot write {what} {path}: {where}; {advice}')
+  if '://' not in str(existing) and not os.access(existing, os.W_OK | os.X_OK):
+    raise ValueError(f'cannot write {what} {path}: {existing} is not writable (permission denied); {advice}')
+  return existing
+
+
+def write_atomically(path, text: str) -> None:
+  """Writes `text` to `path` through a temporary file renamed over it (readers see the old file or the new, never a
+  part)."""
+  path = epath.Path(path)
+  tmp = path.parent / f'.{path.name}.tmp-{os.getpid()}'
+  tmp.write_text(text)
+  if '://' in str(path):
+    tmp.rename(path)
+  else:
+    os.replace(tmp, path)
 
 
 def _check_entries(path: epath.Path) -> None:

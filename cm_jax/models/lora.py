@@ -43,16 +43,29 @@ def kernel_paths(params) -> list[str]:
   return sorted(p for p, v in flat.items() if p.split('/')[-1] == 'kernel' and np.ndim(v) >= 2)
 
 
+def compile_rules(rules) -> list[re.Pattern]:
+  """The regexes of lora.rules, compiled; an empty list or a rule that is not a regex is an error naming it."""
+  if not rules:
+    raise ValueError('lora.rules is empty; give at least one regex of kernel paths (e.g. "kernel$" for all).')
+  patterns = []
+  for rule in rules:
+    try:
+      patterns.append(re.compile(rule))
+    except re.error as e:
+      raise ValueError(f'lora.rules entry {rule!r} is not a regular expression ({e}); write it as a Python regex of '
+                       'kernel paths, e.g. "up_blocks_.*/to_q/kernel$".') from e
+  return patterns
+
+
 def select(params, rules) -> list[str]:
   """The kernels matched by any of the regexes `rules`; a rule that matches none is an error listing the kernels."""
   kernels = kernel_paths(params)
-  if not rules:
-    raise ValueError('lora.rules is empty; give at least one regex of kernel paths (e.g. "kernel$" for all).')
   chosen = set()
-  for rule in rules:
-    matched = [k for k in kernels if re.search(rule, k)]
+  for rule in compile_rules(rules):
+    matched = [k for k in kernels if rule.search(k)]
     if not matched:
-      raise ValueError(f'lora.rules entry {rule!r} matches no kernel of the network; its kernels are: {kernels}.')
+      raise ValueError(f'lora.rules entry {rule.pattern!r} matches no kernel of the network; its kernels are: '
+                       f'{kernels}.')
     chosen.update(matched)
   return sorted(chosen)
 

@@ -38,6 +38,7 @@ def with_lora(objective: Objective, config, model) -> Objective:
   if form not in lora.FORMS:
     raise ValueError(f'lora.form={form!r}; expected one of {lora.FORMS}.')
   scale, rules, merged = c.alpha / c.rank, tuple(c.rules), form == 'merged'
+  lora.compile_rules(rules)  # a rule that is no regex stops the run here, at the config
 
 
   def init_params(model_, rng, sample_input):

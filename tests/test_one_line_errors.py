@@ -1,0 +1,142 @@
+"""Bad input that used to end in a traceback or a misleading message (issue 24, item 2) now stops in one line that
+names the cause (the file, the setting) and what to do: each case below fails without its fix."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from cm_jax import latents
+from cm_jax import workdir
+from cm_jax.models import lora
+from test_latents import _latent_config
+from test_latents import _tensors
+from test_latents import _write
+
+
+def _one_line(raised, *fragments):
+  message = str(raised.value)
+  assert '\n' not in message, message
+  for fragment in fragments:
+    assert fragment in message, message
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The latent cache of --mode=encode and the autoencoder it reads.
+# ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def cache(tmp_path_factory):
+  """(autoencoder folder, the config, a complete latent cache of the digits' train split)."""
+  root = tmp_path_factory.mktemp('latent')
+  vae = _write(root / 'vae')
+  config = _latent_config(vae, root / 'cache', 'per_element')
+  latents.write_cache(config, config.latent.cache)
+  return vae, config, root / 'cache'
+
+
+def _copy(cache_dir, tmp_path):
+  return shutil.copytree(cache_dir, tmp_path / 'copy')
+
+
+def test_encode_onto_a_file_or_under_one(tmp_path, cache):
+  vae, _, _ = cache
+  (tmp_path / 'a_file').write_text('x')
+  for target, where in ((tmp_path / 'a_file', 'it is a file'), (tmp_path / 'a_file' / 'sub', f'{tmp_path}/a_file '
+                                                                 'is a file')):
+    with pytest.raises(ValueError) as raised:
+      latents.write_cache(_latent_config(vae, target), target)
+    _one_line(raised, f'cannot write the latent cache {target}: {where}', 'choose a latent.cache that is a writable')
+
+
+def test_encode_into_a_read_only_place(tmp_path, cache, monkeypatch):
+  """(Permission bits do not stop root: os.access answers as for another user.)"""
+  vae, _, _ = cache
+  real = os.access
+  monkeypatch.setattr(os, 'access', lambda p, mode: real(p, mode) and str(p) != str(tmp_path))
+  target = tmp_path / 'new' / 'cache'
+  with pytest.raises(ValueError) as raised:
+    latents.write_cache(_latent_config(vae, target), target)
+  _one_line(raised, f'cannot write the latent cache {target}: {tmp_path} is not writable (permission denied)')
+  assert not (tmp_path / 'new').exists()
+
+
+@pytest.mark.parametrize('damage', ['cut short', 'garbage'])
+def test_a_corrupt_shard_is_named(tmp_path, cache, damage):
+  vae, _, cache_dir = cache
+  copy = _copy(cache_dir, tmp_path)
+  shard = next(copy.glob('*.array_record'))
+  data = shard.read_bytes()
+  shard.write_bytes(data[:len(data) // 2] if damage == 'cut short' else b'garbage' * 100)
+  with pytest.raises(ValueError) as raised:
+    latents.build(_latent_config(vae, copy, 'per_element'))
+  _one_line(raised, f'The shard {shard} of the latent cache is unreadable', f'delete {copy} and write the cache '
+            'again with --mode=encode')
+
+
+def test_a_cut_short_cache_json_is_named_and_written_atomically(tmp_path, cache, monkeypatch):
+  vae, _, cache_dir = cache
+  copy = _copy(cache_dir, tmp_path)
+  index = copy / 'cache.json'
+  index.write_text(index.read_text()[:50])
+  with pytest.raises(ValueError) as raised:
+    latents.build(_latent_config(vae, copy, 'per_element'))
+  _one_line(raised, f'{index} is not the index of a latent cache (JSONDecodeError')
+  # cache.json goes through a temporary file renamed over it: killed mid-write, no cut-short index is left
+  written, real = [], workdir.write_atomically
+  monkeypatch.setattr(workdir, 'write_atomically', lambda path, text: (written.append(str(path)), real(path, text)))
+  fresh = tmp_path / 'fresh'
+  latents.write_cache(_latent_config(vae, fresh, 'per_element'), fresh)
+  assert written == [str(fresh / 'cache.json')]
+  assert sorted(p.name for p in fresh.iterdir()) == ['cache.json', 'latents-00000-of-00001.array_record', 'stats.npz']
+
+
+def test_a_complete_cache_of_the_same_autoencoder_and_data_is_found(cache):
+  vae, config, cache_dir = cache
+  found = latents.complete_cache(config, cache_dir)
+  assert len(found) == 1437 and found.shape == (4, 4, 2)
+  assert latents.complete_cache(config, cache_dir.parent / 'no_cache') is None
+  other = _latent_config(vae, cache_dir, 'per_element')
+  other.data.split = 'test'
+  with pytest.raises(ValueError) as raised:
+    latents.complete_cache(other, cache_dir)
+  _one_line(raised, "encoded from other data (data.split is 'train' there, 'test' here)")
+
+
+def test_an_autoencoder_with_nan_weights_is_named(tmp_path):
+  tensors = _tensors()
+  name = sorted(tensors)[5]
+  tensors[name].flat[0] = np.nan
+  folder = _write(tmp_path / 'vae', tensors)
+  with pytest.raises(ValueError) as raised:
+    latents.load_autoencoder(folder)
+  _one_line(raised, f'The autoencoder {folder} has non-finite (NaN or inf) weights in 1 tensors')
+
+
+def test_a_pipeline_root_points_to_its_vae(tmp_path):
+  root = tmp_path / 'pipeline'
+  _write(root / 'vae')
+  (root / 'model_index.json').write_text(json.dumps({'vae': ['diffusers', 'AutoencoderKL']}))
+  with pytest.raises(ValueError) as raised:
+    latents.load_autoencoder(root)
+  _one_line(raised, f'{root} is a diffusers pipeline', f'set latent.autoencoder={root}/vae')
+
+
+def test_a_pixel_run_is_not_an_autoencoder_run(tmp_path):
+  run = tmp_path / 'edm_run'
+  (run / 'checkpoints').mkdir(parents=True)
+  (run / 'config.json').write_text(json.dumps({'objective': {'name': 'edm'}, 'data': {}, 'model': {}, 'train': {}}))
+  with pytest.raises(ValueError) as raised:
+    latents.load_autoencoder(run)
+  _one_line(raised, f"{run} is a cm_jax 'edm' run, not an autoencoder run")
+  assert 'again' not in str(raised.value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LoRA's rules.
+# ----------------------------------------------------------------------------------------------------------
+def test_a_lora_rule_that_is_no_regex():
+  with pytest.raises(ValueError) as raised:
+    lora.select({'dense': {'kernel': np.zeros((2, 2))}}, ('kernel$', 'up_blocks_(0'))
+  _one_line(raised, "lora.rules entry 'up_blocks_(0' is not a regular expression (missing ), unterminated")
