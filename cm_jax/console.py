@@ -6,11 +6,20 @@ their step, and the final table. Library logs (absl, Orbax, TFDS, JAX, Python wa
 tracebacks go to WORKDIR/logs/process_<i>.log, one file per process, appended across restarts (what is logged
 before the processes have joined is held in memory, then written there). `--verbosity`
 (absl's flag) or `--alsologtostderr` also sends the log to stderr, at that verbosity.
+
+With libtpu installed on a host without TPUs (the pre-flight's `.[tpu]` extra on a workstation), JAX would ask libtpu
+for TPUs at start and libtpu prints its initialisation warnings on stderr; `select_platforms` starts JAX on the host's
+other platforms instead (the pre-flight still compiles for TPUs: jax.experimental.topologies loads libtpu itself).
 """
 
+import glob as glob_lib
+import importlib.metadata
+import importlib.util
 import io
 import logging as python_logging
 import math
+import os
+import pkgutil
 import time
 
 from absl import flags
@@ -19,6 +28,38 @@ import jax
 from etils import epath
 
 LOG_DIR = 'logs'
+
+
+TPU_DEVICE_FILES = ('/dev/accel*', '/dev/vfio')  # what a TPU VM has (v2-v4: /dev/accel<i>; v5e and later: vfio)
+
+
+def host_platforms(environ, glob=glob_lib.glob, find_spec=importlib.util.find_spec, plugins=None):
+  """The JAX platforms to start on this host, or None for JAX's own choice: the user's JAX_PLATFORMS, a TPU device
+  file, or no libtpu installed leave it to JAX; else the platforms of JAX's installed GPU plugins ('cuda', 'rocm'),
+  then 'cpu' (e.g. 'cuda,cpu'). `plugins`: the names of JAX's plugin modules (default: those installed)."""
+  if 'JAX_PLATFORMS' in environ or any(glob(pattern) for pattern in TPU_DEVICE_FILES):
+    return None
+  if find_spec('libtpu') is None:
+    return None
+  plugins = _jax_plugins() if plugins is None else plugins
+  gpus = [p for p in ('cuda', 'rocm') if any(p in name for name in plugins)]
+  return ','.join(gpus + ['cpu'])
+
+
+def _jax_plugins() -> list[str]:
+  """The plugin modules JAX loads at start: the jax_plugins namespace package's modules and the entry points."""
+  names = [e.value for e in importlib.metadata.entry_points(group='jax_plugins')]
+  if importlib.util.find_spec('jax_plugins') is not None:
+    import jax_plugins  # pylint: disable=g-import-not-at-top
+    names += [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
+  return names
+
+
+def select_platforms() -> None:
+  """Starts JAX on `host_platforms` (before any JAX computation), where they differ from JAX's own choice."""
+  platforms = host_platforms(os.environ)
+  if platforms is not None:
+    jax.config.update('jax_platforms', platforms)
 
 
 def hold_logs() -> None:

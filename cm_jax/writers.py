@@ -8,6 +8,10 @@ BUILD_NOTES.md says why tensorboardX and not clu.metric_writers (which imports T
 """
 
 import importlib.util
+import netrc
+import os
+import pathlib
+import urllib.parse
 import uuid
 
 from absl import logging
@@ -19,6 +23,7 @@ from etils import epath
 
 WANDB_MODES = ('off', 'online', 'offline')
 WANDB_ID_FILE = 'wandb_run_id'
+VIEWABLE_SIDE = 256  # sample grids smaller than this are enlarged to about it (`enlarge`)
 
 
 def flat_config(config) -> dict:
@@ -98,6 +103,28 @@ def check_logging_config(config) -> None:
     if importlib.util.find_spec('wandb') is None:
       raise ValueError(f'logging.wandb.mode={settings.mode!r} needs the wandb package: pip install -e '
                        "'.[wandb]' (or pip install wandb).")
+    if settings.mode == 'online' and not wandb_credentials_found(os.environ):
+      raise ValueError("logging.wandb.mode='online' needs a W&B API key, and none is set: run `wandb login` (it "
+                       'writes ~/.netrc) or set WANDB_API_KEY; or log offline with --config.logging.wandb.mode=offline '
+                       'and upload later with `wandb sync WORKDIR/wandb`.')
+
+
+def wandb_credentials_found(environ) -> bool:
+  """Whether W&B can log in without asking: WANDB_API_KEY or WANDB_IDENTITY_TOKEN_FILE is set, or the netrc file
+  (NETRC, else ~/.netrc or ~/_netrc) has an entry for the W&B host (WANDB_BASE_URL, default api.wandb.ai), as
+  `wandb login` writes it. A netrc file that does not parse counts as found (W&B reads it leniently)."""
+  if environ.get('WANDB_API_KEY') or environ.get('WANDB_IDENTITY_TOKEN_FILE'):
+    return True
+  host = urllib.parse.urlparse(environ.get('WANDB_BASE_URL') or 'https://api.wandb.ai').hostname
+  home = pathlib.Path(environ.get('HOME') or pathlib.Path.home())
+  files = [pathlib.Path(environ['NETRC'])] if environ.get('NETRC') else [home / '.netrc', home / '_netrc']
+  for path in files:
+    if path.is_file():
+      try:
+        return netrc.netrc(str(path)).authenticators(host) is not None
+      except (netrc.NetrcParseError, OSError):
+        return True
+  return False
 
 
 class Writers:
@@ -159,9 +186,17 @@ def scatter_image(points: np.ndarray, size: int = 256, extent: float = 4.0) -> n
   return (255 * np.minimum(hist / max(hist.max(), 1.0) * 4.0, 1.0)).astype(np.uint8)[..., None]
 
 
+def enlarge(image: np.ndarray, side: int = VIEWABLE_SIDE) -> np.ndarray:
+  """A uint8 [H, W, C] image enlarged by nearest neighbour (each pixel repeated k x k) with the largest integer k that
+  keeps its longer side <= `side`; an image that long already is returned as it is."""
+  k = max(1, side // max(image.shape[:2]))
+  return np.repeat(np.repeat(image, k, axis=0), k, axis=1)
+
+
 def samples_image(samples: np.ndarray) -> np.ndarray:
-  """An image of a batch of samples: a grid for images, a scatter histogram for 2-D points."""
-  return scatter_image(samples) if samples.ndim == 2 else image_grid(samples)
+  """An image of a batch of samples: a grid for images (small ones enlarged to a viewable size: 8x8 digits in 8
+  columns from 64 to 256 pixels), a scatter histogram for 2-D points."""
+  return scatter_image(samples) if samples.ndim == 2 else enlarge(image_grid(samples))
 
 
 def save_png(path, image: np.ndarray):

@@ -1,15 +1,19 @@
 """Bad input that used to end in a traceback or a misleading message (issue 24, item 2) now stops in one line that
 names the cause (the file, the setting) and what to do: each case below fails without its fix."""
 
+import importlib.util
 import json
 import os
 import shutil
 
+import ml_collections
 import numpy as np
 import pytest
 
+from cm_jax import data
 from cm_jax import latents
 from cm_jax import workdir
+from cm_jax import writers
 from cm_jax.models import lora
 from test_latents import _latent_config
 from test_latents import _tensors
@@ -140,3 +144,54 @@ def test_a_lora_rule_that_is_no_regex():
   with pytest.raises(ValueError) as raised:
     lora.select({'dense': {'kernel': np.zeros((2, 2))}}, ('kernel$', 'up_blocks_(0'))
   _one_line(raised, "lora.rules entry 'up_blocks_(0' is not a regular expression (missing ), unterminated")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data, trackers.
+# ----------------------------------------------------------------------------------------------------------
+def test_a_negative_image_size(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'images').mkdir()
+  Image.new('RGB', (8, 8)).save(tmp_path / 'images' / 'a.png')
+  config = ml_collections.ConfigDict(dict(name='image_folder', split='train', data_dir=str(tmp_path / 'prepared'),
+                                          path=str(tmp_path / 'images'), image_size=-4, num_records=0, seed=0))
+  with pytest.raises(ValueError) as raised:
+    data.build_source(config)
+  _one_line(raised, 'data.image_size=-4 is negative')
+  assert not (tmp_path / 'prepared').exists()
+
+
+@pytest.mark.parametrize('environ, netrc_host, found', [
+    ({}, None, False),
+    ({'WANDB_API_KEY': 'k'}, None, True),
+    ({'WANDB_IDENTITY_TOKEN_FILE': '/token'}, None, True),
+    ({}, 'api.wandb.ai', True),  # ~/.netrc, as `wandb login` writes it
+    ({}, 'example.com', False),  # a netrc without the W&B host
+    ({'WANDB_BASE_URL': 'https://wandb.example.com'}, 'wandb.example.com', True),  # a W&B server
+    ({'NETRC': 'elsewhere'}, 'api.wandb.ai', True),  # $NETRC names the file
+])
+def test_wandb_credentials(tmp_path, environ, netrc_host, found):
+  """Where W&B finds its key: the variables, or the netrc file of its host."""
+  home = tmp_path / 'home'
+  home.mkdir()
+  environ = dict(environ, HOME=str(home))
+  if netrc_host:
+    path = tmp_path / 'elsewhere' if 'NETRC' in environ else home / '.netrc'
+    path.write_text(f'machine {netrc_host}\n  login user\n  password 0123456789abcdef\n')
+    environ = dict(environ, NETRC=str(path)) if 'NETRC' in environ else environ
+  assert writers.wandb_credentials_found(environ) == found
+
+
+def test_wandb_online_without_a_key_says_how_to_log_in(tmp_path, monkeypatch):
+  if importlib.util.find_spec('wandb') is None:
+    pytest.skip('wandb is not installed: test_wandb_credentials tests the check')
+  for name in ('WANDB_API_KEY', 'WANDB_IDENTITY_TOKEN_FILE', 'WANDB_BASE_URL', 'NETRC'):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv('HOME', str(tmp_path))
+  config = ml_collections.ConfigDict(dict(logging=dict(wandb=dict(mode='online', project='p', entity=''))))
+  with pytest.raises(ValueError) as raised:
+    writers.check_logging_config(config)
+  _one_line(raised, "logging.wandb.mode='online' needs a W&B API key", 'wandb login', 'WANDB_API_KEY',
+            '--config.logging.wandb.mode=offline')
+  config.logging.wandb.mode = 'offline'
+  writers.check_logging_config(config)  # offline needs no key

@@ -37,9 +37,14 @@ def build_source(
     'text' or 'caption' feature.
 
   Raises:
-    ValueError: for a name that is neither built in nor known to TFDS, or a
-      missing image folder.
+    ValueError: for a name that is neither built in nor known to TFDS, a
+      missing image folder, or a negative image_size.
   """
+  if config.get('image_size', 0) < 0:
+    raise ValueError(
+        f'data.image_size={config.image_size} is negative: give the side of'
+        ' the square images in pixels (0 keeps the stored size).'
+    )
   caption_key = config.get('caption_key', '')
   resample = config.get('resample', 'bilinear')
   if config.name in toy.NAMES:
