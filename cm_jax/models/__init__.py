@@ -7,12 +7,13 @@ import flax.linen as nn
 
 from cm_jax.models.adm import ADM
 from cm_jax.models.autoencoder import AutoencoderKL
+from cm_jax.models.dit import DiT
 from cm_jax.models.mlp import MLP
 from cm_jax.models.ncsnpp import NCSNpp
 from cm_jax.models import sd_unet
 from cm_jax.models.unet import UNet
 
-MODELS = {'unet': UNet, 'mlp': MLP, 'ncsnpp': NCSNpp, 'adm': ADM, 'autoencoder_kl': AutoencoderKL,
+MODELS = {'unet': UNet, 'mlp': MLP, 'ncsnpp': NCSNpp, 'adm': ADM, 'dit': DiT, 'autoencoder_kl': AutoencoderKL,
           'sd_unet': sd_unet.TextUNet}
 # model.name='sd_unet': a diffusers UNet2DConditionModel (Stable Diffusion) conditioned on text. Its fields:
 SD_UNET_FIELDS = ('unet', 'guidance_embedding', 'guidance_dim', 'dtype', 'remat', 'attention_kernel')

@@ -93,16 +93,17 @@ class UNetBlock(nn.Module):
     return nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name='proj')(h.reshape(b, hgt, wid, c))
 
 
-def remat_block(policy: str):
-  """UNetBlock, or UNetBlock recomputed in the backward pass instead of storing its activations: policy 'block'
+def remat_block(policy: str, block: type[nn.Module] = UNetBlock, static_argnums: tuple = (3,)):
+  """`block`, or `block` recomputed in the backward pass instead of storing its activations: policy 'block'
   recomputes everything, the name of a jax.checkpoint_policies policy (e.g. 'dots_with_no_batch_dims_saveable')
-  keeps what it names; '' is no rematerialisation."""
+  keeps what it names; '' is no rematerialisation. static_argnums: the call's Python arguments (UNetBlock's
+  (self, x, emb, train): train)."""
   if not policy:
-    return UNetBlock
+    return block
   if policy != 'block' and not hasattr(jax.checkpoint_policies, policy):
     raise ValueError(f"model.remat={policy!r}; expected '', 'block' or a jax.checkpoint_policies name such as "
                      "'dots_with_no_batch_dims_saveable'.")
-  return nn.remat(UNetBlock, static_argnums=(3,),  # (self, x, emb, train): train is a Python bool
+  return nn.remat(block, static_argnums=static_argnums,
                   policy=None if policy == 'block' else getattr(jax.checkpoint_policies, policy))
 
 

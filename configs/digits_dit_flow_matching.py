@@ -1,0 +1,24 @@
+"""Flow-matching teacher on the built-in 8x8 digits with a small DiT (models/dit.py: 2x2 patches, 16 tokens) in place
+of digits_flow_matching's MLP: the DiT row of the MeanFlow digits experiments, and the CLI check that every
+objective runs on the DiT (--config.objective / --config.parameterization overrides, as digits_flow_matching).
+
+Command:
+  python -m cm_jax.main --config=configs/digits_dit_flow_matching.py --workdir=runs/digits_dit_flow_matching
+Hardware: 2 CPU cores; not yet measured for the full 6000 steps (BUILD_NOTES.md).
+Expected: not yet measured (the MLP teacher's digits-proxy FD is the bar).
+Network: depth 4, hidden 128, 4 heads (a DiT-S-like block at 1/3 the width), DiT's time embedding of 1000 t.
+"""
+
+import ml_collections
+
+from configs import digits_flow_matching
+
+DIGITS_DIT = dict(name='dit', size='', depth=4, hidden=128, heads=4, patch_size=2, num_classes=0, label_dropout=0.0,
+                  time_embedding='positional', time_scale=1000.0, second_time=False, dtype='float32', remat='',
+                  attention_kernel='xla')
+
+
+def get_config():
+  c = digits_flow_matching.get_config()
+  c.model = ml_collections.ConfigDict(DIGITS_DIT)
+  return c
