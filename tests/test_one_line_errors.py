@@ -195,3 +195,26 @@ def test_wandb_online_without_a_key_says_how_to_log_in(tmp_path, monkeypatch):
             '--config.logging.wandb.mode=offline')
   config.logging.wandb.mode = 'offline'
   writers.check_logging_config(config)  # offline needs no key
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LCD's skip against the evaluation's step counts.
+# ----------------------------------------------------------------------------------------------------------
+def _lcd_config(skip, steps):
+  return ml_collections.ConfigDict(dict(
+      model=dict(num_classes=0), teacher=dict(init=False), eval=dict(steps=steps),
+      parameterization=dict(name='vp', num_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                            beta_schedule='scaled_linear', prediction='epsilon', sigma_data=0.5, timestep_scaling=10.0),
+      objective=dict(name='lcd', skip=skip, guidance_scale=(1.0, 1.0), target_ema=0.0, distance='l2',
+                     distance_c=0.0)))
+
+
+def test_an_lcd_skip_that_leaves_too_few_solver_steps_is_refused_at_start():
+  from cm_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  from cm_jax.objectives.latent import make_lcd  # pylint: disable=g-import-not-at-top
+  from cm_jax.parameterization import VP  # pylint: disable=g-import-not-at-top
+  mlp = build_model(dict(name='mlp', hidden=8, depth=1, num_classes=0, time_embedding='positional', time_scale=1.0))
+  make_lcd(_lcd_config(250, (1, 2, 4)), mlp, VP())  # 1000 / 250 = 4 solver steps: enough
+  with pytest.raises(ValueError) as raised:
+    make_lcd(_lcd_config(250, (1, 2, 8)), mlp, VP())
+  _one_line(raised, 'eval.steps=(1, 2, 8) asks for 8-step sampling, but objective.skip=250 leaves 4 solver steps')

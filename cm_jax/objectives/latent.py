@@ -27,7 +27,12 @@ def _check(config, model, vp, distill: bool):
   obj = config.objective
   if not isinstance(vp, VP):
     raise ValueError(f"objective.name={obj.name!r} needs parameterization.name='vp'.")
-  schedules.skipping_grid(vp.num_timesteps, obj.skip)
+  solver_steps = len(schedules.skipping_grid(vp.num_timesteps, obj.skip))
+  asked = tuple(config.get('eval', {}).get('steps', ()))
+  if any(n > solver_steps for n in asked):  # LCM sampling takes its steps from the solver grid
+    raise ValueError(f'eval.steps={asked} asks for {max(asked)}-step sampling, but objective.skip={obj.skip} leaves '
+                     f'{solver_steps} solver steps (num_timesteps={vp.num_timesteps} / skip): lower objective.skip or '
+                     f'keep eval.steps <= {solver_steps}.')
   if not 0.0 <= obj.target_ema < 1.0:
     raise ValueError(f'objective.target_ema={obj.target_ema} must be in [0, 1).')
   lo, hi = obj.guidance_scale
