@@ -264,12 +264,12 @@ def meanflow_multistep(u, z, num_steps: int):
 
 
 def _meanflow(config, model, fm):
-  """`meanflow_multistep` from z_1 = e ~ N(0, I): 1 step x = e - u(e, 0, 1); 2 steps through t = 0.5."""
-  del config
+  """`meanflow_multistep` from z_1 = e ~ N(0, I): 1 step x = e - u(e, 0, 1); 2 steps through t = 0.5. A network with a
+  guidance input (iMF: the CFG scale omega as a condition) is given sampling.guidance_scale, or `guidance`."""
+  default = _guidance_input(config, model) if takes_guidance(model) else 1.0
 
   def sample(params, rng, cond, shape, num_steps, guidance=None):
-    del guidance
-    net = network(model, params, cond)
+    net = network(model, params, cond, guidance=_per_example_guidance(model, default, guidance, shape[0]))
     u = lambda z, r, t: net(z, fm.c_noise(t), t - r)
     return meanflow_multistep(u, fm.prior(jax.random.normal(jax.random.split(rng)[0], shape)), num_steps)
 

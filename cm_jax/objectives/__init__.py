@@ -11,7 +11,7 @@ from cm_jax.objectives.ddpm import make_ddpm
 from cm_jax.objectives.diffusion import make_edm, make_trigflow_diffusion
 from cm_jax.objectives.discrete import make_cd, make_ct, make_ict
 from cm_jax.objectives.ect import make_ect
-from cm_jax.objectives import flow_matching, meanflow
+from cm_jax.objectives import flow_matching, imeanflow, meanflow
 from cm_jax.objectives.latent import make_lcd, make_lcf
 from cm_jax.objectives.lora import with_lora
 from cm_jax.parameterization import make_parameterization
@@ -35,7 +35,8 @@ _REGISTRY = {
     'lcd': (make_lcd, _LATENT, set()),
     'lcf': (make_lcf, _LATENT, set()),
     'flow_matching': (flow_matching.make_flow_matching, flow_matching.KEYS, set()),
-    'meanflow': (meanflow.make_meanflow, meanflow.KEYS, set()),
+    'meanflow': (meanflow.make_meanflow, meanflow.KEYS, set(meanflow.OPTIONAL)),
+    'imeanflow': (imeanflow.make_imeanflow, imeanflow.KEYS, set(imeanflow.OPTIONAL)),
     'autoencoder': (make_autoencoder, {'name', 'kl_weight', 'lpips_weight', 'lpips_weights', 'reconstruction',
                                        'scale_records'}, set()),
 }

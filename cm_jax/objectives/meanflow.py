@@ -2,15 +2,22 @@
 z_t = (1 - t) x + t e, learned from scratch with one forward-mode JVP per step.
 
 The MeanFlow identity u = v - (t - r) du/dt, du/dt = v d_z u + d_t u (the total derivative along the flow, r fixed),
-gives the target u_tgt = v - (t - r) sg(du/dt) with du/dt ONE jax.jvp of u along the tangent (dz, dr, dt) = (v, 0, 1)
-at v = e - x. (t, r): two logit-normal draws sorted so that t >= r, then r = t for a fraction objective.flow_share
-of the batch (flow matching: u(z, t, t) = v). Loss: sg(w) ||u - sg(u_tgt)||^2 with the adaptive weight
-w = 1 / (||delta||^2 + c)^p, ||delta||^2 summed over dimensions (paper Eq. 9-10; p = objective.norm_p, c =
-objective.norm_c). The network needs the second time input (model.second_time: it embeds t - r besides t).
+gives the target u_tgt = v_g - (t - r) sg(du/dt) with du/dt ONE jax.jvp of u along the tangent (dz, dr, dt) =
+(v_g, 0, 1), v_g the (guided) velocity. (t, r): two logit-normal draws sorted so that t >= r, then r = t for a
+fraction objective.flow_share of the batch (flow matching: u(z, t, t) = v). Loss: sg(w) ||u - sg(u_tgt)||^2 with the
+adaptive weight w = 1 / (||delta||^2 + c)^p, ||delta||^2 summed over dimensions (paper Eq. 9-10; p = objective.norm_p,
+c = objective.norm_c). The network needs the second time input (model.second_time: it embeds t - r besides t).
 Sampling: sampling.MEANFLOW (1 NFE: x = e - u(e, 0, 1); 2 NFE through t = 0.5).
 
+Classifier-free guidance in the target (paper Eq. 13-14, its appendix's kappa form; official meanflow.py
+MeanFlow.guidance_fn), for class-conditional runs: v_g = omega v + (1 - omega - kappa) u(z, t, t | none)
++ kappa u(z, t, t | c) for t in objective.cfg_interval (v_g = v outside it), the network's velocities u(z, t, t) taken
+at the current parameters without gradient or dropout; the loss drops each label with probability
+objective.class_dropout, and a dropped label's target is the unguided v. omega = 1, kappa = 0 (the defaults):
+v_g = v. The JVP tangent is v_g, as in the official code.
+
 Defaults of the paper (Table 4 / its appendix; ImageNet-256): logit-normal (-0.4, 1.0), r != t for 25% of the
-batch (flow_share = 0.75), p = 1, c = 1e-3 (the paper's text; c is a small constant "e.g. 1e-3"); CIFAR-10 (UNet):
+batch (flow_share = 0.75), p = 1, c = 1e-3 (the paper's text; the official code's norm_eps is 0.01); CIFAR-10 (UNet):
 logit-normal (-2.0, 2.0), r != t for 75% (flow_share = 0.25), p = 0.75.
 """
 
@@ -18,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from cm_jax import sampling
-from cm_jax.models.apply import network, takes_second_time
+from cm_jax.models.apply import NULL_LABEL, network, null_condition, takes_second_time
 from cm_jax.models.attention import forward_mode
 from cm_jax.objectives.base import Objective, labels
 from cm_jax.objectives.continuous import float32_model
@@ -26,6 +33,14 @@ from cm_jax.objectives.flow_matching import check_flow_matching
 from cm_jax.parameterization import FlowMatching, bcast
 
 KEYS = {'name', 'p_mean', 'p_std', 'flow_share', 'norm_p', 'norm_c'}
+# The optional keys and their defaults (guidance off): cfg_omega (omega), cfg_kappa (kappa), cfg_interval
+# ((t_start, t_end), the times guided), class_dropout (the label-drop rate of class-conditional runs; official 0.1).
+OPTIONAL = {'cfg_omega': 1.0, 'cfg_kappa': 0.0, 'cfg_interval': (0.0, 1.0), 'class_dropout': 0.1}
+
+
+def option(obj, key):
+  """config.objective[key], or its default in OPTIONAL."""
+  return obj.get(key, OPTIONAL[key])
 
 
 def sample_t_r(rng, batch: int, p_mean, p_std, flow_share, fm: FlowMatching = FlowMatching()):
@@ -34,6 +49,37 @@ def sample_t_r(rng, batch: int, p_mean, p_std, flow_share, fm: FlowMatching = Fl
   a, b = (fm.sample_t(k, (batch,), p_mean, p_std) for k in (rng_a, rng_b))
   t, r = jnp.maximum(a, b), jnp.minimum(a, b)
   return t, jnp.where(jax.random.uniform(rng_share, (batch,)) < flow_share, t, r)
+
+
+def draw(rng, x, obj, fm: FlowMatching, conditional: bool):
+  """The loss's random draws: (t, r) (`sample_t_r`), e ~ N(0, I) like x, and the dropped labels [B] bool (None
+  for unconditional data), each label dropped with probability objective.class_dropout."""
+  rng_t, rng_e, rng_drop = jax.random.split(rng, 3)
+  t, r = sample_t_r(rng_t, x.shape[0], obj.p_mean, obj.p_std, obj.flow_share, fm)
+  drop = jax.random.uniform(rng_drop, (x.shape[0],)) < option(obj, 'class_dropout') if conditional else None
+  return t, r, jax.random.normal(rng_e, x.shape), drop
+
+
+def drop_labels(cond, drop):
+  """The labels with the dropped ones set to the null label (None stays None)."""
+  return None if cond is None else jnp.where(drop, NULL_LABEL, cond)
+
+
+def check_guidance_interval(key: str, interval) -> tuple[float, float]:
+  """(lo, hi) with 0 <= lo <= hi <= 1, or a ValueError naming objective.<key>."""
+  lo, hi = (float(a) for a in interval)
+  if not 0.0 <= lo <= hi <= 1.0:
+    raise ValueError(f'objective.{key}={tuple(interval)} must be a time interval (lo, hi) with 0 <= lo <= hi <= 1.')
+  return lo, hi
+
+
+def guided_velocity(v_fn, z, t, v, cond, omega, kappa, interval):
+  """v_g = omega v + (1 - omega - kappa) v_fn(z, t, none) + kappa v_fn(z, t, cond) for t in interval = (lo, hi),
+  v outside it; v_fn(z, t, cond) is the network's velocity u(z, t, t | cond)."""
+  inside = (t >= interval[0]) & (t <= interval[1])
+  w, k = jnp.where(inside, omega, 1.0), jnp.where(inside, kappa, 0.0)
+  v_g = bcast(w, v) * v + bcast(1.0 - w - k, v) * v_fn(z, t, null_condition(cond))
+  return v_g + bcast(k, v) * v_fn(z, t, cond) if kappa else v_g
 
 
 def meanflow_target(u_fn, z, r, t, v):
@@ -47,38 +93,68 @@ def adaptive_weight(sq_norm, p, c):
   return jax.lax.stop_gradient(1.0 / (sq_norm + c) ** p)
 
 
+def weighted_sq(delta, p, c):
+  """(sg(w) ||delta||^2 [B], ||delta||^2 [B], w [B]): the adaptively weighted squared norm per example."""
+  sq = jnp.sum(jnp.reshape(delta, (delta.shape[0], -1)) ** 2, axis=-1)
+  w = adaptive_weight(sq, p, c)
+  return w * sq, sq, w
+
+
 def two_time(fm: FlowMatching, net):
   """u(z, r, t) of a second-time network: F(z, c_noise(t), interval = t - r)."""
   return lambda z, r, t: net(z, fm.c_noise(t), t - r)
 
 
-def make_meanflow(config, model, fm: FlowMatching) -> Objective:
-  """sg(w) ||u_theta(z_t, r, t) - sg(v - (t - r) du_theta/dt)||^2 (module docstring); sampled by sampling.MEANFLOW."""
-  check_flow_matching(config, fm, 'meanflow')
+def check_two_time(config, model, fm, name: str) -> None:
+  """The checks of a two-time objective: flow matching, a second-time network, the r = t share, p and c, and for a
+  class-conditional run no network label dropout (the objective drops the labels, objective.class_dropout)."""
+  check_flow_matching(config, fm, name)
   obj = config.objective
   if not takes_second_time(model):
-    raise ValueError("objective.name='meanflow' trains a two-time network u(z_t, r, t): set model.second_time=True "
-                     '(the MLP embeds the interval t - r).')
+    raise ValueError(f"objective.name={name!r} trains a two-time network u(z_t, r, t): set model.second_time=True "
+                     '(the network embeds the interval t - r).')
   if not 0.0 <= obj.flow_share <= 1.0:
     raise ValueError(f'objective.flow_share={obj.flow_share} (the share of r = t samples) must be in [0, 1].')
   if not obj.norm_c > 0 or obj.norm_p < 0:
     raise ValueError(f'objective.norm_c={obj.norm_c} must be positive and objective.norm_p={obj.norm_p} >= 0.')
+  if not 0.0 <= option(obj, 'class_dropout') < 1.0:
+    raise ValueError(f"objective.class_dropout={option(obj, 'class_dropout')} must be in [0, 1).")
+  if getattr(model, 'label_dropout', 0.0) > 0:
+    raise ValueError(f'model.label_dropout={model.label_dropout}: objective.name={name!r} drops the labels itself '
+                     '(objective.class_dropout, with the unguided target for a dropped label); set '
+                     'model.label_dropout=0.')
+
+
+def make_meanflow(config, model, fm: FlowMatching) -> Objective:
+  """sg(w) ||u_theta(z_t, r, t) - sg(v_g - (t - r) du_theta/dt)||^2 (module docstring); sampled by sampling.MEANFLOW."""
+  check_two_time(config, model, fm, 'meanflow')
+  obj = config.objective
+  omega, kappa = float(option(obj, 'cfg_omega')), float(option(obj, 'cfg_kappa'))
+  interval = check_guidance_interval('cfg_interval', option(obj, 'cfg_interval'))
+  conditional = config.model.get('num_classes', 0) > 0
+  guiding = omega != 1.0 or kappa != 0.0
+  if guiding and not conditional:
+    raise ValueError(f'objective.cfg_omega={omega}, cfg_kappa={kappa} guide the target with the unconditional '
+                     'velocity, which needs class labels: set model.num_classes > 0, or cfg_omega=1, cfg_kappa=0.')
   jvp_model = forward_mode(float32_model(model))
 
   def loss(params, extra, frozen, batch, rng, step):
     del extra, frozen, step
     x = batch['image']
     cond = labels(batch, config.model)
-    rng_t, rng_e, rng_drop = jax.random.split(rng, 3)
-    t, r = sample_t_r(rng_t, x.shape[0], obj.p_mean, obj.p_std, obj.flow_share, fm)
-    e = jax.random.normal(rng_e, x.shape)
+    rng_draw, rng_net = jax.random.split(rng)
+    t, r, e, drop = draw(rng_draw, x, obj, fm, cond is not None)
     z, v = fm.noise(x, e, t), fm.target_velocity(x, e)
-    u_sg = two_time(fm, network(jvp_model, jax.lax.stop_gradient(params), cond, rng_drop))
+    params_sg = jax.lax.stop_gradient(params)
+    if guiding:
+      v_fn = lambda z, t, c: two_time(fm, network(model, params_sg, c))(z, t, t)
+      v = jnp.where(bcast(drop, v), v, guided_velocity(v_fn, z, t, v, cond, omega, kappa, interval))
+    cond = drop_labels(cond, drop)
+    u_sg = two_time(fm, network(jvp_model, params_sg, cond, rng_net))
     _, dudt, u_tgt = meanflow_target(u_sg, z, r, t, v)
-    u = two_time(fm, network(model, params, cond, rng_drop))(z, r, t)
-    sq = jnp.sum(jnp.reshape(u - jax.lax.stop_gradient(u_tgt), (x.shape[0], -1)) ** 2, axis=-1)
-    w = adaptive_weight(sq, obj.norm_p, obj.norm_c)
-    loss = jnp.mean(w * sq)
+    u = two_time(fm, network(model, params, cond, rng_net))(z, r, t)
+    weighted, sq, w = weighted_sq(u - jax.lax.stop_gradient(u_tgt), obj.norm_p, obj.norm_c)
+    loss = jnp.mean(weighted)
     return loss, {'loss': loss, 'mse': jnp.mean(sq) / (z.size // z.shape[0]), 'adaptive_weight': jnp.mean(w),
                   'dudt_norm': jnp.mean(jnp.sqrt(jnp.sum(jnp.reshape(dudt, (x.shape[0], -1)) ** 2, -1)))}
 

@@ -1,0 +1,25 @@
+"""Improved MeanFlow (iMF) from scratch on the built-in 8x8 digits: digits_meanflow's network, data and schedule with
+iMF's loss on V = u + (t - r) sg(du/dt) and the tangent u(z_t, t, t) (objectives/imeanflow.py).
+
+Command (digits_flow_matching first, for the table's teacher row):
+  python -m cm_jax.main --config=configs/digits_imeanflow.py --workdir=runs/digits_imeanflow \
+      --config.teacher.workdir=runs/digits_flow_matching
+Hardware: 2 CPU cores; a step costs one more network forward than a MeanFlow step (the tangent u(z_t, t, t)).
+Expected: see the notes of the digits MeanFlow table (BUILD_NOTES.md).
+Settings: the official iMF code (Lyy-iiis/imeanflow, imf.py iMeanFlow's defaults): logit-normal (-0.4, 1.0),
+r = t for half of the batch (flow_share = 0.5; its data_proportion), p = 1 with c = 0.01 (norm_eps). Digits are
+unconditional here, so no CFG scale is sampled (objective.cfg_scale_max = 0; the official 7 needs class labels and
+model.guidance_embedding=True), and there is no auxiliary v-head (objective.aux_v_head is refused: no cm_jax
+network has a second output).
+"""
+
+import ml_collections
+
+from configs import digits_meanflow
+
+
+def get_config():
+  c = digits_meanflow.get_config()
+  c.objective = ml_collections.ConfigDict(dict(
+      name='imeanflow', p_mean=-0.4, p_std=1.0, flow_share=0.5, norm_p=1.0, norm_c=0.01))
+  return c
