@@ -8,6 +8,9 @@ below recomputes the expected output by hand in numpy (float64) with factors awa
   DDIM          the last step lands on the clean end (alpha_bar_prev = 1, timestep -1: diffusers' DDIMScheduler with
                 set_alpha_to_one=True), not on timestep 0; with and without classifier-free guidance s = 3.
   LCM scalings  VP(sigma_data=0.8, timestep_scaling=3): c_skip = sd^2 / (u^2 + sd^2), c_out = u / sqrt(u^2 + sd^2).
+  LCM sampler   skip 250 (not 20), sigma_data 0.8, timestep_scaling 0.005 (at the default 10, c_skip ~ 1e-7 at the
+                sampler's timesteps hides both), epsilon and v prediction: the multistep loop by hand.
+  embeddings    the positional embedding's multiplier s = 7 (default 1) and the Fourier frequencies' std 3.
 """
 
 import flax
@@ -181,3 +184,50 @@ def test_lcm_boundary_scalings_follow_sigma_data_and_timestep_scaling():
   x0 = (x - sigma[:, None] * 0.5 * x) / alpha[:, None]
   cs, co = 0.64 / (u**2 + 0.64), u / np.sqrt(u**2 + 0.64)
   np.testing.assert_allclose(f, cs[:, None] * x + co[:, None] * x0, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LCM's multistep sampler with sigma_data, timestep_scaling and skip away from their defaults.
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('prediction', ['epsilon', 'v'])
+def test_lcm_multistep_sampler_by_hand(prediction):
+  """T = 1000, skip k = 250: the solver grid 249, 499, 749, 999; 3 steps take floor(linspace(0, 4, 3)) = 0, 1, 2 of
+  it reversed: 999, 749, 499. Each step is x0 <- c_skip z + c_out x0_hat(z) with u = 0.005 t, sd = 0.8 (c_skip
+  0.025 .. 0.09: at LCM's default timestep_scaling = 10 it is ~1e-7 at these t and would hide both), and between
+  steps z <- alpha_t x0 + sigma_t z' (numpy, float64)."""
+  vp = VP(sigma_data=0.8, timestep_scaling=0.005, prediction=prediction)
+  config = ml_collections.ConfigDict(dict(objective=dict(skip=250), sampling=dict(guidance_scale=1.0)))
+  shape, rng = (6, 5), jax.random.PRNGKey(5)
+  labels = jnp.array([0, 1, 2, 0, 1, 2])
+  out = np.asarray(sampling.LCM.build(config, CondEps(), vp)({'unused': 0.0}, rng, labels, shape, 3), np.float64)
+  rng_z, rng_noise = jax.random.split(rng)  # the sampler's own draws
+  z = np.asarray(jax.random.normal(rng_z, shape), np.float64)
+  noises = [np.asarray(jax.random.normal(jax.random.fold_in(rng_noise, k), shape), np.float64) for k in range(2)]
+  abar = VP().alphas_cumprod()
+  c = np.asarray(labels, np.float64)
+  x = z
+  for i, t in enumerate([999, 749, 499]):
+    if i:
+      x = np.sqrt(abar[t]) * x0 + np.sqrt(1.0 - abar[t]) * noises[i - 1]
+    alpha, sigma = np.sqrt(abar[t]), np.sqrt(1.0 - abar[t])
+    out_t = _np_eps(x, np.full(6, float(t)), c)
+    x0_hat = (x - sigma * out_t) / alpha if prediction == 'epsilon' else alpha * x - sigma * out_t
+    u = 0.005 * t
+    x0 = 0.64 / (u**2 + 0.64) * x + u / np.sqrt(u**2 + 0.64) * x0_hat
+  np.testing.assert_allclose(out, x0, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The networks' noise embeddings with their scales away from 1.
+# ----------------------------------------------------------------------------------------------------------
+def test_noise_embeddings_scale_their_input():
+  """Positional: [cos(w_i s c), sin(w_i s c)], w_i = (1/10000)^(i/half), s = 7; Fourier: [cos(2 pi f c),
+  sin(2 pi f c)] with f = 3 N(0, 1) from the fixed numpy seed (scale 3, not EDM's 16)."""
+  from cm_jax.models import layers  # pylint: disable=g-import-not-at-top
+  c = np.array([-0.7, 0.05, 1.3])
+  got = np.asarray(layers.PositionalEmbedding(8, scale=7.0).apply({}, jnp.asarray(c, jnp.float32)))
+  angles = np.outer(7.0 * c, (1.0 / 10000.0) ** (np.arange(4) / 4))
+  np.testing.assert_allclose(got, np.concatenate([np.cos(angles), np.sin(angles)], -1), rtol=1e-5, atol=1e-5)
+  got = np.asarray(layers.FourierEmbedding(8, scale=3.0, seed=4).apply({}, jnp.asarray(c, jnp.float32)))
+  angles = np.outer(c, 2 * np.pi * 3.0 * np.random.default_rng(4).standard_normal(4))
+  np.testing.assert_allclose(got, np.concatenate([np.cos(angles), np.sin(angles)], -1), rtol=1e-5, atol=1e-5)
