@@ -24,7 +24,6 @@ import pytest
 from cm_jax import sampling
 from cm_jax.models import build_model
 from cm_jax.models import lora
-from cm_jax.models.apply import network
 from cm_jax.objectives import make_objective
 from cm_jax.objectives.latent import make_lcd
 from cm_jax.parameterization import VP
@@ -205,9 +204,9 @@ def test_lcm_multistep_sampler_by_hand(prediction):
   noises = [np.asarray(jax.random.normal(jax.random.fold_in(rng_noise, k), shape), np.float64) for k in range(2)]
   abar = VP().alphas_cumprod()
   c = np.asarray(labels, np.float64)
-  x = z
+  x, x0 = z, None
   for i, t in enumerate([999, 749, 499]):
-    if i:
+    if x0 is not None:
       x = np.sqrt(abar[t]) * x0 + np.sqrt(1.0 - abar[t]) * noises[i - 1]
     alpha, sigma = np.sqrt(abar[t]), np.sqrt(1.0 - abar[t])
     out_t = _np_eps(x, np.full(6, float(t)), c)
