@@ -55,9 +55,11 @@ class _Embeddings(nn.Module):
 
 
 class _Attention(nn.Module):
-  """Causal multi-head self-attention out_proj(softmax(q k^T / sqrt(d) + causal mask) v), q, k, v = x W + b."""
+  """Multi-head self-attention out_proj(softmax(q k^T / sqrt(d) + mask) v), q, k, v = x W + b; the mask is causal
+  (the text tower) or none (the image tower)."""
   width: int
   num_heads: int
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -65,9 +67,10 @@ class _Attention(nn.Module):
     split = lambda t: t.reshape(*t.shape[:-1], self.num_heads, head_dim)
     q, k, v = (split(nn.Dense(self.width, name=f'{n}_proj')(x)) for n in ('q', 'k', 'v'))
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * head_dim ** -0.5
-    length = x.shape[-2]
-    causal = jnp.tril(jnp.ones((length, length), bool))
-    weights = jax.nn.softmax(jnp.where(causal, logits, jnp.finfo(logits.dtype).min), axis=-1)
+    if self.causal:
+      length = x.shape[-2]
+      logits = jnp.where(jnp.tril(jnp.ones((length, length), bool)), logits, jnp.finfo(logits.dtype).min)
+    weights = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(x.shape)
     return nn.Dense(self.width, name='out_proj')(out)
 
@@ -91,30 +94,33 @@ class _EncoderLayer(nn.Module):
   intermediate_size: int
   hidden_act: str
   layer_norm_eps: float
+  causal: bool
 
   @nn.compact
   def __call__(self, x):
-    x = x + _Attention(self.width, self.num_heads, name='self_attn')(
+    x = x + _Attention(self.width, self.num_heads, self.causal, name='self_attn')(
         nn.LayerNorm(epsilon=self.layer_norm_eps, name='layer_norm1')(x))
     return x + _MLP(self.width, self.intermediate_size, self.hidden_act, name='mlp')(
         nn.LayerNorm(epsilon=self.layer_norm_eps, name='layer_norm2')(x))
 
 
-class _Encoder(nn.Module):
-  """The stack of encoder layers; returns the input and each layer's output."""
+class Encoder(nn.Module):
+  """The stack of encoder layers (causal: the text tower's; not: the image tower's, models/clip_vision.py); returns
+  the input and each layer's output."""
   num_layers: int
   width: int
   num_heads: int
   intermediate_size: int
   hidden_act: str
   layer_norm_eps: float
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x):
     states = [x]
     for i in range(self.num_layers):
       states.append(_EncoderLayer(self.width, self.num_heads, self.intermediate_size, self.hidden_act,
-                                  self.layer_norm_eps, name=f'layers_{i}')(states[-1]))
+                                  self.layer_norm_eps, self.causal, name=f'layers_{i}')(states[-1]))
     return states
 
 
@@ -137,8 +143,8 @@ class CLIPTextTransformer(nn.Module):
   @nn.compact
   def __call__(self, input_ids):
     x = _Embeddings(self.vocab_size, self.max_positions, self.width, name='embeddings')(input_ids)
-    states = _Encoder(self.num_layers, self.width, self.num_heads, self.intermediate_size, self.hidden_act,
-                      self.layer_norm_eps, name='encoder')(x)
+    states = Encoder(self.num_layers, self.width, self.num_heads, self.intermediate_size, self.hidden_act,
+                     self.layer_norm_eps, name='encoder')(x)
     last = nn.LayerNorm(epsilon=self.layer_norm_eps, name='final_layer_norm')(states[-1])
     if self.eos_token_id == _LEGACY_EOS:
       eos = jnp.argmax(input_ids, axis=-1)
@@ -165,23 +171,35 @@ class CLIPTextModel(nn.Module):
     return {'hidden_states': states, 'last_hidden_state': last, 'pooled': pooled, 'text_embeds': embeds}
 
 
+def activation(config: dict, where: str) -> str:
+  """A CLIP config's hidden_act (default 'quick_gelu'), one of ACTIVATIONS."""
+  hidden_act = config.get('hidden_act', 'quick_gelu')
+  if hidden_act not in ACTIVATIONS:
+    raise ValueError(f'{where}: hidden_act {hidden_act!r}; cm_jax reads {sorted(ACTIVATIONS)}.')
+  return hidden_act
+
+
 def module_from_config(config: dict, where: str) -> CLIPTextModel:
   """The CLIPTextModel a transformers config.json describes (CLIPTextConfig's defaults for absent fields)."""
   architectures = config.get('architectures') or []
   if len(architectures) != 1 or architectures[0] not in ARCHITECTURES:
     raise ValueError(f'{where} describes {architectures!r}; cm_jax reads one of {list(ARCHITECTURES)} (a CLIP text '
                      'encoder folder such as Stable Diffusion\'s text_encoder).')
-  hidden_act = config.get('hidden_act', 'quick_gelu')
-  if hidden_act not in ACTIVATIONS:
-    raise ValueError(f'{where}: hidden_act {hidden_act!r}; cm_jax reads {sorted(ACTIVATIONS)}.')
+  projection = int(config.get('projection_dim', 512)) if architectures[0] == 'CLIPTextModelWithProjection' else None
+  return text_module(config, projection, where)
+
+
+def text_module(config: dict, projection_dim: int | None, where: str) -> CLIPTextModel:
+  """The CLIPTextModel of a CLIPTextConfig's fields (its defaults for absent ones; also a CLIPModel's text_config),
+  with a text_projection to projection_dim unless None."""
+  hidden_act = activation(config, where)
   transformer = CLIPTextTransformer(
       vocab_size=int(config.get('vocab_size', 49408)), width=int(config.get('hidden_size', 512)),
       intermediate_size=int(config.get('intermediate_size', 2048)),
       num_layers=int(config.get('num_hidden_layers', 12)), num_heads=int(config.get('num_attention_heads', 8)),
       max_positions=int(config.get('max_position_embeddings', 77)), hidden_act=hidden_act,
       layer_norm_eps=float(config.get('layer_norm_eps', 1e-5)), eos_token_id=int(config.get('eos_token_id', 49407)))
-  projection = int(config.get('projection_dim', 512)) if architectures[0] == 'CLIPTextModelWithProjection' else None
-  return CLIPTextModel(transformer, projection)
+  return CLIPTextModel(transformer, projection_dim)
 
 
 class TextEncoder:
@@ -223,9 +241,15 @@ def load_text_encoder(path) -> TextEncoder:
   config = diffusers_format.read_json(config_path)
   module = module_from_config(config, str(config_path))
   state_dict, where = diffusers_format.read_weights(folder, diffusers_format.TRANSFORMERS_STEM)
+  return text_encoder(module, state_dict, config, where, str(folder))
+
+
+def text_encoder(module: CLIPTextModel, state_dict: dict, config: dict, where: str, path: str) -> TextEncoder:
+  """The TextEncoder of `module` with the tensors of a transformers state dict (text_model.* and text_projection.*;
+  the prefix may be absent) read from `where`."""
   abstract = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
   params = diffusers_format.from_diffusers(_flax_names(state_dict), abstract['params'], where)
-  return TextEncoder(module, params, config, str(folder))
+  return TextEncoder(module, params, config, path)
 
 
 def load_tokenizer(path) -> Any:
