@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from cm_jax import couplings
-from cm_jax import train
+from cm_jax import experiment
 from configs import digits_lct
 
 _BATCHES = flags.DEFINE_list('batch_sizes', ['128', '512'], 'Global batch sizes.')
@@ -55,7 +55,7 @@ class Step:
     config.latent.update(autoencoder='', cache='', normalization='scaling_factor')
     config.objective.coupling = coupling
     config.train.batch_size = batch
-    exp = train.Experiment(config)
+    exp = experiment.Experiment(config)
     self.state, self.step_fn, self.frozen = exp.init_state(), exp.train_step(), exp.frozen()
     with exp.batches(0) as batches:
       self.batch = next(batches)

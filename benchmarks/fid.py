@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 import PIL.Image
 
-from cm_jax import train
+from cm_jax import experiment
 from cm_jax.evaluation import fid
 from cm_jax.evaluation import inception
 from cm_jax.evaluation.digits_proxy import DigitsProxy
@@ -58,7 +58,7 @@ def inception_rate(rounds: int, batch: int = 64) -> float:
 
 def fid_time(config, extractor: fid.Extractor, num: int) -> tuple[float, float]:
   """(seconds for `num` samples through generated_moments, share of it outside the networks)."""
-  exp = train.Experiment(config)
+  exp = experiment.Experiment(config)
   params, batch = exp.init_state().ema[0], config.train.batch_size
   networks = jax.jit(lambda p, s, e, rng: extractor.apply(e, exp.draw(p, s, rng, batch, 1))[0])
   key = jax.random.PRNGKey(0)

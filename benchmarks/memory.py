@@ -30,7 +30,7 @@ from ml_collections import config_flags
 import numpy as np
 from PIL import Image
 
-from cm_jax import train
+from cm_jax import experiment
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/cifar10_ict.py', 'Experiment whose state to lay out.')
 _ALLOCATE = flags.DEFINE_bool('allocate', False, 'Also create the FSDP state and count the bytes on device 0.')
@@ -54,7 +54,7 @@ def write_image_folder(root: pathlib.Path) -> None:
     Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(root / 'train' / '0' / f'{i}.png')
 
 
-def bytes_per_device(exp: train.Experiment) -> dict[str, int]:
+def bytes_per_device(exp: experiment.Experiment) -> dict[str, int]:
   """Bytes one device holds of each part of the abstract sharded train state."""
   def size(leaf):
     return int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
@@ -72,8 +72,8 @@ def main(argv):
   del argv
   with tempfile.TemporaryDirectory() as folder:
     write_image_folder(pathlib.Path(folder))
-    layouts = {'replicated': train.Experiment(on_mesh(folder, data=8, fsdp=1)),
-               'fsdp': train.Experiment(on_mesh(folder, data=1, fsdp=8))}
+    layouts = {'replicated': experiment.Experiment(on_mesh(folder, data=8, fsdp=1)),
+               'fsdp': experiment.Experiment(on_mesh(folder, data=1, fsdp=8))}
     exp = layouts['fsdp']
     num_params = sum(l.size for l in jax.tree.leaves(exp.abstract_state.params))
     print(f'network: {exp.config.model.name}, {num_params / 1e6:.1f}M parameters; objective: '

@@ -31,6 +31,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from cm_jax import experiment
 from cm_jax import latents
 from cm_jax import train
 from cm_jax.data import load_digits
@@ -96,7 +97,7 @@ class Table:
     config.seed = self.seed
     start = time.time()
     state = train.train_and_evaluate(config, self.dir(name))
-    return train.Experiment(config), state, (time.time() - start) / 60
+    return experiment.Experiment(config), state, (time.time() - start) / 60
 
   def scores(self, exp, state, steps, teacher=None, seed_offset=3):
     """{steps: FD} of the run's first EMA sampled with its sampler at each step count (samples of seed
@@ -111,7 +112,7 @@ class Table:
     for sigma in candidates:
       config = exp.config.copy_and_resolve_references()
       config.sampling.update(mid_sigmas=(sigma,), mid_indices=())
-      fds[sigma] = self.scores(train.Experiment(config), state, (2,), seed_offset=MID_SEED_OFFSET)[2]
+      fds[sigma] = self.scores(experiment.Experiment(config), state, (2,), seed_offset=MID_SEED_OFFSET)[2]
     listed = ', '.join(f'{sigma:g}: {fd:.3f}' for sigma, fd in fds.items())
     print(f'{name} seed {self.seed}: 2-step FD by middle level sigma (seed +{MID_SEED_OFFSET}) {listed}; best '
           f'{min(fds, key=fds.get):g}', flush=True)
@@ -188,7 +189,7 @@ def latent_family(table: Table):
     config.latent.autoencoder = autoencoder
     config.teacher.workdir = str(table.dir(teacher))
     exp, state, minutes = table.train(config, name)
-    teacher_params = train.load_teacher(config, exp).params
+    teacher_params = experiment.load_teacher(config, exp).params
     fd = table.scores(exp, state, (1, 2, 4), teacher_params)
     table.row(f'{name} (s = {_scale(config)})', (fd[1], '.3f'), (fd[4], '.3f'), (fd[2], '.3f'),
               (fd[4] / teacher_fd, '.2f'), (minutes, '.1f'))

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
-from cm_jax import train
+from cm_jax import experiment
 from configs import digits_t2i_ddpm, digits_t2i_lcd, digits_t2i_lcm_lora
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits_ict.py', 'Network, data and batch to time.')
@@ -66,10 +66,10 @@ class Timed:
   UNet: the text-to-image family) or None."""
 
   def __init__(self, config, teacher=None):
-    exp = train.Experiment(config)
+    exp = experiment.Experiment(config)
     self.state, self.step_fn = exp.init_state(), exp.train_step()
     params = {'initial': lambda: jax.tree.map(jnp.copy, self.state.params),  # on device, not donated
-              'pipeline': lambda: train.pipeline_teacher(config, exp).params, None: lambda: None}[teacher]()
+              'pipeline': lambda: experiment.pipeline_teacher(config, exp).params, None: lambda: None}[teacher]()
     self.frozen = exp.frozen(params)
     with exp.batches(0) as batches:
       self.batch = next(batches)

@@ -32,10 +32,10 @@ from etils import epath
 from PIL import Image
 
 from cm_jax import console
+from cm_jax import experiment
 from cm_jax import sampling
 from cm_jax import schedules
 from cm_jax import sharding
-from cm_jax import train
 from cm_jax import writers
 from cm_jax.data import source as source_lib
 from cm_jax.models.apply import network
@@ -348,12 +348,12 @@ def _random_labels(exp, rng, n: int) -> np.ndarray:
 def run(config, workdir: str, devices=None):
   """--mode=edit: config.edit.task on config.edit.input (or images of config.data) with the newest checkpoint's first
   EMA; writes WORKDIR/edits/<task>_{input,reference,result}.png and <task>.npz and says so in one line."""
-  exp, state = train.restore_latest(config, workdir, devices)
+  exp, state = experiment.restore_latest(config, workdir, devices)
   check_run(exp)
   check_edit(config, exp)
   e = config.edit
   job = prepare(config, exp, jax.random.PRNGKey(config.seed))
-  teacher = train.load_teacher(config, exp, required=True) if config.lora.rank else None  # LoRA: on its teacher
+  teacher = experiment.load_teacher(config, exp, required=True) if config.lora.rank else None  # LoRA: on its teacher
   params = exp.objective.sample_params(state.ema[0], {'teacher': None if teacher is None else teacher.params})
   replicated = sharding.replicated(exp.mesh)
 

@@ -11,7 +11,7 @@ import jax
 from etils import epath
 
 from cm_jax import console
-from cm_jax import train
+from cm_jax import experiment
 from cm_jax.formats import diffusers as diffusers_format
 from cm_jax.formats import lora as lora_format
 
@@ -36,7 +36,7 @@ def run(config, workdir: str, devices=None):
   out = epath.Path(workdir) / EXPORT
   if out.exists():
     raise ValueError(f'{out} exists; move it away to export again (an export is never overwritten).')
-  exp, state = train.restore_latest(config, workdir, devices)
+  exp, state = experiment.restore_latest(config, workdir, devices)
   params, pipe = jax.device_get(state.ema[0]), exp.space.pipe
   if jax.process_index() != 0:
     return

@@ -24,9 +24,14 @@ from cm_jax import distributed
 from cm_jax import run_config
 from cm_jax import workdir as workdir_lib
 
+# --mode -> (module, function): each function(config, workdir, devices=None); imported after the processes joined.
+MODES = {'train': ('cm_jax.train', 'train_and_evaluate'), 'sample': ('cm_jax.modes', 'sample'),
+         'eval': ('cm_jax.modes', 'evaluate'), 'fid': ('cm_jax.evaluation.fid', 'run'),
+         'edit': ('cm_jax.editing', 'run'), 'encode': ('cm_jax.modes', 'encode'), 'export': ('cm_jax.export', 'run')}
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, event files, samples, config.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval', 'fid', 'edit', 'encode', 'export'],
+_MODE = flags.DEFINE_enum('mode', 'train', list(MODES),
                           'What to do (fid: FID/IS of the newest checkpoint, config.eval.fid; edit: zero-shot editing, '
                           'config.edit; encode: write config.latent.cache, a latent run\'s pre-encoded data; export: '
                           'a text-to-image run as diffusers files in WORKDIR/export).')
@@ -58,11 +63,7 @@ def _run(mode, config, workdir):
       console.say(note)
   logging.info('Config:\n%s', config)
   name = config_flags.get_config_filename(flags.FLAGS['config'])
-  modes = {'train': ('cm_jax.train', 'train_and_evaluate'), 'sample': ('cm_jax.train', 'sample'),
-           'eval': ('cm_jax.train', 'evaluate'), 'fid': ('cm_jax.evaluation.fid', 'run'),
-           'edit': ('cm_jax.editing', 'run'), 'encode': ('cm_jax.train', 'encode'),
-           'export': ('cm_jax.export', 'run')}
-  module, function = modes[mode]
+  module, function = MODES[mode]
   run = getattr(importlib.import_module(module), function)  # after the processes joined: JAX starts here
   if mode == 'train':
     run = functools.partial(run, name=name)

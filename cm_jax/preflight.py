@@ -3,7 +3,7 @@
   python -m cm_jax.preflight --config=configs/NAME.py --topology=v5p:4x4x4 [--config.key=value ...] \
       [--cache_dir=DIR] [--hbm_gib=X]
 
-The experiment is built as a run builds it (train.Experiment: the config's mesh over all the topology's chips, its
+The experiment is built as a run builds it (experiment.Experiment: the config's mesh over all the topology's chips, its
 partition rules), but everything it would read is abstract: the data are a shape (no record is read, no data set need
 be present), a distillation teacher's parameters are ShapeDtypeStructs of the student's network without its guidance
 input, laid out as a restored teacher run is, and a latent run's autoencoder is built from its config.json alone (no
@@ -60,8 +60,8 @@ from cm_jax import cli
 from cm_jax import latents
 from cm_jax import program_analysis
 from cm_jax import sharding
-from cm_jax import train
 from cm_jax.data import source as source_lib
+from cm_jax.experiment import Experiment
 from cm_jax.data import toy
 from cm_jax.formats import diffusers as diffusers_format
 from cm_jax.models import clip_text
@@ -131,7 +131,7 @@ def topology(name: str) -> Topology:
 # The experiment, abstract: nothing is read.
 # ----------------------------------------------------------------------------------------------------------
 class ShapeSource(NamedTuple):
-  """A data source known by its record shape and dtype alone (what train.Experiment reads of a source); a captioned
+  """A data source known by its record shape and dtype alone (what experiment.Experiment reads of a source); a captioned
   source's records also hold 'caption_ids' int32 `caption_shape` ([k, 77]: one row per tokenizer)."""
   shape: tuple
   dtype: np.dtype
@@ -304,22 +304,22 @@ def abstract_space(config, mesh, sd_architecture: str = ''):
   return space, ShapeSource(shape, dtype, num_classes)
 
 
-def experiment(config, devices, sd_architecture: str = '') -> train.Experiment:
-  """train.Experiment of `config` on `devices` with its space and source from `abstract_space`."""
+def abstract_experiment(config, devices, sd_architecture: str = '') -> Experiment:
+  """Experiment of `config` on `devices` with its space and source from `abstract_space`."""
   build = lambda c, mesh: abstract_space(c, mesh, sd_architecture)
-  return train.Experiment(config, devices, build_space=build)
+  return Experiment(config, devices, build_space=build)
 
 
-def _as_first_ema(params, exp: train.Experiment):
+def _as_first_ema(params, exp: Experiment):
   """ShapeDtypeStructs of `params` laid out as the state's first EMA is (the rules see 'ema/0/...')."""
   c = exp.config
   shardings = sharding.tree_shardings({'ema': (params,)}, exp.mesh, tuple(c.mesh.rules), c.mesh.min_size)['ema'][0]
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
 
 
-def abstract_teacher(exp: train.Experiment):
+def abstract_teacher(exp: Experiment):
   """A distillation teacher's parameters (None when the objective distils none): the student's network without its
-  guidance input (what train.load_teacher accepts), laid out as a teacher run's restored first EMA."""
+  guidance input (what experiment.load_teacher accepts), laid out as a teacher run's restored first EMA."""
   if exp.objective.distils is None:
     return None
   model = without_guidance(exp.model)
@@ -327,7 +327,7 @@ def abstract_teacher(exp: train.Experiment):
   return _as_first_ema(jax.eval_shape(init, jax.random.PRNGKey(0)), exp)
 
 
-def abstract_batch(exp: train.Experiment) -> dict:
+def abstract_batch(exp: Experiment) -> dict:
   """One global batch as the pipeline gives it: {'image', 'label'} (and a captioned source's 'caption_ids'), split
   over the mesh."""
   size, where = exp.config.train.batch_size, exp.batch_sharding
@@ -462,7 +462,7 @@ def run(config, topology_name: str, cache_dir: Optional[str] = None, hbm_gib: Op
   and (when the step fits and `sampler`) its sampler at its fewest steps. `sd_architecture`: the public Stable
   Diffusion architecture of a text-to-image config without latent.pipeline (sd_configs.ARCHITECTURES)."""
   topo = topology(topology_name)
-  exp = experiment(config, topo.devices, sd_architecture)  # the batch divides over the chips, hence over their hosts
+  exp = abstract_experiment(config, topo.devices, sd_architecture)  # the batch divides over the chips, so their hosts
   state, batch = exp.abstract_state, abstract_batch(exp)
   frozen = exp.frozen(abstract_teacher(exp), abstract=True)
   report = Report(config_name, topo, exp, topo.chip.hbm_gib if hbm_gib is None else hbm_gib, shard_bytes(state),

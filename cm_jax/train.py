@@ -1,282 +1,31 @@
 """The trainer: one loop in fixed sections, the same code on one CPU, a GPU node or a TPU slice.
 
-  config check -> mesh -> data and space -> model and objective -> state (born sharded) -> step fn -> restore -> loop
-  -> finish -> report
+  experiment (config check -> mesh -> data and space -> model and objective -> abstract state) -> teacher
+  -> state (restored, or born sharded) -> step fn -> loop (log, grids, checkpoints, preemption) -> finish -> report
 
 Every method is an `Objective` (with its sampler); this file knows nothing else about it. A latent run differs only
-in its space (latents.py): the step prepares each batch through it and samples are decoded by it.
+in its space (latents.py): the step prepares each batch through it and samples are decoded by it. The experiment is
+experiment.py's, the step train_step.py's; the other modes are modes.py's, evaluation/fid.py's, editing.py's and
+export.py's, each run(config, workdir, devices=None).
 """
 
-import dataclasses
-import functools
 import re
-from typing import Any, Optional
 
 from clu import metrics as clu_metrics
 from clu import parameter_overview
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from etils import epath
-from jax.experimental import multihost_utils
 
 from cm_jax import checkpoint
 from cm_jax import console
 from cm_jax import distributed
-from cm_jax import latents
-from cm_jax import models
-from cm_jax import objectives
-from cm_jax import sharding
-from cm_jax import text_latents
 from cm_jax import writers
-from cm_jax.data import pipeline
-from cm_jax.parameterization import make_parameterization
-from cm_jax.state import TrainState, create_state, make_optimizer
+from cm_jax.evaluation import report
+from cm_jax.experiment import Experiment, load_teacher, write_config
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The train step.
-# ----------------------------------------------------------------------------------------------------------
-SPACE_STREAM = 7  # fold_in(step key, SPACE_STREAM): the randomness of the data space (a posterior sample)
-
-
-def make_train_step(objective, space, tx, ema_rates, seed: int, skip_nonfinite: bool, mesh):
-  """train_step(state, batch, frozen) -> (state, metrics): one optimiser step, target and EMA updates.
-
-  `frozen` holds what the step reads but does not train: 'teacher' (parameters or None), 'space' (the latent
-  space's autoencoder parameters or None) and 'objective' (the objective's own inputs, e.g. LPIPS's weights); the
-  batch passes through `space.prepare` first. Step k draws its
-  randomness from fold_in(PRNGKey(seed), k). With `skip_nonfinite`, a step whose loss, gradient or updated parameters
-  are not finite leaves the state unchanged except for the step counter (counted in the metrics). The mesh is the
-  abstract mesh while the step is traced (couplings.py and the flash-attention kernels shard by it).
-  """
-  base_key = jax.random.PRNGKey(seed)
-
-  def train_step(state: TrainState, batch, frozen):
-    rng = jax.random.fold_in(base_key, state.step)
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      batch = space.prepare(frozen['space'], batch, jax.random.fold_in(rng, SPACE_STREAM))
-      inputs = {'target': state.target, 'teacher': frozen['teacher'], **frozen['objective']}
-
-      def loss_fn(trainable):
-        return objective.loss(trainable['params'], trainable['extra'], inputs, batch, rng, state.step)
-
-      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable())
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.trainable())
-    trainable = optax.apply_updates(state.trainable(), updates)
-    params = trainable['params']
-    new = state.replace(
-        step=state.step + 1, params=params, extra=trainable['extra'], opt_state=opt_state,
-        ema=tuple(optax.incremental_update(params, e, 1.0 - r) for e, r in zip(state.ema, ema_rates)),  # r e + (1-r) p
-        target=(None if objective.target_rate is None
-                else optax.incremental_update(params, state.target, 1.0 - objective.target_rate(state.step))))
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
-    if skip_nonfinite:
-      keep = lambda n, o: jnp.where(finite, n, o)
-      new = jax.tree.map(keep, new.replace(step=state.step), state).replace(step=state.step + 1)
-    metrics = dict(metrics, grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
-    return new, metrics
-
-  return train_step
-
-
-def _collection_for(names):
-  """A clu Collection averaging each named scalar over the logging interval."""
-  return clu_metrics.Collection.create(**{n: clu_metrics.Average.from_output(n) for n in names})
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Building blocks shared by train / sample / eval.
-# ----------------------------------------------------------------------------------------------------------
-def check_config(config) -> None:
-  """Fails before any compilation on settings that cannot work, naming the key and its value."""
-  c = config
-  if c.train.nonfinite not in ('stop', 'skip'):
-    raise ValueError(f"train.nonfinite={c.train.nonfinite!r}; expected 'stop' or 'skip'.")
-  at_least = {'train.num_steps': (c.train.num_steps, 1), 'train.batch_size': (c.train.batch_size, 1),
-              'train.log_every': (c.train.log_every, 1), 'checkpoint.every_steps': (c.checkpoint.every_steps, 1),
-              'checkpoint.max_to_keep': (c.checkpoint.max_to_keep, 1), 'sampling.num_grid': (c.sampling.num_grid, 1),
-              'sampling.teacher_steps': (c.sampling.teacher_steps, 2), 'eval.num_samples': (c.eval.num_samples, 2),
-              'sampling.grid_every': (c.sampling.grid_every, 0), 'optim.warmup_steps': (c.optim.warmup_steps, 0),
-              'data.workers': (c.data.get('workers', 0), 0)}  # get: a teacher run's config may predate the key
-  for key, (value, least) in at_least.items():
-    if value < least:
-      raise ValueError(f'{key}={value} must be at least {least}' + (' (0: off).' if least == 0 else '.'))
-  if not c.eval.steps or min(c.eval.steps) < 1:
-    raise ValueError(f'eval.steps={tuple(c.eval.steps)} must be a non-empty list of step counts >= 1.')
-  if c.optim.learning_rate < 0 or c.optim.grad_clip < 0 or not c.optim.eps > 0:
-    raise ValueError(f'optim.learning_rate={c.optim.learning_rate} and optim.grad_clip={c.optim.grad_clip} must be '
-                     f'>= 0 and optim.eps={c.optim.eps} positive.')
-  if not (0 <= c.optim.b1 < 1 and 0 <= c.optim.b2 < 1):
-    raise ValueError(f'optim.b1={c.optim.b1} and optim.b2={c.optim.b2} must be in [0, 1).')
-  for key in ('dropout', 'label_dropout'):
-    if not 0 <= c.model.get(key, 0.0) < 1:
-      raise ValueError(f'model.{key}={c.model[key]} must be in [0, 1).')
-  if any(not 0.0 <= r < 1.0 for r in c.ema.rates) or not c.ema.rates:
-    raise ValueError(f'ema.rates={tuple(c.ema.rates)} must be a non-empty list of rates in [0, 1).')
-  writers.check_logging_config(c)
-
-
-class Experiment:
-  """Mesh, data source and space, model, objective and the abstract sharded state of one config.
-
-  `build_space(config, mesh) -> (space, source)` is latents.build; the pre-flight passes one that reads nothing.
-  """
-
-  def __init__(self, config, devices=None, build_space=latents.build):
-    check_config(config)
-    self.config = config
-    self.mesh = sharding.make_mesh(config.mesh, devices)
-    sharding.check_batch_divides(config.train.batch_size, self.mesh)
-    self.space, self.source = build_space(config, self.mesh)
-    self.shape = self.space.shape  # what the network sees: the data, or their latents
-    self.num_classes = int(config.model.get('num_classes', 0))  # an autoencoder has no labels
-    if self.num_classes > 0 and self.source.num_classes == 0:
-      raise ValueError(f'model.num_classes={self.num_classes} but data set {config.data.name!r} has no labels.')
-    self.model = models.build_model(config.model, getattr(self.space, 'unet_config', None))
-    self.param = make_parameterization(config)
-    self.objective = objectives.make_objective(config, self.model)
-    self.sampler = self.objective.sampler
-    self._sample_fn = None
-    self._draw = jax.jit(self.draw, static_argnames=('batch', 'num_steps'))
-    self.sample_fn()  # an inconsistent sampling config (levels, guidance scale) fails now, not after training
-    self.tx = make_optimizer(config.optim)
-    cond = jnp.zeros((1,), jnp.int32) if self.num_classes > 0 else None
-    if self.text_conditioned:
-      cond = self.space.example_condition(1)
-    self.sample_input = (jnp.zeros((1,) + self.shape), jnp.zeros((1,)), cond)  # (x, c_noise, cond) for init
-    self._init = functools.partial(create_state, model=self.model, objective=self.objective, tx=self.tx,
-                                   sample_input=self.sample_input, num_ema=len(config.ema.rates))
-    abstract = jax.eval_shape(self._init, jax.random.PRNGKey(config.seed))
-    self.state_sharding = sharding.tree_shardings(abstract, self.mesh, tuple(config.mesh.rules),
-                                                  config.mesh.min_size)
-    self.abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_sharding)
-    self.batch_sharding = sharding.batch_sharding(self.mesh)
-
-  def init_state(self, teacher=None) -> TrainState:
-    """The train state, born sharded: initialised inside jit with the rule-derived output shardings.
-
-    With `teacher` parameters (config.teacher.init), the network, its EMAs and its target start from them
-    (`models.init_from_teacher`).
-    """
-    def init(rng):
-      state = self._init(rng)
-      if teacher is None:
-        return state
-      params = models.init_from_teacher(state.params, teacher)
-      return state.replace(params=params, ema=tuple(params for _ in state.ema),
-                           target=None if state.target is None else params)
-    return jax.jit(init, out_shardings=self.state_sharding)(jax.random.PRNGKey(self.config.seed))
-
-  def train_step(self):
-    """The jit-compiled train step: state sharded by the rules (and donated), batch split over the mesh."""
-    c = self.config
-    step = make_train_step(self.objective, self.space, self.tx, tuple(c.ema.rates), c.seed,
-                           c.train.nonfinite == 'skip', self.mesh)
-    return jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding, None),
-                   out_shardings=(self.state_sharding, sharding.replicated(self.mesh)), donate_argnums=(0,))
-
-  def frozen(self, teacher_params=None, abstract: bool = False) -> dict:
-    """The train step's and the samplers' frozen inputs: the teacher's parameters, the space's and the objective's
-    own (`Objective.inputs`: read now, before any compilation, and replicated; shapes only when `abstract`)."""
-    replicated = sharding.replicated(self.mesh)
-    inputs = self.objective.inputs(abstract)
-    inputs = (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), inputs) if abstract
-              else jax.device_put(inputs, replicated))
-    return {'teacher': teacher_params, 'space': self.space.params, 'objective': inputs}
-
-  def batches(self, start_step: int) -> pipeline.BatchIterator:
-    """Global batches from `start_step` on, in the order fixed by (seed, step)."""
-    return pipeline.BatchIterator(self.source, self.config.train.batch_size, self.config.seed, start_step,
-                                  self.batch_sharding, workers=self.config.data.workers)
-
-  def sample_fn(self):
-    """The objective's jit-compiled sampler, sample(params, rng, cond, shape, num_steps), built once so that every
-    later call reuses its compilations."""
-    if self._sample_fn is None:
-      fn = self.sampler.build(self.config, self.model, self.param)
-      self._sample_fn = jax.jit(fn, static_argnames=('shape', 'num_steps'))
-    return self._sample_fn
-
-  @property
-  def text_conditioned(self) -> bool:
-    """Whether the run's network reads text (latent.pipeline: a Stable Diffusion UNet on captions or prompts)."""
-    return hasattr(self.space, 'condition')
-
-  def draw(self, params, space_params, rng, batch: int, num_steps: int, text=None):
-    """`batch` samples of the sampling `params` (the objective's sample_params), decoded to the data's space and
-    split over the mesh's devices; traceable. Batch i of a run is draw(..., fold_in(PRNGKey(seed), i), ...): labels
-    (class-conditional runs) from fold_in(rng, 1), the sampler's noise from rng. A text-to-image run draws for
-    `text` = (prompt ids [batch, k, L], negative prompt ids [k, L])."""
-    cond = None
-    if text is not None:
-      cond = self.space.condition_with_null(space_params, *text)
-    elif self.num_classes > 0:
-      cond = jax.random.randint(jax.random.fold_in(rng, 1), (batch,), 0, self.num_classes)
-    with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):  # what per-device kernels shard by
-      samples = self.sample_fn()(params, rng, cond, shape=(batch,) + self.shape, num_steps=num_steps)
-    return jax.lax.with_sharding_constraint(self.space.decode(space_params, samples), self.batch_sharding)
-
-  def draw_fn(self):
-    """`draw` jit-compiled (batch and num_steps static), as --mode=sample and the sample grids run it."""
-    return self._draw
-
-  def generate(self, params, num: int, num_steps: int, seed: int, teacher_params=None) -> np.ndarray:
-    """`num` samples (host numpy, decoded to the data's space), generated in batches of train.batch_size across the
-    mesh from the trained `params` (the objective's sample_params: LoRA merges them into the teacher)."""
-    params = self.objective.sample_params(params, {'teacher': teacher_params})
-    batch = self.config.train.batch_size
-    text = self.prompt_batches(-(-num // batch), batch)
-    out = []
-    for i in range(-(-num // batch)):
-      samples = self._draw(params, self.space.params, jax.random.fold_in(jax.random.PRNGKey(seed), i), batch=batch,
-                           num_steps=num_steps, text=text(i))
-      out.append(np.asarray(multihost_utils.process_allgather(samples, tiled=True)))
-    return np.concatenate(out)[:num]
-
-
-  def prompt_batches(self, num_batches: int, batch: int):
-    """i -> the `text` of draw's batch i: a text-to-image run's prompts (`prompts`, in order, cycled), else None."""
-    if not self.text_conditioned:
-      return lambda i: None
-    ids, negative = self.prompts(num_batches * batch)
-    return lambda i: (jnp.asarray(ids[i * batch:(i + 1) * batch]), jnp.asarray(negative))
-
-  def prompt_texts(self, num: int) -> list[str]:
-    """A text-to-image run's first `num` prompts: sampling.prompts (one per line, cycled) or the data's captions."""
-    c = self.config.sampling
-    if c.prompts:
-      lines = text_latents.read_prompts(c.prompts)
-    else:
-      lines = self.source.captions(np.arange(min(num, len(self.source))))
-    return [lines[i % len(lines)] for i in range(num)]
-
-  def prompts(self, num: int):
-    """(ids [num, k, L], negative ids [k, L]) of `prompt_texts(num)` and sampling.negative_prompt (or the empty
-    prompt)."""
-    lines, c = self.prompt_texts(num), self.config.sampling
-    pipe = self.space.pipe
-    return pipe.tokenize(lines), pipe.tokenize([c.negative_prompt])[0]
-
-
-def write_config(config, workdir, start_step: int = 0) -> None:
-  """Checks that `config` is the workdir's run (run_config.check: a ValueError naming the keys that define another
-  run), then records it (process 0): WORKDIR/config.json atomically, and config_history/ when it changed. Called
-  after the restore, so that a refused config or a failed restore leaves config.json as it was."""
-  from cm_jax import run_config  # pylint: disable=g-import-not-at-top
-  run_config.check(config, workdir)
-  if jax.process_index() == 0:
-    line = run_config.write(config, workdir, start_step)
-    if line:
-      console.say(line)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# train
-# ----------------------------------------------------------------------------------------------------------
 def describe(exp: Experiment, name: str, workdir) -> str:
   """The console's line naming a run: config, objective, network and its trained parameters, mesh, per-device state
   bytes, workdir."""
@@ -291,6 +40,9 @@ def describe(exp: Experiment, name: str, workdir) -> str:
           f'device, workdir {workdir}')
 
 
+# ----------------------------------------------------------------------------------------------------------
+# train
+# ----------------------------------------------------------------------------------------------------------
 def train_and_evaluate(config, workdir: str, devices=None, name: str = ''):
   """Trains `config` (named `name` on the console) in `workdir`, resuming from its newest checkpoint; returns the
   final state.
@@ -302,12 +54,32 @@ def train_and_evaluate(config, workdir: str, devices=None, name: str = ''):
   console.say(describe(exp, name, workdir))
   teacher = load_teacher(config, exp, required=exp.objective.distils is not None)
   teacher_params = None if teacher is None else teacher.params
-  frozen = exp.frozen(teacher_params)
+  frozen = exp.frozen(teacher_params)  # the objective's own inputs (LPIPS weights) read before anything is written
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.max_to_keep, config.checkpoint.every_steps,
                                  config.checkpoint.async_save, writer=True)
+  state = restore_or_init(exp, ckpt, teacher_params)
+  write_config(config, workdir, int(state.step))  # after the restore: config.json changes only for its own run
+  writer = writers.make_writers(config, workdir)
+  writer.write_config(config)
+  try:
+    state = loop(exp, state, ckpt, writer, workdir, frozen, teacher_params)
+  except distributed.Preempted:
+    writer.close()
+    raise
+  write_samples(exp, state, writer, workdir, int(state.step), teacher_params)
+  images = exp.objective.finish(exp, state, workdir) if exp.objective.finish is not None else None
+  if config.eval.proxy:
+    table = report.quality_report(exp, state, teacher, workdir, images)
+    tag = lambda name: 'proxy/' + re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')  # 'ict (1-step)' -> 'ict_1_step'
+    writer.write_scalars(int(state.step), {tag(k): v for k, v in table.items()})
+  writer.close()
+  return state
 
-  # State: restored onto this mesh if a checkpoint exists, else born sharded.
-  start = 0
+
+def restore_or_init(exp: Experiment, ckpt: checkpoint.Checkpointer, teacher_params=None):
+  """The state restored onto this mesh from the newest checkpoint (its data position checked), else born sharded
+  (from the teacher's parameters with teacher.init)."""
+  config = exp.config
   if ckpt.steps():
     state, position = ckpt.restore(exp.abstract_state)
     start = int(state.step)
@@ -316,23 +88,26 @@ def train_and_evaluate(config, workdir: str, devices=None, name: str = ''):
           f'Checkpoint {ckpt.directory / str(start)} stores data position {position} but state step {start} '
           f'and seed {config.seed}.')
     console.say(f'Resuming from step {start} ({ckpt.directory / str(start)}).')
-  else:
-    if config.teacher.init:
-      if teacher is None:
-        raise ValueError('teacher.init=True needs teacher.workdir.')
-      console.say('Starting from the teacher\'s parameters (teacher.init=True).')
-    state = exp.init_state(teacher_params if config.teacher.init else None)
-    parameter_overview.log_parameter_overview(state.params, include_stats='global', jax_logging_process=0)
-  write_config(config, workdir, start)  # after the restore: config.json changes only for this workdir's own run
+    return state
+  if config.teacher.init:
+    if teacher_params is None:
+      raise ValueError('teacher.init=True needs teacher.workdir.')
+    console.say('Starting from the teacher\'s parameters (teacher.init=True).')
+  state = exp.init_state(teacher_params if config.teacher.init else None)
+  parameter_overview.log_parameter_overview(state.params, include_stats='global', jax_logging_process=0)
+  return state
 
+
+def loop(exp: Experiment, state, ckpt, writer, workdir, frozen, teacher_params=None):
+  """Steps from the state's step to train.num_steps: metrics averaged per log interval, sample grids, checkpoints
+  (also on a SIGTERM, then distributed.Preempted), the console's progress; returns the final state."""
+  config = exp.config
+  start = int(state.step)
   step_fn = exp.train_step()
-
-  writer = writers.make_writers(config, workdir)
-  writer.write_config(config)
   progress = console.Progress(config.train.num_steps,
                               console.console_every(config.train.num_steps, config.train.log_every), start)
   batches = exp.batches(start)
-  collection, accumulated, averages, preempted = None, None, {}, False
+  collection, accumulated, averages, preempted, step = None, None, {}, False, start
   first_bad = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))  # on device: no host round trip per step
   try:
     with distributed.PreemptionWatch() as preemption:
@@ -342,7 +117,6 @@ def train_and_evaluate(config, workdir: str, devices=None, name: str = ''):
         collection = collection or _collection_for(tuple(metrics))
         update = collection.single_from_model_output(**metrics)
         accumulated = update if accumulated is None else accumulated.merge(update)
-
         if step % config.train.log_every == 0 or step == config.train.num_steps:
           _check_finite(config, first_bad, ckpt)
           averages = {k: float(v) for k, v in accumulated.compute().items()}
@@ -366,20 +140,15 @@ def train_and_evaluate(config, workdir: str, devices=None, name: str = ''):
     ckpt.wait()
     ckpt.close()
     writer.flush()
-
   if preempted:
-    writer.close()
     raise distributed.Preempted(f'Preempted: saved step {step} to {ckpt.directory / str(step)}; '
                                 'run the same command again to resume from it.')
-  write_samples(exp, state, writer, workdir, int(state.step), teacher_params)
-  if exp.objective.finish is not None:
-    exp.objective.finish(exp, state, workdir)
-  if config.eval.proxy:
-    report = quality_report(exp, state, teacher, workdir)
-    tag = lambda name: 'proxy/' + re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')  # 'ict (1-step)' -> 'ict_1_step'
-    writer.write_scalars(int(state.step), {tag(k): v for k, v in report.items()})
-  writer.close()
   return state
+
+
+def _collection_for(names):
+  """A clu Collection averaging each named scalar over the logging interval."""
+  return clu_metrics.Collection.create(**{n: clu_metrics.Average.from_output(n) for n in names})
 
 
 @jax.jit
@@ -409,173 +178,3 @@ def write_samples(exp: Experiment, state, writer, workdir, step: int, teacher_pa
   image = writers.samples_image(samples)
   writers.save_png(epath.Path(workdir) / 'samples' / f'step_{step:08d}.png', image)
   writer.write_images(step, {f'samples/{num_steps}_step': image})
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Teacher, sampling, evaluation and encoding modes.
-# ----------------------------------------------------------------------------------------------------------
-def network_fields(model) -> dict:
-  """A network's class and the fields that fix its function; rates that act only in training (dropout,
-  label_dropout), the compute dtype, rematerialisation and the guidance input (a student's addition) aside."""
-  skip = {'parent', 'name', 'dropout', 'label_dropout', 'dtype', 'remat', 'guidance_embedding'}
-  return dict({f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in skip},
-              network=type(model).__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class Teacher:
-  """Another run's first-EMA parameters with its own Experiment: its network, parameterisation, space and sampler."""
-  params: Any
-  experiment: Experiment
-
-
-def load_teacher(config, exp: Experiment, required: bool = False) -> Optional[Teacher]:
-  """The run in config.teacher.workdir (None when unset; an error when `required`: training a distillation objective,
-  sampling LoRA adapters).
-
-  A distillation loss (`Objective.distils`) reads a diffusion run; teacher.init starts from any run. Where this run
-  reads its parameters, the network must be this run's (`network_fields`: a student may add a guidance input), the
-  parameterisation the one they are read in and the space (pixels, or one autoencoder's latents) the same.
-  Otherwise the run only heads the quality table, sampled its own way.
-  """
-  if not config.teacher.workdir and exp.text_conditioned and required:
-    return pipeline_teacher(config, exp)
-  if not config.teacher.workdir:
-    if required:  # the one place this is checked
-      raise ValueError(f'objective.name={config.objective.name!r} distils a diffusion teacher: set teacher.workdir '
-                       'to its run.')
-    return None
-  from cm_jax import config_lib  # pylint: disable=g-import-not-at-top
-  where = f'teacher.workdir={config.teacher.workdir!r}'
-  teacher_config = config_lib.load_run_config(config.teacher.workdir)
-  if teacher_config.get('lora', {}).get('rank', 0):
-    raise ValueError(f'{where} holds LoRA adapters, which need their own teacher: name a run that trains its whole '
-                     'network.')
-  teacher_exp = Experiment(teacher_config, exp.mesh.devices.flatten().tolist())
-  if exp.objective.distils is not None and not teacher_exp.sampler.diffusion:
-    raise ValueError(f'{where} holds a {teacher_config.objective.name!r} run, a consistency model; a distillation '
-                     'teacher is a diffusion run (objective.name edm, trigflow or ddpm).')
-  reads = {'distillation (objective.name=' + config.objective.name + ')': exp.objective.distils,
-           'teacher.init': config.parameterization.name if config.teacher.init else None}
-  reads = {use: wanted for use, wanted in reads.items() if wanted is not None}
-  teacher_network, network = network_fields(teacher_exp.model), network_fields(exp.model)
-  if reads and teacher_network != network:
-    raise ValueError(f'The teacher in {where} has network {teacher_network}, which does not match this run\'s '
-                     f'network {network} (a guidance input aside).')
-  if reads and teacher_exp.space.describe() != exp.space.describe():
-    raise ValueError(f'The teacher in {where} works in {teacher_exp.space.describe()}, this run in '
-                     f'{exp.space.describe()}: a teacher must share the student\'s data space.')
-  for use, wanted in reads.items():
-    if wanted != teacher_config.parameterization.name:
-      raise ValueError(f'The teacher in {where} was trained with parameterization.name='
-                       f'{teacher_config.parameterization.name!r}, but {use} reads it as {wanted!r}.')
-  ckpt = checkpoint.Checkpointer(config.teacher.workdir)
-  try:
-    if not ckpt.steps():
-      raise FileNotFoundError(f'{where} has no checkpoint.')
-    state, _ = ckpt.restore(teacher_exp.abstract_state)
-  finally:
-    ckpt.close()
-  console.say(f'Teacher: {config.teacher.workdir} ({teacher_config.objective.name}, step {int(state.step)}).')
-  return Teacher(state.ema[0], teacher_exp)
-
-
-def pipeline_config(config):
-  """The config that samples a run's pipeline (latent.pipeline) as it is: its UNet, DDPM-trained, no adapters."""
-  c = config.copy_and_resolve_references()
-  with c.unlocked():
-    c.objective = type(c.objective)(dict(name='ddpm'))
-    c.model.guidance_embedding = False
-    c.lora.rank = 0
-    c.teacher.workdir, c.teacher.init = '', False
-  return c
-
-
-def pipeline_teacher(config, exp: Experiment) -> Teacher:
-  """The pipeline's own UNet (latent.pipeline) as the diffusion teacher of a run that names no teacher.workdir."""
-  pipe = exp.space.pipe
-  if pipe.unet_config.get('time_cond_proj_dim') is not None:
-    raise ValueError(f'latent.pipeline={pipe.path!r} holds an LCM UNet (time_cond_proj_dim is set), not a diffusion '
-                     'model: distil from the Stable Diffusion pipeline it was distilled from.')
-  teacher_exp = Experiment(pipeline_config(config), exp.mesh.devices.flatten().tolist())
-  console.say(f'Teacher: the UNet of {pipe.path}.')
-  return Teacher({'unet': pipe.unet_params}, teacher_exp)
-
-
-def restore_latest(config, workdir, devices=None):
-  """(experiment, state) from the newest readable checkpoint of a run; a clear error when there is none."""
-  exp = Experiment(config, devices)
-  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.max_to_keep)
-  if not ckpt.steps():
-    raise FileNotFoundError(f'No checkpoint in {ckpt.directory}: train first (--mode=train).')
-  state, _ = ckpt.restore(exp.abstract_state)
-  ckpt.close()
-  return exp, state
-
-
-def sample(config, workdir: str, devices=None):
-  """Writes samples of the newest EMA parameters to workdir/samples (PNG grid and .npz); a text-to-image run
-  without a checkpoint and with a diffusion objective samples its pipeline's own UNet (latent.pipeline)."""
-  if config.latent.get('pipeline') and not (epath.Path(workdir) / 'checkpoints').is_dir():
-    exp = Experiment(pipeline_config(config), devices)
-    if exp.config.objective.name != config.objective.name:
-      raise FileNotFoundError(f'No checkpoint in {workdir}: train first (--mode=train), or sample the pipeline '
-                              "itself with objective.name='ddpm'.")
-    params, teacher = {'unet': exp.space.pipe.unet_params}, None
-  else:
-    exp, state = restore_latest(config, workdir, devices)
-    params = state.ema[0]
-    teacher = load_teacher(config, exp, required=bool(config.lora.rank))  # LoRA adapters sample with their teacher
-  out = epath.Path(workdir) / 'samples'
-  for num_steps in exp.sampler.eval_steps(config):
-    samples = exp.generate(params, config.eval.num_samples, num_steps, config.seed + 2,
-                           None if teacher is None else teacher.params)
-    writers.save_png(out / f'final_{num_steps}_step.png', writers.samples_image(samples[:config.sampling.num_grid]))
-    if jax.process_index() == 0:
-      with (out / f'final_{num_steps}_step.npz').open('wb') as f:
-        np.savez(f, samples=samples)
-    console.say(f'Wrote {len(samples)} samples ({num_steps} steps) to {out}.')
-
-
-def evaluate(config, workdir: str, devices=None):
-  """Prints the small-data quality table of the newest checkpoint (and of the teacher, if configured)."""
-  exp, state = restore_latest(config, workdir, devices)
-  return quality_report(exp, state, load_teacher(config, exp, required=bool(config.lora.rank)), workdir)
-
-
-def encode(config, workdir: str, devices=None):
-  """--mode=encode: writes config.latent.cache, the latent cache of config.data under config.latent.autoencoder."""
-  del workdir, devices
-  if not config.latent.autoencoder or not config.latent.cache:
-    raise ValueError('--mode=encode writes config.latent.cache from config.data through config.latent.autoencoder: '
-                     'set both.')
-  cache = latents.write_cache(config, config.latent.cache)
-  console.say(f'Wrote the latent cache {config.latent.cache}: {len(cache)} records of shape {cache.shape}.')
-
-
-def _proxy_scores(proxy, exp: Experiment, params, num: int, num_steps: int, seed: int, teacher_params=None) -> tuple:
-  """(FD,) of the digits proxy, and the caption agreement % for a text-to-image run on the captioned digits."""
-  from cm_jax.evaluation import report  # pylint: disable=g-import-not-at-top
-  fd = report.proxy_frechet(proxy, exp, params, num, num_steps, seed, teacher_params)
-  if not (exp.text_conditioned and exp.config.data.name == 'captioned_digits'):
-    return (fd,)
-  return fd, report.caption_agreement(proxy, exp, params, num, num_steps, seed, teacher_params)
-
-
-def quality_report(exp: Experiment, state, teacher: Optional[Teacher], workdir) -> dict:
-  """Frechet distance of the digits proxy for the teacher and the model, each sampled with its own sampler at its
-  evaluation step counts (a diffusion teacher: sampling.teacher_steps; a consistency model: eval.steps)."""
-  from cm_jax.evaluation import report  # pylint: disable=g-import-not-at-top
-  c = exp.config
-  proxy = report.load_or_train_proxy(epath.Path(workdir) / 'proxy_classifier.msgpack')
-  rows = []
-  if teacher is not None:
-    t = teacher.experiment
-    for n in t.sampler.eval_steps(t.config):
-      rows.append((f'teacher ({t.sampler.label(n)})', t.sampler.nfe(t.config, n),
-                   *_proxy_scores(proxy, t, teacher.params, c.eval.num_samples, n, c.seed + 3)))
-  for n in exp.sampler.eval_steps(c):
-    rows.append((f'{c.objective.name} ({exp.sampler.label(n)})', exp.sampler.nfe(c, n),
-                 *_proxy_scores(proxy, exp, state.ema[0], c.eval.num_samples, n, c.seed + 3,
-                                None if teacher is None else teacher.params)))
-  return report.proxy_table(rows, proxy)

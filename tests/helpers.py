@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 from tensorboardX.proto import event_pb2
 
-from cm_jax import train
+from cm_jax import experiment
 from configs import toy2d_ict
 from launch import local_multiprocess
 
@@ -53,7 +53,7 @@ def tiny_config(objective='ict', num_steps=12, batch_size=16) -> ml_collections.
 
 def losses(config, devices, num_steps: int):
   """(per-step losses, final state) of `num_steps` train steps in this process on `devices`."""
-  exp = train.Experiment(config, devices)
+  exp = experiment.Experiment(config, devices)
   state, step_fn, out = exp.init_state(), exp.train_step(), []
   with exp.batches(0) as batches:
     for _ in range(num_steps):

@@ -18,9 +18,9 @@ import ml_collections
 import numpy as np
 import pytest
 
+from cm_jax import experiment
 from cm_jax import sampling
 from cm_jax import solvers
-from cm_jax import train
 from cm_jax.models import attention, build_model, init_from_teacher
 from cm_jax.objectives import continuous, make_objective
 from cm_jax.parameterization import EDM, TrigFlow
@@ -188,7 +188,7 @@ def _continuous_tiny(name, **objective):
 
 def test_sct_train_step_compiles_once_across_warmup_and_trains_the_weighting():
   config = _continuous_tiny('sct', tangent_warmup_steps=4, adaptive_weighting=True)
-  exp = train.Experiment(config, jax.devices()[:1])
+  exp = experiment.Experiment(config, jax.devices()[:1])
   state, step_fn = exp.init_state(), exp.train_step()
   extra0 = jax.tree.map(np.asarray, state.extra)
   warmup = []
@@ -331,7 +331,7 @@ def test_scm_needs_trigflow_and_scd_reads_a_trigflow_teacher():
   with pytest.raises(ValueError, match="parameterization.name='trigflow'"):
     make_objective(config, build_model(config.model))
   config = _continuous_tiny('scd')
-  assert make_objective(config, build_model(config.model)).distils == 'trigflow'  # train.load_teacher checks the run
+  assert make_objective(config, build_model(config.model)).distils == 'trigflow'  # experiment.load_teacher checks the run
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -387,7 +387,7 @@ def test_guided_scd_trains_on_digits_from_a_conditional_teacher():
   config, teacher_config = digits_scd.get_config('guided'), digits_trigflow.get_config('cond')
   shrink(config), shrink(teacher_config)
   assert {k for k in config.model if config.model[k] != teacher_config.model[k]} == {'guidance_embedding'}
-  exp = train.Experiment(config, jax.devices()[:1])
+  exp = experiment.Experiment(config, jax.devices()[:1])
   teacher_model = build_model(teacher_config.model)
   teacher = teacher_model.init(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,)),
                                jnp.zeros((1,), jnp.int32))['params']

@@ -16,7 +16,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from cm_jax import data
-from cm_jax import train
+from cm_jax import experiment
 from cm_jax.data import digits
 from cm_jax.data import image_folder
 from cm_jax.data import tfds_source
@@ -310,6 +310,6 @@ def test_negative_workers_are_refused():
   with pytest.raises(
       ValueError, match=r'data\.workers=-1 must be at least 0 \(0: off\)'
   ):
-    train.check_config(config)
+    experiment.check_config(config)
   with pytest.raises(ValueError, match='workers must be at least 0; got -1'):
     data.BatchIterator(toy_source(), 4, 0, 0, data_sharding(), workers=-1)

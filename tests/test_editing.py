@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from cm_jax import editing
+from cm_jax import experiment
 from cm_jax import sampling
-from cm_jax import train
 from cm_jax.parameterization import EDM, TrigFlow
 from configs import base
 from configs import digits_edm
@@ -275,9 +275,9 @@ def test_diffusion_runs_and_2d_data_are_refused():
   config = digits_edm.get_config()
   config.model.update(hidden=16, depth=1)
   with pytest.raises(ValueError, match=r"needs a consistency model; objective.name='edm' is sampled by EDM Heun"):
-    editing.check_run(train.Experiment(config, jax.devices()[:1]))
+    editing.check_run(experiment.Experiment(config, jax.devices()[:1]))
   with pytest.raises(ValueError, match=r"edits images; data.name='gmm' holds points of shape \(2,\)"):
-    editing.check_run(train.Experiment(helpers.tiny_cli_config(), jax.devices()[:1]))
+    editing.check_run(experiment.Experiment(helpers.tiny_cli_config(), jax.devices()[:1]))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import pytest
 
 from cm_jax import checkpoint
 from cm_jax import distributed
+from cm_jax import experiment
 from cm_jax import train
 from launch import local_multiprocess
 import helpers
@@ -140,14 +141,14 @@ def test_sigkill_while_saving_never_leaves_a_checkpoint_that_is_chosen(tmp_path)
 
   config = helpers.tiny_cli_config(train__num_steps=steps)
   _, uninterrupted = helpers.losses(config, jax.devices()[:1], steps)
-  _, restored = train.restore_latest(config, run, jax.devices()[:1])
+  _, restored = experiment.restore_latest(config, run, jax.devices()[:1])
   chex.assert_trees_all_equal(restored, uninterrupted)
 
 
 def test_unreadable_newest_checkpoint_is_skipped_named_and_set_aside(tmp_path, caplog):
   """Step 4's files are garbage: the trainer's Checkpointer restores step 2, warning with step 4's path, and
   moves step 4 aside, so that the resumed run can save step 4 again."""
-  exp = train.Experiment(helpers.tiny_config(), jax.devices()[:1])
+  exp = experiment.Experiment(helpers.tiny_config(), jax.devices()[:1])
   state = exp.init_state()
   ckpt = checkpoint.Checkpointer(tmp_path, save_every=2, writer=True)
   for step in (2, 4):
@@ -175,8 +176,8 @@ def test_checkpoint_restores_onto_another_topology_and_back(tmp_path):
   fsdp_config.mesh.shape = dict(data=1, fsdp=8)
   fsdp_config.mesh.rules = ((r'kernel$', (None, 'fsdp')),)
   fsdp_config.mesh.min_size = 65  # dense_in [2, 32] and dense_out [32, 2] stay replicated
-  fsdp = train.Experiment(fsdp_config, jax.devices()[:8])
-  replicated = train.Experiment(helpers.tiny_config(), jax.devices()[:2])
+  fsdp = experiment.Experiment(fsdp_config, jax.devices()[:8])
+  replicated = experiment.Experiment(helpers.tiny_config(), jax.devices()[:2])
   # Distinct values in every leaf (Adam's moments start at zero), so that a misplaced shard shows.
   state = jax.jit(lambda s: jax.tree.map(lambda x: x + jnp.arange(x.size, dtype=x.dtype).reshape(x.shape), s),
                   out_shardings=fsdp.state_sharding)(fsdp.init_state())

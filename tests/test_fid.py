@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cm_jax import distributed
-from cm_jax import train
+from cm_jax import experiment
 from cm_jax.data.digits import load_digits
 from cm_jax.evaluation import fid
 from cm_jax.evaluation.digits_proxy import DigitsProxy
@@ -131,7 +131,7 @@ def test_generated_moments_do_not_depend_on_the_device_count(proxy):
   extractor = fid.digits_extractor(proxy)
   out = []
   for devices in (jax.devices()[:1], jax.devices()[:8]):
-    exp = train.Experiment(_tiny_digits(), devices)
+    exp = experiment.Experiment(_tiny_digits(), devices)
     params = exp.init_state().ema[0]
     out.append(fid.generated_moments(exp, params, extractor, 150, 2, seed=5, batch=64).statistics())
   np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-5, atol=1e-6)
@@ -139,7 +139,7 @@ def test_generated_moments_do_not_depend_on_the_device_count(proxy):
 
 
 def test_generated_moments_are_the_moments_of_the_drawn_samples(proxy):
-  exp = train.Experiment(_tiny_digits(), jax.devices()[:4])
+  exp = experiment.Experiment(_tiny_digits(), jax.devices()[:4])
   params = exp.init_state().ema[0]
   moments = fid.generated_moments(exp, params, fid.digits_extractor(proxy), 150, 1, seed=9, batch=64)
   samples = exp.generate(params, 150, 1, seed=9)  # the same batches: fold_in(PRNGKey(9), i), 64 at a time
@@ -164,7 +164,7 @@ def test_mode_fid_end_to_end_with_the_digits_extractor(tmp_path):
   config = digits_ict.get_config()
   config.update_from_flattened_dict({'model.hidden': 32, 'model.depth': 1, 'train.batch_size': 64,
                                      'eval.fid.extractor': 'digits'})
-  exp, state = train.restore_latest(config, str(workdir))
+  exp, state = experiment.restore_latest(config, str(workdir))
   classifier = DigitsProxy.load(workdir / 'proxy_classifier.msgpack')
   generated = classifier.features(exp.generate(state.ema[0], 200, 1, seed=0))
   reference = classifier.features(load_digits('train')[0])

@@ -16,8 +16,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+from cm_jax import experiment
 from cm_jax import sampling
-from cm_jax import train
 from cm_jax.models import build_model
 from cm_jax.objectives import make_objective, meanflow
 from cm_jax.parameterization import FlowMatching
@@ -228,7 +228,7 @@ def test_train_steps_run_through_the_trainer(name):
   c.parameterization = ml_collections.ConfigDict(dict(name='flow_matching'))
   c.objective = _config(name).objective
   c.model.second_time = name == 'meanflow'
-  exp = train.Experiment(c, jax.devices()[:1])
+  exp = experiment.Experiment(c, jax.devices()[:1])
   state, step_fn = exp.init_state(), exp.train_step()
   with exp.batches(0) as batches:
     for _ in range(3):
@@ -256,5 +256,5 @@ def test_bad_settings_raise_naming_the_option():
 def test_digits_configs_build():
   for module in (digits_flow_matching, digits_meanflow):
     config = module.get_config()
-    train.check_config(config)
+    experiment.check_config(config)
     make_objective(config, build_model(config.model))

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from cm_jax import checkpoint
+from cm_jax import experiment
 from cm_jax import latents
+from cm_jax import modes
 from cm_jax import train
 from cm_jax.data import load_digits
 from configs import digits_autoencoder
@@ -48,7 +50,7 @@ def runs(tmp_path_factory):
 
 
 def _restored_params(workdir, config):
-  exp = train.Experiment(config, DEVICES())
+  exp = experiment.Experiment(config, DEVICES())
   ckpt = checkpoint.Checkpointer(workdir)
   state, _ = ckpt.restore(exp.abstract_state)
   ckpt.close()
@@ -92,21 +94,21 @@ def test_lcd_lcf_and_lcm_lora_train_from_the_latent_teacher(runs):
 
 
 def _sample_file(workdir, config):
-  train.sample(config, workdir, DEVICES())
+  modes.sample(config, workdir, DEVICES())
   return pathlib.Path(workdir) / 'samples' / f'final_{config.eval.steps[-1]}_step.npz'
 
 
 def test_latent_cache_runs_and_a_teacher_of_another_space_is_refused(runs):
   config = _tiny(digits_latent_ddpm.get_config(), runs / 'autoencoder')
   config.latent.update(cache=str(runs / 'cache'), normalization='per_element')
-  train.encode(config, str(runs / 'unused'))
+  modes.encode(config, str(runs / 'unused'))
   state = train.train_and_evaluate(config, runs / 'cached', DEVICES())
   assert int(state.step) == 2
   student = _tiny(digits_lcd.get_config(), runs / 'autoencoder')
   student.latent.update(cache=str(runs / 'cache'), normalization='per_element')
   student.teacher.workdir = str(runs / 'teacher')  # trained on latents scaled by the scaling factor
   with pytest.raises(ValueError, match="must share the student's data space"):
-    train.load_teacher(student, train.Experiment(student, DEVICES()))
+    experiment.load_teacher(student, experiment.Experiment(student, DEVICES()))
 
 
 def test_a_latent_channel_mismatch_is_one_line_before_compiling(tmp_path):

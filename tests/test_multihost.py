@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cm_jax import distributed
-from cm_jax import train
+from cm_jax import experiment
 from launch import local_multiprocess
 import helpers
 from helpers import ROOT
@@ -39,7 +39,7 @@ def test_two_processes_of_four_devices_train_like_one_process_of_eight(tmp_path)
     shards = sorted(p.name for p in (workdir / 'checkpoints' / str(step) / 'state').glob('ocdbt.process_*'))
     assert shards == ['ocdbt.process_0', 'ocdbt.process_1']
   # The 2-process checkpoint restores onto this process's 8 devices.
-  _, restored = train.restore_latest(config, workdir)
+  _, restored = experiment.restore_latest(config, workdir)
   assert int(restored.step) == steps
   for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

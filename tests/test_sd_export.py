@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cm_jax import experiment
 from cm_jax import export
+from cm_jax import modes
 from cm_jax import train
 from cm_jax.formats import lora as lora_format
 from configs import sd15_lcm_lora
@@ -60,7 +62,7 @@ def test_lcd_export_samples_as_diffusers_lcm_pipeline(pipeline_and_data, tmp_pat
   config, workdir = _config(pipeline_and_data, lora=False), str(tmp_path / 'lcd')
   devices = jax.devices()[:1]
   train.train_and_evaluate(config, workdir, devices)
-  train.sample(config, workdir, devices)
+  modes.sample(config, workdir, devices)
   export.run(config, workdir, devices)
   with pytest.raises(ValueError, match='exists; move it away'):
     export.run(config, workdir, devices)
@@ -85,7 +87,7 @@ def test_lcm_lora_export_loads_in_diffusers(pipeline_and_data, tmp_path):
   devices = jax.devices()[:1]
   state = train.train_and_evaluate(config, workdir, devices)
   export.run(config, workdir, devices)
-  exp = train.Experiment(config, devices)
+  exp = experiment.Experiment(config, devices)
   merged = exp.objective.sample_params(state.ema[0], {'teacher': {'unet': exp.space.pipe.unet_params}})
   assert float(np.abs(np.asarray(jax.tree.leaves(state.ema[0])[0])).max()) > 0
   pipe = diffusers.DiffusionPipeline.from_pretrained(str(pipeline_and_data[0]))

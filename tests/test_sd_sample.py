@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from cm_jax import train
+from cm_jax import modes
 from configs import sd15_sample
 import sd_fixtures
 
@@ -52,7 +52,7 @@ def test_prompt_sampling_equals_diffusers(tmp_path, family, negative):
   config = _config(folder, prompts, negative)
   if family == 'sd21':
     config.parameterization.prediction = 'v'
-  train.sample(config, str(tmp_path / 'run'), devices=jax.devices()[:1])
+  modes.sample(config, str(tmp_path / 'run'), devices=jax.devices()[:1])
   ours = np.load(tmp_path / 'run' / 'samples' / f'final_{STEPS}_step.npz')['samples']
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed + 2), 0)  # Experiment.generate's batch 0
   noise = np.asarray(jax.random.normal(jax.random.split(rng)[0], (2, SIDE // 2, SIDE // 2, 4)))
@@ -67,10 +67,10 @@ def test_prompt_file_errors(tmp_path):
   empty = tmp_path / 'empty.txt'
   empty.write_text('\n  \n')
   with pytest.raises(ValueError, match='holds no prompt'):
-    train.sample(_config(folder, empty), str(tmp_path / 'run'), devices=jax.devices()[:1])
+    modes.sample(_config(folder, empty), str(tmp_path / 'run'), devices=jax.devices()[:1])
   with pytest.raises(FileNotFoundError, match='does not exist'):
-    train.sample(_config(folder, tmp_path / 'missing.txt'), str(tmp_path / 'run'), devices=jax.devices()[:1])
+    modes.sample(_config(folder, tmp_path / 'missing.txt'), str(tmp_path / 'run'), devices=jax.devices()[:1])
   config = _config(folder, empty)
   config.parameterization.beta_end = 0.02
   with pytest.raises(ValueError, match=r'beta_end=0.02 \(scheduler: 0.012\)'):
-    train.sample(config, str(tmp_path / 'run'), devices=jax.devices()[:1])
+    modes.sample(config, str(tmp_path / 'run'), devices=jax.devices()[:1])

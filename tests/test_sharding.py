@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from cm_jax import experiment
 from cm_jax import models
 from cm_jax import sharding
-from cm_jax import train
 from configs import base
 from helpers import tiny_config
 from helpers import losses
@@ -80,7 +80,7 @@ def test_fsdp_state_is_born_sharded_and_trains_like_replicated():
   """Parameters, EMAs, target and Adam moments split 4 ways over fsdp; losses equal replicated training."""
   steps = 6
   config = _fsdp_config(steps)
-  exp = train.Experiment(config, jax.devices()[:8])
+  exp = experiment.Experiment(config, jax.devices()[:8])
   state = exp.init_state()
   for leaf, expected in zip(jax.tree.leaves(state), jax.tree.leaves(exp.state_sharding), strict=True):
     assert leaf.sharding.is_equivalent_to(expected, leaf.ndim)

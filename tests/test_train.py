@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from cm_jax import checkpoint
+from cm_jax import experiment
 from cm_jax import models
+from cm_jax import modes
 from cm_jax import objectives
 from cm_jax import sampling
 from cm_jax import train
@@ -29,7 +31,7 @@ def test_resume_is_bitwise_exact(tmp_path):
   straight = train.train_and_evaluate(tiny_config(num_steps=12), tmp_path / 'straight', devices)
 
   config = tiny_config(num_steps=12)
-  exp = train.Experiment(config, devices)
+  exp = experiment.Experiment(config, devices)
   state, step_fn = exp.init_state(), exp.train_step()
   ckpt = checkpoint.Checkpointer(tmp_path / 'resumed', save_every=6)
   with exp.batches(0) as batches:
@@ -38,7 +40,7 @@ def test_resume_is_bitwise_exact(tmp_path):
   ckpt.save(6, state, {'position': 6, 'seed': config.seed})
   ckpt.wait()
   ckpt.close()
-  train.write_config(config, tmp_path / 'resumed')
+  experiment.write_config(config, tmp_path / 'resumed')
   resumed = train.train_and_evaluate(config, tmp_path / 'resumed', devices)
 
   assert int(resumed.step) == int(straight.step) == 12
@@ -59,7 +61,7 @@ def test_eight_devices_match_one_device():
 def test_train_step_compiles_once_across_curriculum_stages():
   config = tiny_config(num_steps=8)
   config.objective.s0, config.objective.s1 = 2, 16  # N(k) = 3, 5, 9, 17 over 8 steps
-  exp = train.Experiment(config, jax.devices()[:1])
+  exp = experiment.Experiment(config, jax.devices()[:1])
   state, step_fn = exp.init_state(), exp.train_step()
   scales = []
   with exp.batches(0) as batches:
@@ -73,7 +75,7 @@ def test_train_step_compiles_once_across_curriculum_stages():
 def test_ema_and_optimizer_are_applied():
   """Warm-up: the first update is zero (lr = 0 at step 0); EMA(rate r) after k steps follows its recursion."""
   config = tiny_config(num_steps=3)
-  exp = train.Experiment(config, jax.devices()[:1])
+  exp = experiment.Experiment(config, jax.devices()[:1])
   init = exp.init_state()
   params0 = jax.tree.map(np.asarray, init.params)
   step_fn = exp.train_step()
@@ -100,7 +102,7 @@ def test_nonfinite_loss_stops_naming_step_and_checkpoint(tmp_path):
 def test_nonfinite_steps_can_be_skipped():
   config = tiny_config(num_steps=6)
   config.train.nonfinite = 'skip'
-  exp = train.Experiment(config, jax.devices()[:1])
+  exp = experiment.Experiment(config, jax.devices()[:1])
   state, step_fn = exp.init_state(), exp.train_step()
   with exp.batches(0) as batches:
     batch = next(batches)
@@ -119,14 +121,14 @@ def edm_teacher(tmp_path_factory):
   """A saved EDM diffusion run of the tiny experiment, its parameters moved off the zero-output initialisation."""
   workdir = tmp_path_factory.mktemp('edm_teacher')
   config = tiny_config('edm')
-  exp = train.Experiment(config, jax.devices()[:1])
+  exp = experiment.Experiment(config, jax.devices()[:1])
   state = exp.init_state()
   params = jax.tree.map(lambda p: p + 0.1, state.params)
   ckpt = checkpoint.Checkpointer(workdir, save_every=1)
   ckpt.save(1, state.replace(params=params, ema=tuple(params for _ in state.ema)), {'position': 1, 'seed': 0})
   ckpt.wait()
   ckpt.close()
-  train.write_config(config, workdir)
+  experiment.write_config(config, workdir)
   return workdir
 
 
@@ -144,9 +146,9 @@ def test_an_edm_teacher_of_a_trigflow_student_samples_with_its_own_parameterisat
   """The quality table's teacher row is the teacher run's own Heun sampler, not the student's parameterisation."""
   devices = jax.devices()[:1]
   config = _student(digits_scd, edm_teacher, teacher='edm')
-  exp = train.Experiment(config, devices)
-  teacher = train.load_teacher(config, exp)
-  own_exp, own_state = train.restore_latest(teacher.experiment.config, edm_teacher, devices)
+  exp = experiment.Experiment(config, devices)
+  teacher = experiment.load_teacher(config, exp)
+  own_exp, own_state = experiment.restore_latest(teacher.experiment.config, edm_teacher, devices)
   steps = own_exp.config.sampling.teacher_steps
   expected = own_exp.generate(own_state.ema[0], 16, steps, 3)
   np.testing.assert_array_equal(teacher.experiment.generate(teacher.params, 16, steps, 3), expected)
@@ -160,11 +162,11 @@ def test_a_teacher_read_in_another_parameterisation_is_refused(edm_teacher):
   devices = jax.devices()[:1]
   distils = _student(digits_scd, edm_teacher, teacher='trigflow')
   with pytest.raises(ValueError, match="parameterization.name='edm', but distillation .* reads it as 'trigflow'"):
-    train.load_teacher(distils, train.Experiment(distils, devices))
+    experiment.load_teacher(distils, experiment.Experiment(distils, devices))
   starts_from = _student(digits_trigflow, edm_teacher)
   starts_from.teacher.init = True
   with pytest.raises(ValueError, match="parameterization.name='edm', but teacher.init reads it as 'trigflow'"):
-    train.load_teacher(starts_from, train.Experiment(starts_from, devices))
+    experiment.load_teacher(starts_from, experiment.Experiment(starts_from, devices))
 
 
 def test_a_consistency_run_is_not_a_distillation_teacher(tmp_path):
@@ -172,10 +174,10 @@ def test_a_consistency_run_is_not_a_distillation_teacher(tmp_path):
   train.train_and_evaluate(tiny_config(num_steps=2), tmp_path / 'ict', jax.devices()[:1])
   config = _student(digits_cd, tmp_path / 'ict', parameterization='edm')
   with pytest.raises(ValueError, match="holds a 'ict' run, a consistency model; a distillation teacher"):
-    train.load_teacher(config, train.Experiment(config, jax.devices()[:1]))
+    experiment.load_teacher(config, experiment.Experiment(config, jax.devices()[:1]))
   starts_from = _student(digits_ict, tmp_path / 'ict', parameterization='edm')
   starts_from.teacher.init = True
-  assert train.load_teacher(starts_from, train.Experiment(starts_from, jax.devices()[:1])) is not None
+  assert experiment.load_teacher(starts_from, experiment.Experiment(starts_from, jax.devices()[:1])) is not None
 
 
 def test_the_network_must_match_only_where_the_teacher_parameters_are_read(edm_teacher):
@@ -183,10 +185,10 @@ def test_the_network_must_match_only_where_the_teacher_parameters_are_read(edm_t
   devices = jax.devices()[:1]
   config = _student(digits_ict, edm_teacher, parameterization='edm')
   config.model.hidden = 2 * config.model.hidden
-  assert train.load_teacher(config, train.Experiment(config, devices)).experiment.config.model.hidden == 32
+  assert experiment.load_teacher(config, experiment.Experiment(config, devices)).experiment.config.model.hidden == 32
   config.teacher.init = True
   with pytest.raises(ValueError, match="has network .* which does not match this run's network"):
-    train.load_teacher(config, train.Experiment(config, devices))
+    experiment.load_teacher(config, experiment.Experiment(config, devices))
 
 
 @pytest.mark.parametrize('key, value, fragment', [
@@ -219,7 +221,7 @@ def test_settings_out_of_range_stop_before_any_work(key, value, fragment):
   config = tiny_config(num_steps=2)
   config.update_from_flattened_dict({key: value})
   with pytest.raises(ValueError, match=fragment):
-    train.Experiment(config, jax.devices()[:1])
+    experiment.Experiment(config, jax.devices()[:1])
 
 
 def test_settings_at_the_edge_of_their_range_are_accepted():
@@ -230,7 +232,7 @@ def test_settings_at_the_edge_of_their_range_are_accepted():
       'sampling.teacher_steps': 2, 'eval.num_samples': 2, 'sampling.grid_every': 0, 'optim.warmup_steps': 0,
       'eval.steps': (1,), 'optim.learning_rate': 0.0, 'optim.grad_clip': 0.0, 'optim.b1': 0.0, 'optim.b2': 0.0,
       'model.dropout': 0.0, 'model.label_dropout': 0.0, 'ema.rates': (0.0,), 'train.nonfinite': 'skip'})
-  train.check_config(config)
+  experiment.check_config(config)
 
 
 def test_ct_with_one_level_is_refused():
@@ -239,7 +241,7 @@ def test_ct_with_one_level_is_refused():
   config.objective = digits_ct.get_config().objective
   config.objective.s0 = 1
   with pytest.raises(ValueError, match='CT starts with N\\(0\\) = s0 levels, which needs s0 >= 2'):
-    train.Experiment(config, jax.devices()[:1])
+    experiment.Experiment(config, jax.devices()[:1])
 
 
 def _ct_tiny(num_steps=4):
@@ -254,7 +256,7 @@ def test_the_target_moves_at_the_rate_of_the_step_being_taken():
   """theta- <- mu(k) theta- + (1 - mu(k)) theta_{k+1} at step k = 0, 1, ... (the counter before the update).
   K = 4, s0 = 2, s1 = 40: N(0) = 2, mu(0) = exp(2 ln 0.9 / 2) = 0.9; N(1) = ceil(sqrt(1/4 (41^2 - 4) + 4) - 1) + 1
   = ceil(19.57) + 1 = 21, mu(1) = exp(2 ln 0.9 / 21) = 0.990016."""
-  exp = train.Experiment(_ct_tiny(), jax.devices()[:1])
+  exp = experiment.Experiment(_ct_tiny(), jax.devices()[:1])
   state, step_fn = exp.init_state(), exp.train_step()
   initial = jax.tree.map(np.array, state.target)  # copies: the step donates the state
   before = initial
@@ -271,7 +273,7 @@ def test_the_target_moves_at_the_rate_of_the_step_being_taken():
 
 def test_init_from_the_teacher_sets_the_network_its_emas_and_its_target():
   """teacher.init: theta, every sampling EMA and theta- start equal to the teacher's parameters."""
-  exp = train.Experiment(_ct_tiny(), jax.devices()[:1])
+  exp = experiment.Experiment(_ct_tiny(), jax.devices()[:1])
   fresh = jax.tree.map(np.array, exp.init_state().params)
   teacher = jax.tree.map(lambda p: p + 0.25, fresh)
   state = exp.init_state(teacher)
@@ -301,7 +303,7 @@ def test_a_distillation_run_needs_a_teacher_run_to_train_not_to_sample(tmp_path,
   config.teacher.workdir = str(edm_teacher)
   train.train_and_evaluate(config, tmp_path / 'student', jax.devices()[:1])
   config.teacher.workdir = ''  # sampling a trained CD model reads no teacher
-  train.sample(config, str(tmp_path / 'student'), jax.devices()[:1])
+  modes.sample(config, str(tmp_path / 'student'), jax.devices()[:1])
   assert list((tmp_path / 'student' / 'samples').glob('final_*_step.npz'))
 
 

@@ -304,20 +304,20 @@ def reference_statistics(config, workdir, extractor: Extractor, mesh, batch: int
   return mu, sigma, len(source), path
 
 
-def run(config, workdir):
+def run(config, workdir, devices=None):
   """--mode=fid: FID (and the Inception Score) of the newest checkpoint's first EMA at each of the sampler's step
   counts; writes WORKDIR/fid.json and TensorBoard scalars fid/<n>_step, inception_score/<n>_step."""
-  from cm_jax import train  # pylint: disable=g-import-not-at-top
+  from cm_jax import experiment  # pylint: disable=g-import-not-at-top
   from cm_jax import writers  # pylint: disable=g-import-not-at-top
   f = config.eval.fid
   check_fid_config(config)
   extractor = make_extractor(config, workdir)
-  exp, state = train.restore_latest(config, workdir)
+  exp, state = experiment.restore_latest(config, workdir, devices)
   batch = f.batch_size or config.train.batch_size
   sharding.check_batch_divides(batch, exp.mesh)
   decoded = jax.eval_shape(exp.space.decode, exp.space.params, jax.ShapeDtypeStruct((1,) + exp.shape, jnp.float32))
   check_images(extractor, decoded.shape[1:])
-  teacher = train.load_teacher(config, exp, required=bool(config.lora.rank))  # LoRA samples with its teacher
+  teacher = experiment.load_teacher(config, exp, required=bool(config.lora.rank))  # LoRA samples with its teacher
   mu, sigma, count, reference = reference_statistics(config, workdir, extractor, exp.mesh, batch)
   step = int(state.step)
   results = {}

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+from etils import epath
 
 from cm_jax.data import captions
 
@@ -52,3 +53,32 @@ def proxy_table(rows, proxy: DigitsProxy) -> dict:
   out = {row[0]: row[2] for row in rows}
   out.update({f'{row[0]} caption agreement': row[3] for row in rows if len(row) > 3})
   return out
+
+
+def _proxy_scores(proxy, exp, params, num: int, num_steps: int, seed: int, teacher_params=None) -> tuple:
+  """(FD,) of the digits proxy, and the caption agreement % for a text-to-image run on the captioned digits."""
+  fd = proxy_frechet(proxy, exp, params, num, num_steps, seed, teacher_params)
+  if not (exp.text_conditioned and exp.config.data.name == 'captioned_digits'):
+    return (fd,)
+  return fd, caption_agreement(proxy, exp, params, num, num_steps, seed, teacher_params)
+
+
+def quality_report(exp, state, teacher, workdir, images=None) -> dict:
+  """Frechet distance of the digits proxy for the teacher (experiment.Teacher or None) and the model, each sampled
+  with its own sampler at its evaluation step counts (a diffusion teacher: sampling.teacher_steps; a consistency
+  model: eval.steps), then for `images` {name: images} a finished objective returned (e.g. an autoencoder's
+  held-out reconstructions)."""
+  c = exp.config
+  proxy = load_or_train_proxy(epath.Path(workdir) / 'proxy_classifier.msgpack')
+  rows = []
+  if teacher is not None:
+    t = teacher.experiment
+    for n in t.sampler.eval_steps(t.config):
+      rows.append((f'teacher ({t.sampler.label(n)})', t.sampler.nfe(t.config, n),
+                   *_proxy_scores(proxy, t, teacher.params, c.eval.num_samples, n, c.seed + 3)))
+  for n in exp.sampler.eval_steps(c):
+    rows.append((f'{c.objective.name} ({exp.sampler.label(n)})', exp.sampler.nfe(c, n),
+                 *_proxy_scores(proxy, exp, state.ema[0], c.eval.num_samples, n, c.seed + 3,
+                                None if teacher is None else teacher.params)))
+  rows += [(name, 1, proxy.frechet(x)) for name, x in (images or {}).items()]
+  return proxy_table(rows, proxy)

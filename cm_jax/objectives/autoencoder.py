@@ -88,7 +88,8 @@ def make_autoencoder(config, model, process) -> Objective:
     return model_.init({'params': rng}, sample_input[0])['params']
 
   def finish(experiment, state, workdir):
-    """Exports the first EMA as WORKDIR/autoencoder with its scaling factor; prints the reconstruction error."""
+    """Exports the first EMA as WORKDIR/autoencoder with its scaling factor and prints the reconstruction error;
+    returns the test split's reconstructions for the quality table when eval.proxy is on."""
     params = jax.device_get(state.ema[0])
     autoencoder = latents.Autoencoder(model, params, scaling_factor=1.0, shift_factor=None, path=str(workdir))
     source = experiment.source
@@ -101,14 +102,12 @@ def make_autoencoder(config, model, process) -> Objective:
     console.say(f'Autoencoder exported to {folder}: latents {model.latent_shape(source.shape)}, scaling_factor '
                 f'{scaling_factor:.4f}, reconstruction l1 {np.mean(np.abs(recons - images)):.4f} on {len(indices)} '
                 'training records.')
-    if experiment.config.eval.proxy:
-      from cm_jax.evaluation import report  # pylint: disable=g-import-not-at-top
-      held_out = ml_collections.ConfigDict(experiment.config.data.to_dict())
-      held_out.split = 'test'
-      test = data_lib.build_source(held_out)
-      _, _, recons = _encode_records(autoencoder, test, np.arange(len(test)))
-      proxy = report.load_or_train_proxy(epath.Path(workdir) / 'proxy_classifier.msgpack')
-      report.proxy_table([('autoencoder reconstructions (test split)', 1, proxy.frechet(recons))], proxy)
+    if not experiment.config.eval.proxy:
+      return {}
+    held_out = ml_collections.ConfigDict(experiment.config.data.to_dict())
+    held_out.split = 'test'
+    test = data_lib.build_source(held_out)
+    return {'autoencoder reconstructions (test split)': _encode_records(autoencoder, test, np.arange(len(test)))[2]}
 
   return Objective(loss=loss, sampler=VAE_PRIOR, init_params=init_params, finish=finish,
                    inputs=distances.step_inputs('lpips' if obj.lpips_weight else '', obj.lpips_weights))

@@ -27,14 +27,15 @@ class Objective:
   feeds_guidance: the loss can give the network a per-example guidance scale, so a network with a guidance input
     (model.guidance_embedding) is fed; `make_objective` refuses such a network for an objective that cannot.
   distils: the parameterisation ('edm', 'trigflow' or 'vp') in which the loss reads frozen['teacher'], the teacher
-    run's parameters; None when it distils no teacher (train.load_teacher checks the teacher run against it).
+    run's parameters; None when it distils no teacher (experiment.load_teacher checks the teacher run against it).
   init_params(model, rng, sample_input) -> the trained parameters at step 0 (default: the network's).
   sample_params(params, frozen) -> the network parameters its sampler uses (default: params; LoRA: the teacher
     merged with the adapters).
   inputs(abstract=False) -> what the loss reads from `frozen` besides target and teacher ({} by default; LPIPS: its
     network's weights): loaded by the trainer before it compiles the step and passed in replicated, like the teacher.
-  finish(experiment, state, workdir): what a finished run of the method writes besides its checkpoint (the
-    autoencoder exports itself); None: nothing.
+  finish(experiment, state, workdir) -> {name: images}: what a finished run of the method writes besides its
+    checkpoint (the autoencoder exports itself), returning images the quality table scores (its held-out
+    reconstructions); None: nothing.
   """
   loss: Callable[..., tuple[jax.Array, dict]]
   sampler: Any
