@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from PIL import Image
+from PIL import UnidentifiedImageError
 
 from cm_jax import console
 from cm_jax import experiment
@@ -37,6 +38,7 @@ from cm_jax import sampling
 from cm_jax import schedules
 from cm_jax import sharding
 from cm_jax import writers
+from cm_jax.data import image_folder
 from cm_jax.data import source as source_lib
 from cm_jax.models.apply import network
 
@@ -143,28 +145,54 @@ def interpolate(process, f, z1, z2, num_points: int):
 # ----------------------------------------------------------------------------------------------------------
 # --mode=edit: inputs, checks and outputs.
 # ----------------------------------------------------------------------------------------------------------
+_UNREADABLE = (OSError, ValueError, SyntaxError, EOFError)  # what PIL and numpy raise on a file of another kind
+
+
 def _read_array(path) -> np.ndarray:
-  """A PNG / JPEG as uint8 [H, W(, C)], or the array of an .npy / .npz (its only array, or 'images')."""
+  """A PNG / JPEG as uint8 [H, W(, C)], or the array of an .npy / .npz (its only array, or 'images'); a file that is
+  none of these is named."""
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f'{path} does not exist.')
   data = path.read_bytes()
-  if path.suffix == '.npy':
-    return np.load(io.BytesIO(data))
+  arrays = path.suffix in ('.npy', '.npz')
+  try:
+    loaded = np.load(io.BytesIO(data)) if arrays else Image.open(io.BytesIO(data))
+    if not arrays:
+      loaded.load()  # decoded here, so that a truncated file is named too
+  except _UNREADABLE as e:
+    reason = 'PIL does not know its format' if isinstance(e, UnidentifiedImageError) else f'{type(e).__name__}: {e}'
+    raise ValueError(f'{path} is not a readable {path.suffix if arrays else "image"} file ({reason}): give a PNG / '
+                     'JPEG, or an .npy / .npz of images in [-1, 1].') from e
   if path.suffix == '.npz':
-    arrays = np.load(io.BytesIO(data))
-    if len(arrays.files) != 1 and 'images' not in arrays.files:
-      raise ValueError(f'{path} holds arrays {arrays.files}: name the images "images" (or store only them).')
-    return arrays['images' if 'images' in arrays.files else arrays.files[0]]
-  image = Image.open(io.BytesIO(data))
-  return np.asarray(image.convert('RGB') if image.mode == 'P' else image)  # a palette PNG as its colours
+    if len(loaded.files) != 1 and 'images' not in loaded.files:
+      raise ValueError(f'{path} holds arrays {loaded.files}: name the images "images" (or store only them).')
+    return loaded['images' if 'images' in loaded.files else loaded.files[0]]
+  if arrays:
+    return loaded
+  return np.asarray(loaded.convert('RGB') if loaded.mode == 'P' else loaded)  # a palette PNG as its colours
+
+
+def _read_folder(folder: epath.Path, shape: tuple) -> np.ndarray:
+  """The images of a folder's PNG / JPEG files (sorted by name) as [N, *shape] in [-1, 1]."""
+  files = sorted(p for p in folder.iterdir() if p.suffix.lower() in image_folder.IMAGE_SUFFIXES)
+  if not files:
+    raise ValueError(f'edit.input={str(folder)!r} is a folder without {"/".join(image_folder.IMAGE_SUFFIXES)} images: '
+                     'give one image file, an .npy / .npz, or a folder of images.')
+  return np.concatenate([read_images(str(f), shape) for f in files])
 
 
 def read_images(path, shape: tuple) -> np.ndarray:
-  """config.edit.input as images [N, *shape] in [-1, 1]: a PNG / JPEG (0..255 scaled) or an .npy / .npz in [-1, 1]."""
+  """config.edit.input as images [N, *shape] in [-1, 1]: a PNG / JPEG (0..255 scaled), an .npy / .npz in [-1, 1], or
+  a folder of PNG / JPEG files (each one image)."""
+  if epath.Path(path).is_dir():
+    return _read_folder(epath.Path(path), shape)
   images = _read_array(path)
   if images.dtype == np.uint8:
     images = source_lib.to_model_range(images)
+  elif not np.issubdtype(images.dtype, np.number) or not np.all(np.isfinite(images)):
+    raise ValueError(f'edit.input={path!r} holds values that are not finite numbers (NaN or inf; {images.dtype}): '
+                     'give images in [-1, 1] or a PNG.')
   elif not np.all(np.abs(images) <= 1.0):
     raise ValueError(f'edit.input={path!r} holds values outside [-1, 1]: scale the images to [-1, 1] or give a PNG.')
   if images.ndim == 2:  # a grayscale PNG
