@@ -153,11 +153,8 @@ def _read(path) -> tuple[dict, dict, str, str]:
 
 
 def _image_encoder(config: dict, state_dict: dict, where: str, architecture: str, path: str) -> ImageEncoder:
-  if architecture == 'CLIPModel':
-    vision_config, projection = config['vision_config'], int(config.get('projection_dim', 512))
-  else:
-    vision_config, projection = config, int(config.get('projection_dim', 512))
-  module = vision_module(vision_config, projection, where)
+  vision_config = config['vision_config'] if architecture == 'CLIPModel' else config
+  module = vision_module(vision_config, int(config.get('projection_dim', 512)), where)
   size = module.vision_model.image_size
   abstract = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3), jnp.float32))
   tensors = {k: v for k, v in state_dict.items()
