@@ -1,20 +1,20 @@
 """Flow-matching teacher on the built-in 8x8 digits with a small DiT (models/dit.py: 2x2 patches, 16 tokens) in place
-of digits_flow_matching's MLP: the DiT row of the MeanFlow digits experiments, and the CLI check that every
-objective runs on the DiT (--config.objective / --config.parameterization overrides, as digits_flow_matching).
+of digits_flow_matching's MLP: the DiT rows of the MeanFlow digits experiments (digits_dit_meanflow).
 
 Command:
   python -m cm_jax.main --config=configs/digits_dit_flow_matching.py --workdir=runs/digits_dit_flow_matching
-Hardware: 2 CPU cores; not yet measured for the full 6000 steps (BUILD_NOTES.md).
+Hardware: 2 CPU cores; the full 6000 steps not yet run (BUILD_NOTES.md).
 Expected: not yet measured (the MLP teacher's digits-proxy FD is the bar).
-Network: depth 4, hidden 128, 4 heads (a DiT-S-like block at 1/3 the width), DiT's time embedding of 1000 t.
+Network: depth 4, hidden 64, 4 heads (0.35M parameters), t embedded by DiT's timestep MLP of t itself
+(time_scale 1, as SiT and the official MeanFlow code: the JVP along t of a 1000 t embedding is 1000x steeper).
 """
 
 import ml_collections
 
 from configs import digits_flow_matching
 
-DIGITS_DIT = dict(name='dit', size='', depth=4, hidden=128, heads=4, patch_size=2, num_classes=0, label_dropout=0.0,
-                  time_embedding='positional', time_scale=1000.0, second_time=False, dtype='float32', remat='',
+DIGITS_DIT = dict(name='dit', size='', depth=4, hidden=64, heads=4, patch_size=2, num_classes=0, label_dropout=0.0,
+                  time_embedding='positional', time_scale=1.0, second_time=False, dtype='float32', remat='',
                   attention_kernel='xla')
 
 

@@ -13,7 +13,7 @@ from jax.experimental.pallas import tpu as pltpu
 from cm_jax import sharding
 from cm_jax.models import attention, build_model, dit
 from cm_jax.objectives import make_objective
-from configs import digits_dit_flow_matching, digits_dit_meanflow
+from configs import digits_dit_flow_matching, digits_dit_meanflow, imagenet256_meanflow
 
 TINY = dict(name='dit', size='', depth=2, hidden=32, heads=4, patch_size=2, num_classes=5, label_dropout=0.1,
             second_time=True, time_scale=10.0)
@@ -267,3 +267,13 @@ def test_objectives_train_a_dit(objective):
   assert np.isfinite(value) and value > 0
   assert np.abs(grads['block_0']['qkv']['kernel']).max() > 0
 
+
+def test_imagenet256_meanflow_builds_dit_xl2_on_sd_vae_latents():
+  """The paper's MF-XL/2 run: DiT-XL/2 with the second time on 32x32x4 latents, 1000 classes, labels dropped
+  by the objective (0.1), the DiT mesh rules; the objective accepts the network."""
+  config = imagenet256_meanflow.get_config()
+  model = build_model(config.model)
+  assert (model.dims(), model.patch_size, model.second_time) == ((28, 1152, 16), 2, True)
+  assert config.model.num_classes == 1000 and config.objective.class_dropout == 0.1
+  assert tuple(map(tuple, config.mesh.rules)) == tuple(map(tuple, dit.MESH_RULES))
+  make_objective(config, model)
