@@ -21,6 +21,7 @@ from etils import epath
 from cm_jax import checkpoint
 from cm_jax import console
 from cm_jax import distributed
+from cm_jax import run_config
 from cm_jax import writers
 from cm_jax.evaluation import report
 from cm_jax.experiment import Experiment, load_teacher, write_config
@@ -49,6 +50,7 @@ def train_and_evaluate(config, workdir: str, devices=None, name: str = ''):
 
   Raises distributed.Preempted after saving a checkpoint when a SIGTERM reached any process.
   """
+  run_config.check(config, workdir)  # another run's workdir: refused before anything is built, read or written
   exp = Experiment(config, devices)
   workdir = epath.Path(workdir)
   console.say(describe(exp, name, workdir))

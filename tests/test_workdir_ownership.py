@@ -55,6 +55,16 @@ def test_an_ict_config_on_an_edm_run_is_refused_and_the_workdir_left_bitwise(run
   assert _hashes(edm) == before
 
 
+def test_in_process_the_refusal_comes_before_the_experiment_is_built(runs, tmp_path, monkeypatch):
+  """train_and_evaluate called directly checks the workdir first: no mesh, data, teacher or restore is touched."""
+  edm = _copy(runs, 'edm', tmp_path)
+  built = []
+  monkeypatch.setattr(train, 'Experiment', lambda *a, **k: built.append(a) or pytest.fail('built an Experiment'))
+  with pytest.raises(ValueError, match=r'objective\.name is "edm" there, "ict" here'):
+    train.train_and_evaluate(helpers.tiny_cli_config(train__num_steps=8), edm, jax.devices()[:1])
+  assert not built
+
+
 def test_an_edm_config_on_an_ict_run_is_one_line_at_start(runs, tmp_path):
   """Refused before the log file is written: the workdir is bitwise as it was."""
   ict = _copy(runs, 'ict', tmp_path)
