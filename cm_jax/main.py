@@ -73,6 +73,7 @@ def _run(mode, config, workdir):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  console.select_platforms()  # before JAX starts: libtpu searches no TPU on a host without one
   console.hold_logs()
   try:
     _run(_MODE.value, _CONFIG.value, _WORKDIR.value)

@@ -47,10 +47,16 @@ def evaluate(config, workdir: str, devices=None):
 
 
 def encode(config, workdir: str, devices=None):
-  """--mode=encode: writes config.latent.cache, the latent cache of config.data under config.latent.autoencoder."""
+  """--mode=encode: writes config.latent.cache, the latent cache of config.data under config.latent.autoencoder; a
+  complete cache of the same autoencoder and data there already is said to be there (exit 0)."""
   del workdir, devices
   if not config.latent.autoencoder or not config.latent.cache:
     raise ValueError('--mode=encode writes config.latent.cache from config.data through config.latent.autoencoder: '
                      'set both.')
+  cache = latents.complete_cache(config, config.latent.cache)
+  if cache is not None:  # encoded already: nothing to do
+    console.say(f'The latent cache {config.latent.cache} is already there: {len(cache)} records of shape '
+                f'{cache.shape}, of this autoencoder and data.')
+    return
   cache = latents.write_cache(config, config.latent.cache)
   console.say(f'Wrote the latent cache {config.latent.cache}: {len(cache)} records of shape {cache.shape}.')

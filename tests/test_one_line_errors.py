@@ -15,6 +15,7 @@ from cm_jax import latents
 from cm_jax import workdir
 from cm_jax import writers
 from cm_jax.models import lora
+from helpers import tiny_cli_config
 from test_latents import _latent_config
 from test_latents import _tensors
 from test_latents import _write
@@ -218,3 +219,29 @@ def test_an_lcd_skip_that_leaves_too_few_solver_steps_is_refused_at_start():
   with pytest.raises(ValueError) as raised:
     make_lcd(_lcd_config(250, (1, 2, 8)), mlp, VP())
   _one_line(raised, 'eval.steps=(1, 2, 8) asks for 8-step sampling, but objective.skip=250 leaves 4 solver steps')
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The modes: --mode=encode twice, --mode=eval on 2-D data.
+# ----------------------------------------------------------------------------------------------------------
+def test_encode_again_on_a_complete_cache_says_it_is_there(cache, capsys):
+  from cm_jax import modes  # pylint: disable=g-import-not-at-top
+  _, config, cache_dir = cache
+  before = {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir()}
+  modes.encode(config, str(cache_dir.parent / 'run'))
+  assert f'The latent cache {cache_dir} is already there: 1437 records of shape (4, 4, 2)' in capsys.readouterr().out
+  assert {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir()} == before  # nothing rewritten
+
+
+def test_eval_on_2d_toy_data_is_one_line():
+  """What --mode=eval (and eval.proxy) checks before the proxy is loaded: a flax shape traceback before."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from cm_jax import experiment  # pylint: disable=g-import-not-at-top
+  from cm_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+  exp = experiment.Experiment(tiny_cli_config(), jax.devices()[:1])
+  with pytest.raises(ValueError) as raised:
+    report.check_scorable(exp)
+  _one_line(raised, "The digits proxy of --mode=eval and eval.proxy scores 8x8x1 digits; this run (data.name='gmm') "
+            'makes samples of shape (2,): look at them with --mode=sample')
+  from configs import digits_edm  # pylint: disable=g-import-not-at-top
+  report.check_scorable(experiment.Experiment(digits_edm.get_config(), jax.devices()[:1]))  # digits: scored

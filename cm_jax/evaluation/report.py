@@ -1,12 +1,14 @@
 """The small-data quality table: digits-proxy Frechet distance of each model's samples."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
 from cm_jax.data import captions
 
 from cm_jax.evaluation import fid
+from cm_jax.evaluation import digits_proxy
 from cm_jax.evaluation.digits_proxy import DigitsProxy
 from cm_jax.evaluation.frechet import frechet_distance
 
@@ -63,12 +65,22 @@ def _proxy_scores(proxy, exp, params, num: int, num_steps: int, seed: int, teach
   return fd, caption_agreement(proxy, exp, params, num, num_steps, seed, teacher_params)
 
 
+def check_scorable(exp) -> None:
+  """The proxy classifies 8x8x1 digits: a run whose samples are something else (the 2-D toys) stops in one line."""
+  decoded = jax.eval_shape(exp.space.decode, exp.space.params, jax.ShapeDtypeStruct((1,) + exp.shape, jnp.float32))
+  if decoded.shape[1:] != digits_proxy.IMAGE_SHAPE:
+    raise ValueError(f'The digits proxy of --mode=eval and eval.proxy scores 8x8x1 digits; this run '
+                     f'(data.name={exp.config.data.name!r}) makes samples of shape {decoded.shape[1:]}: look at them with '
+                     '--mode=sample (WORKDIR/samples), or score images with --mode=fid.')
+
+
 def quality_report(exp, state, teacher, workdir, images=None) -> dict:
   """Frechet distance of the digits proxy for the teacher (experiment.Teacher or None) and the model, each sampled
   with its own sampler at its evaluation step counts (a diffusion teacher: sampling.teacher_steps; a consistency
   model: eval.steps), then for `images` {name: images} a finished objective returned (e.g. an autoencoder's
   held-out reconstructions)."""
   c = exp.config
+  check_scorable(exp)
   proxy = load_or_train_proxy(epath.Path(workdir) / 'proxy_classifier.msgpack')
   rows = []
   if teacher is not None:
