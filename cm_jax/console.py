@@ -31,18 +31,20 @@ LOG_DIR = 'logs'
 
 
 TPU_DEVICE_FILES = ('/dev/accel*', '/dev/vfio')  # what a TPU VM has (v2-v4: /dev/accel<i>; v5e and later: vfio)
+GPU_DEVICE_FILES = {'cuda': '/dev/nvidia[0-9]*', 'rocm': '/dev/kfd'}  # a GPU JAX's plugin for it can start
 
 
 def host_platforms(environ, glob=glob_lib.glob, find_spec=importlib.util.find_spec, plugins=None):
   """The JAX platforms to start on this host, or None for JAX's own choice: the user's JAX_PLATFORMS, a TPU device
-  file, or no libtpu installed leave it to JAX; else the platforms of JAX's installed GPU plugins ('cuda', 'rocm'),
-  then 'cpu' (e.g. 'cuda,cpu'). `plugins`: the names of JAX's plugin modules (default: those installed)."""
+  file, or no libtpu installed leave it to JAX; else the GPU platforms ('cuda', 'rocm') with JAX's plugin installed
+  and a device file, then 'cpu' (e.g. 'cuda,cpu'). `plugins`: the names of JAX's plugin modules (default: those
+  installed)."""
   if 'JAX_PLATFORMS' in environ or any(glob(pattern) for pattern in TPU_DEVICE_FILES):
     return None
   if find_spec('libtpu') is None:
     return None
   plugins = _jax_plugins() if plugins is None else plugins
-  gpus = [p for p in ('cuda', 'rocm') if any(p in name for name in plugins)]
+  gpus = [p for p, files in GPU_DEVICE_FILES.items() if any(p in name for name in plugins) and glob(files)]
   return ','.join(gpus + ['cpu'])
 
 

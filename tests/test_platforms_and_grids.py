@@ -2,6 +2,8 @@
 (console.host_platforms; libtpu is not installed here, so its presence is simulated), and small sample grids are
 enlarged by nearest neighbour to a viewable size (writers.enlarge, writers.samples_image)."""
 
+import fnmatch
+
 import numpy as np
 import pytest
 
@@ -11,15 +13,17 @@ from cm_jax import writers
 
 def _host(devices=(), libtpu=True):
   """glob and find_spec of a host with these device files, with or without libtpu installed."""
-  glob = lambda pattern: [d for d in devices if d.startswith(pattern.rstrip('*'))]
+  glob = lambda pattern: [d for d in devices if fnmatch.fnmatch(d, pattern)]
   find_spec = lambda name: object() if name == 'libtpu' and libtpu else None
   return glob, find_spec
 
 
 @pytest.mark.parametrize('environ, devices, libtpu, plugins, expected', [
     ({}, (), True, [], 'cpu'),  # libtpu on a CPU workstation: the host's CPU only
-    ({}, (), True, ['jax_plugins.xla_cuda12'], 'cuda,cpu'),  # ... with a GPU and JAX's CUDA plugin
-    ({}, (), True, ['xla_rocm60'], 'rocm,cpu'),
+    ({}, ('/dev/nvidia0', '/dev/nvidiactl'), True, ['jax_plugins.xla_cuda12'], 'cuda,cpu'),  # a GPU, JAX's plugin
+    ({}, ('/dev/nvidiactl',), True, ['jax_plugins.xla_cuda12'], 'cpu'),  # the CUDA plugin but no GPU
+    ({}, ('/dev/nvidia0',), True, [], 'cpu'),  # a GPU without JAX's plugin
+    ({}, ('/dev/kfd',), True, ['xla_rocm60'], 'rocm,cpu'),
     ({}, ('/dev/accel0', '/dev/accel1'), True, [], None),  # a TPU VM (v4): JAX's own choice, the TPU
     ({}, ('/dev/vfio',), True, [], None),  # a TPU VM (v5e and later)
     ({}, (), False, ['jax_plugins.xla_cuda12'], None),  # no libtpu: nothing to silence
