@@ -15,7 +15,9 @@ from cm_jax import latents
 from cm_jax import workdir
 from cm_jax import writers
 from cm_jax.models import lora
+from helpers import run_main
 from helpers import tiny_cli_config
+from test_cli import _assert_one_clear_error
 from test_latents import _latent_config
 from test_latents import _tensors
 from test_latents import _write
@@ -53,6 +55,16 @@ def test_encode_onto_a_file_or_under_one(tmp_path, cache):
     with pytest.raises(ValueError) as raised:
       latents.write_cache(_latent_config(vae, target), target)
     _one_line(raised, f'cannot write the latent cache {target}: {where}', 'choose a latent.cache that is a writable')
+
+
+def test_encode_onto_a_file_from_the_command_line(tmp_path, cache):
+  """The user's path: one `cm_jax: error:` line, exit status 1, the file untouched."""
+  vae, _, _ = cache
+  (tmp_path / 'a_file').write_text('x')
+  result = run_main('--config=configs/digits_latent_ddpm.py', f'--workdir={tmp_path / "run"}', '--mode=encode',
+                    f'--config.latent.cache={tmp_path / "a_file"}', f'--config.latent.autoencoder={vae}')
+  _assert_one_clear_error(result, f'cannot write the latent cache {tmp_path}/a_file: it is a file')
+  assert result.returncode == 1 and (tmp_path / 'a_file').read_text() == 'x'
 
 
 def test_encode_into_a_read_only_place(tmp_path, cache, monkeypatch):
