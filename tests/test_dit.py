@@ -22,7 +22,12 @@ TINY = dict(name='dit', size='', depth=2, hidden=32, heads=4, patch_size=2, num_
 def _init(model, shape, labels=True):
   x, t = jnp.zeros((2,) + shape), jnp.zeros((2,))
   cond = jnp.zeros((2,), jnp.int32) if labels else None
-  return model.init({'params': jax.random.PRNGKey(0)}, x, t, cond)['params']
+  return jax.jit(lambda: model.init({'params': jax.random.PRNGKey(0)}, x, t, cond)['params'])()
+
+
+def _apply(model, params, *args, train=False, **kw):
+  """model.apply, compiled (a tiny network compiles faster than it dispatches op by op)."""
+  return jax.jit(lambda p, a, k: model.apply({'params': p}, *a, train=train, **k))(params, args, kw)
 
 
 def _randomised(params, seed=0, scale=0.2):
@@ -107,30 +112,34 @@ def _torch_dit(params, x, c_noise, labels, interval, *, depth, hidden, heads, pa
   return torch.einsum('nhwpqc->nchpwq', out).reshape(b, chans, height, width).numpy()
 
 
+def _parity_case(model, shape, seed):
+  """(params, inputs, the torch reference) on `shape`: random non-zero weights, labels incl. the null class."""
+  params = _randomised(_init(model, shape), seed=seed)
+  x = np.random.default_rng(seed).standard_normal((3,) + shape).astype(np.float32)
+  inputs = (x, np.array([0.1, 0.5, 0.9], np.float32), np.array([2, -1, 4], np.int32), np.array([0.0, 0.3, 0.6],
+                                                                                              np.float32))
+  reference = _torch_dit(jax.tree.map(np.asarray, params), *inputs, depth=2, hidden=32, heads=4, patch=2,
+                         num_classes=5, time_scale=10.0)
+  assert np.abs(reference).max() > 0.5  # a non-trivial output
+  return params, inputs, reference
+
+
+def _error(out, reference):
+  return np.abs(np.asarray(out).transpose(0, 3, 1, 2) - reference).max() / np.abs(reference).max()
+
+
 def test_matches_a_pytorch_dit_from_the_papers_equations():
   """Same weights (all non-zero: adaLN-Zero's zero start would hide a wrong modulation), 8x8x3 with patch 2 and a
   non-square 8x12 input, labels incl. the null class, the interval: float32 JAX vs float64 torch to 1e-5 of the
-  output's scale, float64 JAX to 1e-6."""
+  output's scale; float64 JAX to 1e-6 (float64 but for the float32 constants of the sinusoids' frequencies)."""
   model = build_model(TINY)
-  rng = np.random.default_rng(1)
-  for shape in ((8, 8, 3), (8, 12, 3)):
-    params = _randomised(_init(model, shape))
-    x = rng.standard_normal((3,) + shape).astype(np.float32)
-    c_noise = np.array([0.1, 0.5, 0.9], np.float32)
-    labels = np.array([2, -1, 4], np.int32)
-    interval = np.array([0.0, 0.3, 0.6], np.float32)
-    out = model.apply({'params': params}, x, c_noise, labels, interval=interval)
-    reference = _torch_dit(jax.tree.map(np.asarray, params), x, c_noise, labels, interval, depth=2, hidden=32,
-                           heads=4, patch=2, num_classes=5, time_scale=10.0)
-    scale = np.abs(reference).max()
-    assert scale > 0.5  # a non-trivial output
-    assert np.abs(np.asarray(out).transpose(0, 3, 1, 2) - reference).max() / scale < 1e-5
-    with jax.enable_x64(True):  # float64 but for the float32 constants of the sinusoids' frequencies
-      p64 = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64), params)
-      out64 = model.clone(dtype='float64').apply({'params': p64}, jnp.asarray(x, jnp.float64),
-                                                 jnp.asarray(c_noise, jnp.float64), labels,
-                                                 interval=jnp.asarray(interval, jnp.float64))
-      assert np.abs(np.asarray(out64).transpose(0, 3, 1, 2) - reference).max() / scale < 1e-6
+  for seed, shape in enumerate(((8, 8, 3), (8, 12, 3))):
+    params, (x, c_noise, labels, interval), reference = _parity_case(model, shape, seed)
+    assert _error(_apply(model, params, x, c_noise, labels, interval=interval), reference) < 1e-5
+  with jax.enable_x64(True):
+    f64 = lambda a: jax.tree.map(lambda b: jnp.asarray(b, jnp.float64), a)
+    out = _apply(model.clone(dtype='float64'), f64(params), f64(x), f64(c_noise), labels, interval=f64(interval))
+    assert _error(out, reference) < 1e-6
 
 
 def test_adaln_zero_starts_at_zero_and_grads_reach_the_final_layer():
@@ -141,8 +150,8 @@ def test_adaln_zero_starts_at_zero_and_grads_reach_the_final_layer():
     assert not np.any(params[name]['modulation']['kernel'])
   x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 8, 8, 3)), jnp.float32)
   args = (x, jnp.array([0.2, 0.7]), jnp.array([1, 3]))
-  assert not np.any(model.apply({'params': params}, *args))
-  grads = jax.grad(lambda p: jnp.sum(model.apply({'params': p}, *args) * x))(params)
+  assert not np.any(_apply(model, params, *args))
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({'params': p}, *args) * x)))(params)
   assert np.abs(grads['final_linear']['kernel']).max() > 0
 
 
@@ -153,7 +162,7 @@ def test_null_class_dropout_and_the_second_time():
   params = _randomised(_init(model, (8, 8, 3)), seed=3)
   x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 8, 8, 3)), jnp.float32)
   t = jnp.array([0.3, 0.8])
-  apply = lambda m, cond, **kw: m.apply({'params': params}, x, t, jnp.asarray(cond), **kw)
+  apply = lambda m, cond, **kw: _apply(m, params, x, t, jnp.asarray(cond), **kw)
   null = apply(model, [-1, -1])
   assert np.abs(np.asarray(null - apply(model, [0, 0]))).max() > 1e-3
   always = model.clone(label_dropout=1.0)
@@ -183,13 +192,13 @@ def test_remat_and_bfloat16():
   params = _randomised(_init(model, (8, 8, 3)), seed=5, scale=0.1)
   x = jnp.asarray(np.random.default_rng(6).standard_normal((2, 8, 8, 3)), jnp.float32)
   args = (x, jnp.array([0.2, 0.7]), jnp.array([1, -1]))
-  loss = lambda m: jax.value_and_grad(lambda p: jnp.sum(m.apply({'params': p}, *args) ** 2))(params)
+  loss = lambda m: jax.jit(jax.value_and_grad(lambda p: jnp.sum(m.apply({'params': p}, *args) ** 2)))(params)
   (value, grads), (value_r, grads_r) = loss(model), loss(model.clone(remat='block'))
   np.testing.assert_allclose(value_r, value, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads_r, grads)
   bf16 = model.clone(dtype='bfloat16')
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(_init(bf16, (8, 8, 3))))
-  out, out_bf16 = model.apply({'params': params}, *args), bf16.apply({'params': params}, *args)
+  out, out_bf16 = _apply(model, params, *args), _apply(bf16, params, *args)
   assert out_bf16.dtype == jnp.float32
   assert np.linalg.norm(out_bf16 - out) / np.linalg.norm(out) < 3e-2
 
@@ -262,8 +271,8 @@ def test_objectives_train_a_dit(objective):
   obj = make_objective(config, model)
   batch = {'image': jnp.asarray(np.random.default_rng(10).uniform(-1, 1, (4, 8, 8, 1)), jnp.float32),
            'label': jnp.zeros((4,), jnp.int32)}
-  (value, _), grads = jax.value_and_grad(lambda p: obj.loss(p, {}, {}, batch, jax.random.PRNGKey(0), 0),
-                                         has_aux=True)(params)
+  (value, _), grads = jax.jit(jax.value_and_grad(lambda p: obj.loss(p, {}, {}, batch, jax.random.PRNGKey(0), 0),
+                                                 has_aux=True))(params)
   assert np.isfinite(value) and value > 0
   assert np.abs(grads['block_0']['qkv']['kernel']).max() > 0
 
