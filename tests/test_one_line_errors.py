@@ -14,6 +14,7 @@ from cm_jax import data
 from cm_jax import latents
 from cm_jax import workdir
 from cm_jax import writers
+from cm_jax.evaluation import frechet
 from cm_jax.models import lora
 from helpers import run_main
 from helpers import tiny_cli_config
@@ -257,3 +258,13 @@ def test_eval_on_2d_toy_data_is_one_line():
             'makes samples of shape (2,): look at them with --mode=sample')
   from configs import digits_edm  # pylint: disable=g-import-not-at-top
   report.check_scorable(experiment.Experiment(digits_edm.get_config(), jax.devices()[:1]))  # digits: scored
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Frechet distance of non-finite statistics (FID's reference: test_fid_bad_input).
+# ----------------------------------------------------------------------------------------------------------
+def test_a_non_finite_sigma_gives_nan_not_a_scipy_error():
+  sigma = np.diag([1.0, 2.0, 3.0])
+  assert frechet.frechet_distance(np.zeros(3), sigma, np.ones(3), sigma) == pytest.approx(3.0)
+  for bad in (np.full((3, 3), np.nan), np.where(np.eye(3) > 0, np.inf, 0.0)):  # scipy's sqrtm: "Internal error"
+    assert np.isnan(frechet.frechet_distance(np.zeros(3), sigma, np.ones(3), bad))

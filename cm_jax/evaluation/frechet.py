@@ -18,11 +18,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
   """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians.
 
   If sqrtm gives a non-finite result, eps * I is added to both covariances;
-  imaginary parts that are numerical noise are dropped.
+  imaginary parts that are numerical noise are dropped. Non-finite statistics
+  give NaN.
   """
   mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
   sigma1 = np.asarray(sigma1, np.float64)
   sigma2 = np.asarray(sigma2, np.float64)
+  if not all(np.all(np.isfinite(a)) for a in (mu1, sigma1, mu2, sigma2)):
+    return float('nan')  # (scipy's sqrtm fails on them with an internal error)
   with warnings.catch_warnings():
     # Singular products are common (e.g. dead ReLU features); the finiteness
     # check below decides whether the result needs the eps * I retry.
