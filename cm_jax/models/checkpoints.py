@@ -9,7 +9,10 @@ unpickler (nothing from the file is imported or run, no PyTorch needed); the net
 tensors, named as EDM names them, become the parameters through formats.diffusers' PyTorch -> Flax converter.
 """
 
+import contextlib
+import io
 import re
+import zipfile
 from typing import Any, NamedTuple
 
 import flax
@@ -165,8 +168,10 @@ def _torch_name(path: str) -> str:
 
 
 def _params(model, state_dict: dict, resolution: int, channels: int, taps, where: str, prefix: str = 'model.',
-            described: str = 'the network its constructor arguments describe'):
-  """The Flax parameters of `model` from a state dict of its network (EDM's with the 'model.' prefix removed)."""
+            described: str = 'the network its constructor arguments describe', shardings=None):
+  """The Flax parameters of `model` from a state dict of its network (EDM's with the 'model.' prefix removed; its
+  values arrays or _LazyTensors). With `shardings` (a tree of jax.sharding.Sharding like the parameters) each leaf
+  is read, converted and placed on the devices in turn, so that host memory holds one tensor at a time."""
   cond = jnp.zeros((1,), jnp.int32) if model.num_classes else None
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, resolution, resolution, channels)),
                                                jnp.zeros((1,)), cond))['params']
@@ -179,15 +184,11 @@ def _params(model, state_dict: dict, resolution: int, channels: int, taps, where
                          'constructor arguments name.')
       continue
     tensors[key] = value
-    module, leaf = diffusers.flax_path(key).rsplit('/', 1)
+    module, _, leaf = diffusers.flax_path(key).rpartition('/')  # module '': a top-level tensor, never a parameter
     if leaf == 'weight':  # as formats.diffusers reads it: a norm's scale, an embedding table or a kernel
       leaf = next((name for name in ('scale', 'embedding') if f'{module}/{name}' in expected), 'kernel')
     by_path[f'{module}/{leaf}'] = key
-  unexpected = [key for path, key in by_path.items() if path not in expected]
-  if unexpected:
-    raise ValueError(f'{where}: tensor {prefix}{unexpected[0]} {tensors[unexpected[0]].shape} has no place in '
-                     f'{described} ({len(unexpected)} such tensors).')
-  for path, shape in expected.items():
+  for path, shape in expected.items():  # the first missing or mis-shaped tensor first: it names both shapes
     if path not in by_path:
       raise ValueError(f'{where}: the file lacks the tensor {prefix}{_torch_name(path)} (shape {tuple(shape)} in '
                        f'Flax layout) of {described}.')
@@ -197,7 +198,59 @@ def _params(model, state_dict: dict, resolution: int, channels: int, taps, where
     if got != tuple(shape):
       raise ValueError(f'{where}: tensor {prefix}{key} has shape {tuple(tensors[key].shape)} ({got} in Flax '
                        f'layout); {described} needs {tuple(shape)}.')
-  return diffusers.from_diffusers(tensors, abstract, where)
+  unexpected = [key for path, key in by_path.items() if path not in expected]
+  if unexpected:
+    raise ValueError(f'{where}: tensor {prefix}{unexpected[0]} {tensors[unexpected[0]].shape} has no place in '
+                     f'{described} ({len(unexpected)} such tensors).')
+  if shardings is None:
+    return diffusers.from_diffusers({k: np.asarray(v) for k, v in tensors.items()}, abstract, where)
+  placed, targets = {}, flax.traverse_util.flatten_dict(shardings, sep='/')
+  for path, shape in expected.items():
+    one = flax.traverse_util.unflatten_dict({path: jax.ShapeDtypeStruct(shape, jnp.float32)}, sep='/')
+    value = diffusers.from_diffusers({by_path[path]: np.asarray(tensors[by_path[path]])}, one, where)
+    placed[path] = jax.device_put(flax.traverse_util.flatten_dict(value, sep='/')[path], targets[path])
+  return flax.traverse_util.unflatten_dict(placed, sep='/')
+
+
+class _LazyTensor:
+  """A tensor of a zip-format torch.save file, read from its storage member only when converted (np.asarray)."""
+
+  def __init__(self, archive: zipfile.ZipFile, prefix: str, ref):
+    self._archive, self._prefix, self._ref = archive, prefix, ref
+    self.shape = tuple(ref.shape)
+    self.ndim = len(self.shape)
+
+  def __array__(self, dtype=None, copy=None):
+    del copy
+    storage = self._ref.storage
+    try:
+      flat = np.frombuffer(self._archive.read(f'{self._prefix}data/{storage.key}'), storage.dtype)
+      value = torch_pickle._materialize(self._ref, {storage.key: flat}, copy=False)  # pylint: disable=protected-access
+    except Exception as e:  # a damaged member: zip, CRC and layout errors alike
+      raise ValueError(f'{self._archive.filename or "the file"}: storage {storage.key} is not readable '
+                       f'({" ".join(str(e).split()) or type(e).__name__}).') from e
+    return value if dtype is None else value.astype(dtype)
+
+
+def _lazy_state_dict(path: epath.Path, archive: zipfile.ZipFile) -> dict:
+  """{name: _LazyTensor} of a zip-format torch.save state dict (torch_pickle.load_state_dict's reading, with each
+  storage left in the file until its tensor is converted)."""
+  try:
+    pickles = [name for name in archive.namelist() if name.endswith('/data.pkl') and name.count('/') == 1]
+    if not pickles:
+      raise ValueError('the zip archive has no <name>/data.pkl')
+    prefix = pickles[0][:-len('data.pkl')]
+    if prefix + 'byteorder' in archive.namelist() and archive.read(prefix + 'byteorder') != b'little':
+      raise ValueError('only little-endian files are supported')
+    refs = torch_pickle._tensor_refs(torch_pickle._unpickle(io.BytesIO(archive.read(pickles[0]))))  # pylint: disable=protected-access
+    members = set(archive.namelist())
+    for name, ref in refs.items():
+      if f'{prefix}data/{ref.storage.key}' not in members:
+        raise ValueError(f'the storage of {name} is missing')
+    return {name: _LazyTensor(archive, prefix, ref) for name, ref in refs.items()}
+  except Exception as e:  # pickle, zip and layout errors alike
+    raise ValueError(f'{path} is not a readable PyTorch state dict: {" ".join(str(e).split()) or type(e).__name__}'
+                     ) from e
 
 
 def load_edm(path) -> EDMNetwork:
@@ -297,7 +350,7 @@ class CMNetwork(NamedTuple):
     return self._process().denoise(self._net(labels, x.shape[0]), x, sigma)
 
 
-def load_cm(path, model_config=None, resolution=None, kind=None) -> CMNetwork:
+def load_cm(path, model_config=None, resolution=None, kind=None, shardings=None) -> CMNetwork:
   """Reads a CM-paper `.pt` state dict (openai/consistency_models' UNetModel) into ADM(layout='guided_diffusion').
 
   Args:
@@ -307,6 +360,8 @@ def load_cm(path, model_config=None, resolution=None, kind=None) -> CMNetwork:
     resolution: the image size the network was trained on (None: that of the CM_CONFIGS entry; required with a
       model_config of its own).
     kind: 'consistency' or 'edm' (an EDM teacher); None: 'edm' for files named edm_*, 'consistency' otherwise.
+    shardings: None (numpy parameters) or the parameters' shardings: each tensor of a zip-format file is then read,
+      converted and placed in turn (host memory of about one tensor beyond what the devices hold).
 
   Raises:
     FileNotFoundError: no file at `path`.
@@ -315,7 +370,19 @@ def load_cm(path, model_config=None, resolution=None, kind=None) -> CMNetwork:
   """
   path = epath.Path(path)
   where = str(path)
-  state_dict = torch_pickle.load_state_dict(path)
+  if not path.is_file():
+    raise FileNotFoundError(f'No file at {path}.')
+  with contextlib.ExitStack() as stack:
+    f = stack.enter_context(path.open('rb'))
+    if shardings is not None and zipfile.is_zipfile(f):
+      state_dict = _lazy_state_dict(path, stack.enter_context(zipfile.ZipFile(f)))
+    else:
+      state_dict = torch_pickle.load_state_dict(path)
+    return _read_cm(path, where, state_dict, model_config, resolution, kind, shardings)
+
+
+def _read_cm(path, where, state_dict, model_config, resolution, kind, shardings) -> CMNetwork:
+  """load_cm on the file's state dict (arrays, or _LazyTensors of the open file)."""
   if model_config is None:
     preset = 'imagenet64' if 'label_emb.weight' in state_dict else 'lsun256'
     preset_resolution, model_config = CM_CONFIGS[preset]
@@ -338,6 +405,7 @@ def load_cm(path, model_config=None, resolution=None, kind=None) -> CMNetwork:
     raise ValueError(f"{where}: its network maps {state_dict['input_blocks.0.0.weight'].shape[1]} channels to "
                      f'{channels} (learn_sigma?); cm_jax networks keep the channels of their input.')
   model = models.build_model(model_config)
-  params = _params(model, state_dict, int(resolution), channels, (1, 1), where, prefix='', described=described)
+  params = _params(model, state_dict, int(resolution), channels, (1, 1), where, prefix='', described=described,
+                   shardings=shardings)
   precond = dict(name=kind, **CM_PRECONDITIONING, resolution=int(resolution), channels=channels)
   return CMNetwork(model_config, params, precond)
