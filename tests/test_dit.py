@@ -13,7 +13,7 @@ from jax.experimental.pallas import tpu as pltpu
 from cm_jax import sharding
 from cm_jax.models import attention, build_model, dit
 from cm_jax.objectives import make_objective
-from configs import digits_dit_flow_matching, digits_dit_meanflow, imagenet256_meanflow
+from configs import digits_dit_flow_matching, digits_dit_meanflow, digits_imeanflow, imagenet256_meanflow
 
 TINY = dict(name='dit', size='', depth=2, hidden=32, heads=4, patch_size=2, num_classes=5, label_dropout=0.1,
             second_time=True, time_scale=10.0)
@@ -256,10 +256,12 @@ def test_mesh_rules_shard_every_large_dit_xl_leaf_over_16_devices():
                             min_size, axes)
 
 
-@pytest.mark.parametrize('objective', ['edm', 'trigflow', 'flow_matching', 'meanflow'])
+@pytest.mark.parametrize('objective', ['edm', 'trigflow', 'flow_matching', 'meanflow', 'imeanflow'])
 def test_objectives_train_a_dit(objective):
   """One loss and gradient of each objective on the digits DiT: finite, and the gradient reaches every block."""
-  config = (digits_dit_meanflow if objective == 'meanflow' else digits_dit_flow_matching).get_config()
+  config = (digits_dit_meanflow if 'meanflow' in objective else digits_dit_flow_matching).get_config()
+  if objective == 'imeanflow':
+    config.objective = digits_imeanflow.get_config().objective
   config.model.update(depth=1, hidden=32, heads=2)
   if objective in ('edm', 'trigflow'):
     config.parameterization = ml_collections.ConfigDict(dict(
