@@ -10,16 +10,18 @@ Settings: the official iMF code (Lyy-iiis/imeanflow, imf.py iMeanFlow's defaults
 r = t for half of the batch (flow_share = 0.5; its data_proportion), p = 1 with c = 0.01 (norm_eps). Digits are
 unconditional here, so no CFG scale is sampled (objective.cfg_scale_max = 0; the official 7 needs class labels and
 model.guidance_embedding=True), and there is no auxiliary v-head (objective.aux_v_head is refused: no cm_jax
-network has a second output).
+network has a second output). Every optional key is listed with its default (imeanflow.OPTIONAL), so the CLI can
+set it.
 """
 
 import ml_collections
 
+from cm_jax.objectives import imeanflow
 from configs import digits_meanflow
 
 
 def get_config():
   c = digits_meanflow.get_config()
   c.objective = ml_collections.ConfigDict(dict(
-      name='imeanflow', p_mean=-0.4, p_std=1.0, flow_share=0.5, norm_p=1.0, norm_c=0.01))
+      name='imeanflow', p_mean=-0.4, p_std=1.0, flow_share=0.5, norm_p=1.0, norm_c=0.01, **imeanflow.OPTIONAL))
   return c
