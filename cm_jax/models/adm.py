@@ -10,11 +10,13 @@ import flax.linen as nn
 from cm_jax.models import edm
 from cm_jax.models import guided_diffusion
 from cm_jax.models.blocks import remat_block, unet
-from cm_jax.models.layers import NoiseLabelEmbedding
+from cm_jax.models.layers import Conditioned
 
 
-class ADM(nn.Module):
+class ADM(Conditioned):
   """ADM: F(x, c_noise, cond) with the shape of x. The defaults are EDM's ImageNet-64 configuration.
+
+  The conditioning fields are layers.Conditioned's (num_classes 1000 here: ImageNet; channels sinusoids of c_noise).
 
   Attributes:
     channels: base width; level i has channels * channel_mult[i] channels.
@@ -23,12 +25,6 @@ class ADM(nn.Module):
     attn_resolutions: spatial sizes whose blocks (all of them) have self-attention.
     head_dim: channels per attention head.
     dropout: dropout rate inside the residual blocks.
-    num_classes: number of class labels (1000 for ImageNet); 0 for an unconditional model.
-    label_dropout: probability of dropping a training label, so the network also learns the unconditional
-      F(x, c_noise, -1) that classifier-free guidance needs (a label < 0 is "no label").
-    guidance_embedding: a guidance-scale input s, embedded like c_noise (sCD / LCM students of a guided teacher).
-    time_embedding: 'positional' or 'fourier' embedding of c_noise (channels sinusoids).
-    time_scale: positional multiplier of c_noise, or Fourier frequency std.
     emb_mult: embedding width = channels * emb_mult.
     adaptive_norm: 'scale_shift' (ADM), 'shift' or 'double' (sCM) conditioning of the blocks' second norm.
     dtype: compute dtype ('float32' or 'bfloat16'); parameters stay float32, the output is float32.
@@ -52,10 +48,6 @@ class ADM(nn.Module):
   head_dim: int = 64
   dropout: float = 0.1
   num_classes: int = 1000
-  label_dropout: float = 0.0
-  guidance_embedding: bool = False
-  time_embedding: str = 'positional'
-  time_scale: float = 1.0
   emb_mult: int = 4
   adaptive_norm: str = 'scale_shift'
   dtype: str = 'float32'
@@ -84,9 +76,6 @@ class ADM(nn.Module):
     block = functools.partial(remat_block(self.remat), head_dim=self.head_dim, attention_kernel=self.attention_kernel,
                               dropout=self.dropout,
                               adaptive_norm=self.adaptive_norm, dtype=self.dtype, norm=self.norm)
-    embed = NoiseLabelEmbedding(
-        features=self.channels * self.emb_mult, kind=self.time_embedding, scale=self.time_scale,
-        num_classes=self.num_classes, label_dropout=self.label_dropout, guidance=self.guidance_embedding,
-        noise_features=self.channels, dtype=self.dtype, name='embed')
+    embed = self.embedding(self.channels * self.emb_mult, self.channels, self.dtype)
     return unet(x, c_noise, cond, train, guidance, net=self, block=block, embed=embed,
                 attention_blocks=lambda res: range(self.num_res_blocks + 1) if res in self.attn_resolutions else ())

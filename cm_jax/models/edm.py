@@ -28,7 +28,7 @@ import numpy as np
 
 from cm_jax.models import attention as attention_lib
 from cm_jax.models.blocks import resample
-from cm_jax.models.layers import adaptive_norm, feature_norm
+from cm_jax.models.layers import adaptive_norm, check_condition, drop_labels, feature_norm
 
 DECODER_TYPES = ('standard', 'skip')  # SongUNet's decoder_type
 
@@ -113,18 +113,13 @@ def _positional(c_noise, features, endpoint):
   return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
 
-def _labels(net, cond, batch, train):
+def _labels(net, cond, train):
   """One-hot labels [B, num_classes] (a label < 0 is all zeros), dropped with probability label_dropout in training;
   None for an unconditional network."""
-  if (cond is None) != (net.num_classes == 0):
-    raise ValueError(f'cond must be given if and only if model.num_classes > 0; num_classes={net.num_classes}, '
-                     f'cond is {"None" if cond is None else "given"}.')
+  check_condition(net.num_classes, False, cond, None)
   if cond is None:
     return None
-  onehot = jax.nn.one_hot(cond, net.num_classes)
-  if train and net.label_dropout > 0:
-    onehot = onehot * jax.random.bernoulli(net.make_rng('dropout'), 1.0 - net.label_dropout, (batch, 1))
-  return onehot
+  return jax.nn.one_hot(drop_labels(net, cond, net.label_dropout, train), net.num_classes)  # a label < 0: zeros
 
 
 def _augment(net, augment_labels, batch, dtype):
@@ -261,7 +256,7 @@ def song_unet(net, x, c_noise, cond, train, guidance, augment_labels):
   else:
     raise ValueError(f"Unknown model.time_embedding {net.time_embedding!r}; known: ['fourier', 'positional'].")
   emb = jnp.concatenate(jnp.split(emb, 2, axis=-1)[::-1], axis=-1).astype(dtype)  # EDM's sin/cos swap
-  onehot = _labels(net, cond, batch, train)
+  onehot = _labels(net, cond, train)
   if onehot is not None:
     emb = emb + _dense(noise_features, dtype, 'map_label')(onehot * np.sqrt(net.num_classes))
   augment = _augment(net, augment_labels, batch, dtype)
@@ -300,7 +295,7 @@ def dhariwal_unet(net, x, c_noise, cond, train, guidance, augment_labels):
     emb = emb + _dense(net.channels, dtype, 'map_augment', bias=False)(augment)
   emb = nn.silu(_dense(emb_features, dtype, 'map_layer0')(emb))
   emb = _dense(emb_features, dtype, 'map_layer1')(emb)
-  onehot = _labels(net, cond, batch, train)
+  onehot = _labels(net, cond, train)
   if onehot is not None:
     emb = emb + _dense(emb_features, dtype, 'map_label', bias=False)(onehot)
   emb = nn.silu(emb)

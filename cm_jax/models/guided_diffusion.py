@@ -11,11 +11,11 @@ conv, attention heads of head_dim channels with the qkv channels ordered (q|k|v,
 
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cm_jax.models import attention as attention_lib
+from cm_jax.models.layers import check_condition, drop_labels
 
 
 def _norm(name):
@@ -97,9 +97,7 @@ def unet(net, x, c_noise, cond, train, guidance):
   """UNetModel.forward on the fields of `net` (an ADM with layout='guided_diffusion', inside its compact call)."""
   if net.guidance_embedding or guidance is not None:
     raise ValueError("model.layout='guided_diffusion' has no guidance-scale input (model.guidance_embedding).")
-  if (cond is None) != (net.num_classes == 0):
-    raise ValueError(f'cond must be given if and only if model.num_classes > 0; num_classes={net.num_classes}, '
-                     f'cond is {"None" if cond is None else "given"}.')
+  check_condition(net.num_classes, False, cond, None)
   if jnp.dtype(net.dtype) != jnp.float32 or net.norm != 'group' or net.remat or net.augment_dim:
     raise ValueError("model.layout='guided_diffusion' runs in float32 with GroupNorm, without remat or augment_dim.")
   if net.time_embedding != 'positional':
@@ -118,9 +116,7 @@ def unet(net, x, c_noise, cond, train, guidance):
   features = net.channels * net.emb_mult
   emb = nn.Dense(features, name='time_embed_2')(nn.silu(nn.Dense(features, name='time_embed_0')(emb)))
   if net.num_classes:
-    if train and net.label_dropout > 0:
-      keep = jax.random.bernoulli(net.make_rng('dropout'), 1.0 - net.label_dropout, cond.shape)
-      cond = jnp.where(keep, cond, -1)
+    cond = drop_labels(net, cond, net.label_dropout, train)
     table = nn.Embed(net.num_classes, features, name='label_emb')
     emb = emb + jnp.where((cond >= 0)[:, None], table(jnp.maximum(cond, 0)), 0.0)  # a label < 0: no label
 

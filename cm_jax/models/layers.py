@@ -51,6 +51,23 @@ _NOISE_EMBEDDINGS = {'fourier': FourierEmbedding,
                      'positional': PositionalEmbedding}
 
 
+def check_condition(num_classes: int, guidance_input: bool, cond, guidance) -> None:
+  """cond is given if and only if the network has labels; a guidance scale only to one with a guidance input."""
+  if (cond is None) != (num_classes == 0):
+    raise ValueError(f'cond must be given if and only if model.num_classes > 0; num_classes={num_classes}, '
+                     f'cond is {"None" if cond is None else "given"}.')
+  if guidance is not None and not guidance_input:
+    raise ValueError('A guidance scale was given to a network without a guidance input '
+                     '(model.guidance_embedding=False).')
+
+
+def drop_labels(module: nn.Module, cond, rate: float, train: bool):
+  """cond with each label replaced by -1 ("no label") with probability `rate` in training (the 'dropout' rng)."""
+  if not train or rate <= 0:
+    return cond
+  return jnp.where(jax.random.bernoulli(module.make_rng('dropout'), 1.0 - rate, cond.shape), cond, -1)
+
+
 class NoiseLabelEmbedding(nn.Module):
   """emb = Dense(SiLU(Dense(sinusoids(c_noise)))) + Dense(onehot(cond)) + Dense_0(sinusoids(1000 s)) (EDM's mapping).
 
@@ -59,6 +76,7 @@ class NoiseLabelEmbedding(nn.Module):
   With `guidance`, the guidance scale s [B] (None: s = 1) is embedded like the noise level through its own dense
   layer, zero-initialised: a freshly initialised guidance input changes nothing, so a student that starts from an
   unguided teacher starts as that teacher. The paper networks apply SiLU to emb; the UNet and MLP blocks do.
+  Networks build it from their shared fields (Conditioned.embedding).
   """
   features: int
   kind: str  # 'fourier' or 'positional'
@@ -74,21 +92,13 @@ class NoiseLabelEmbedding(nn.Module):
     """Maps c_noise [B], cond [B] int (or None) and guidance [B] (or None) to [B, features]."""
     if self.kind not in _NOISE_EMBEDDINGS:
       raise ValueError(f'Unknown model.time_embedding {self.kind!r}; known: {sorted(_NOISE_EMBEDDINGS)}.')
-    if (cond is None) != (self.num_classes == 0):
-      raise ValueError(f'cond must be given if and only if model.num_classes > 0; num_classes={self.num_classes}, '
-                       f'cond is {"None" if cond is None else "given"}.')
-    if guidance is not None and not self.guidance:
-      raise ValueError('A guidance scale was given to a network without a guidance input '
-                       '(model.guidance_embedding=False).')
+    check_condition(self.num_classes, self.guidance, cond, guidance)
     noise_features = self.noise_features or self.features
     emb = _NOISE_EMBEDDINGS[self.kind](noise_features, self.scale, name='sinusoids')(c_noise)
     emb = nn.silu(nn.Dense(self.features, dtype=self.dtype, name='dense_0')(emb))
     emb = nn.Dense(self.features, dtype=self.dtype, name='dense_1')(emb)
     if self.num_classes:
-      onehot = jax.nn.one_hot(cond, self.num_classes)  # all zeros for a label < 0
-      if train and self.label_dropout > 0:
-        keep = jax.random.bernoulli(self.make_rng('dropout'), 1.0 - self.label_dropout, (len(cond), 1))
-        onehot = onehot * keep
+      onehot = jax.nn.one_hot(drop_labels(self, cond, self.label_dropout, train), self.num_classes)  # < 0: zeros
       emb = emb + nn.Dense(self.features, use_bias=False, dtype=self.dtype, name='label')(onehot)
     if self.guidance:
       s = jnp.ones_like(c_noise) if guidance is None else jnp.broadcast_to(guidance, c_noise.shape)
@@ -96,6 +106,32 @@ class NoiseLabelEmbedding(nn.Module):
       emb = emb + nn.Dense(self.features, kernel_init=nn.initializers.zeros, dtype=self.dtype,
                            name='guidance')(sinusoids)
     return emb
+
+
+class Conditioned(nn.Module):
+  """What every network reads besides x: the fields of its conditioning on c_noise, class labels and a guidance
+  scale, shared by the MLP, DDPM++ / NCSN++, ADM (and the UNet) and DiT, and their one embedding.
+
+  Attributes:
+    num_classes: number of class labels; 0 for an unconditional model.
+    label_dropout: probability of dropping a training label, so the network also learns the unconditional
+      F(x, c_noise, -1) that classifier-free guidance needs (a label < 0 is "no label").
+    guidance_embedding: a guidance-scale input s, embedded like c_noise (sCD / LCM students of a guided teacher).
+    time_embedding: 'positional' or 'fourier' embedding of c_noise.
+    time_scale: positional multiplier of c_noise, or Fourier frequency std.
+  """
+  num_classes: int = 0
+  label_dropout: float = 0.0
+  guidance_embedding: bool = False
+  time_embedding: str = 'positional'
+  time_scale: float = 1.0
+
+  def embedding(self, features: int, noise_features: int = 0, dtype=None, name: str = 'embed'):
+    """The NoiseLabelEmbedding of these fields (called inside the network's compact call)."""
+    return NoiseLabelEmbedding(features=features, kind=self.time_embedding, scale=self.time_scale,
+                               num_classes=self.num_classes, label_dropout=self.label_dropout,
+                               guidance=self.guidance_embedding, noise_features=noise_features, dtype=dtype,
+                               name=name)
 
 
 def adaptive_norm(mode, norm, h, emb, dtype=None):

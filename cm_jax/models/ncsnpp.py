@@ -15,11 +15,14 @@ import numpy as np
 
 from cm_jax.models import edm
 from cm_jax.models.blocks import remat_block, unet
-from cm_jax.models.layers import NoiseLabelEmbedding
+from cm_jax.models.layers import Conditioned
 
 
-class NCSNpp(nn.Module):
+class NCSNpp(Conditioned):
   """DDPM++ / NCSN++: F(x, c_noise, cond) with the shape of x. The defaults are CIFAR-10 DDPM++ (55.7M parameters).
+
+  The conditioning fields are layers.Conditioned's (time_embedding 'positional' in DDPM++, 'fourier' with
+  time_scale 16 in NCSN++).
 
   Attributes:
     channels: base width; level i has channels * channel_mult[i] channels.
@@ -27,12 +30,6 @@ class NCSNpp(nn.Module):
     num_res_blocks: residual blocks per encoder level (decoder levels have one more).
     attn_resolutions: spatial sizes with self-attention (encoder blocks, last decoder block of the level).
     dropout: dropout rate inside the residual blocks.
-    num_classes: number of class labels; 0 for an unconditional model.
-    label_dropout: probability of dropping a training label, so the network also learns the unconditional
-      F(x, c_noise, -1) that classifier-free guidance needs (a label < 0 is "no label").
-    guidance_embedding: a guidance-scale input s, embedded like c_noise (sCD / LCM students of a guided teacher).
-    time_embedding: 'positional' (DDPM++) or 'fourier' (NCSN++) embedding of c_noise.
-    time_scale: positional multiplier of c_noise, or Fourier frequency std (16 in NCSN++).
     noise_mult: sinusoid features = channels * noise_mult (1 in DDPM++, 2 in NCSN++).
     emb_mult: embedding width = channels * emb_mult.
     residual_input: NCSN++'s progressive 'residual' input pyramid in the encoder.
@@ -55,11 +52,6 @@ class NCSNpp(nn.Module):
   num_res_blocks: int = 4
   attn_resolutions: Sequence[int] = (16,)
   dropout: float = 0.1
-  num_classes: int = 0
-  label_dropout: float = 0.0
-  guidance_embedding: bool = False
-  time_embedding: str = 'positional'
-  time_scale: float = 1.0
   noise_mult: int = 1
   emb_mult: int = 4
   residual_input: bool = False
@@ -88,10 +80,7 @@ class NCSNpp(nn.Module):
         remat_block(self.remat), attention_kernel=self.attention_kernel, dropout=self.dropout,
         skip_scale=np.sqrt(0.5), adaptive_norm=self.adaptive_norm,
         resample_filter=tuple(self.resample_filter), resample_proj=True, eps=eps, dtype=self.dtype, norm=self.norm)
-    embed = NoiseLabelEmbedding(
-        features=self.channels * self.emb_mult, kind=self.time_embedding, scale=self.time_scale,
-        num_classes=self.num_classes, label_dropout=self.label_dropout, guidance=self.guidance_embedding,
-        noise_features=self.channels * self.noise_mult, dtype=self.dtype, name='embed')
+    embed = self.embedding(self.channels * self.emb_mult, self.channels * self.noise_mult, self.dtype)
     return unet(x, c_noise, cond, train, guidance, net=self, block=block, embed=embed,
                 attention_blocks=lambda res: (self.num_res_blocks,) if res in self.attn_resolutions else (),
                 residual_input=self.residual_input, resample_filter=tuple(self.resample_filter), eps=eps)
