@@ -27,7 +27,8 @@ def test_console_cadence_gives_about_ten_lines_on_multiples_of_log_every():
 def test_errors_are_one_line_and_their_traceback_is_in_the_log_file(tmp_path):
   quiet = run_main('--config=configs/digits_edm.py', f'--workdir={tmp_path / "a"}', '--config.model.name=nope')
   assert quiet.returncode == 1 and quiet.stderr.strip().splitlines() == [
-      "cm_jax: error: Unknown model name 'nope'; known: ['adm', 'autoencoder_kl', 'mlp', 'ncsnpp', 'sd_unet', 'unet']."]
+      "cm_jax: error: Unknown model name 'nope'; known: "
+      "['adm', 'autoencoder_kl', 'dit', 'mlp', 'ncsnpp', 'sd_unet', 'unet']."]
   assert 'Traceback' in (tmp_path / 'a' / 'logs' / 'process_0.log').read_text()
   verbose = run_main('--config=configs/digits_edm.py', f'--workdir={tmp_path / "b"}', '--config.model.name=nope',
                      '--verbosity=0')
