@@ -237,12 +237,15 @@ def load_teacher(config, exp: Experiment, required: bool = False) -> Optional[Te
   parameterisation the one they are read in and the space (pixels, or one autoencoder's latents) the same.
   Otherwise the run only heads the quality table, sampled its own way.
   """
+  if config.teacher.get('checkpoint'):  # a released network file (cm_jax/releases.py)
+    from cm_jax import releases  # pylint: disable=g-import-not-at-top
+    return releases.teacher(config, exp)
   if not config.teacher.workdir and exp.text_conditioned and required:
     return pipeline_teacher(config, exp)
   if not config.teacher.workdir:
     if required:  # the one place this is checked
       raise ValueError(f'objective.name={config.objective.name!r} distils a diffusion teacher: set teacher.workdir '
-                       'to its run.')
+                       'to its run (or teacher.checkpoint to a released network file).')
     return None
   where = f'teacher.workdir={config.teacher.workdir!r}'
   teacher_config = config_lib.load_run_config(config.teacher.workdir)
@@ -250,6 +253,22 @@ def load_teacher(config, exp: Experiment, required: bool = False) -> Optional[Te
     raise ValueError(f'{where} holds LoRA adapters, which need their own teacher: name a run that trains its whole '
                      'network.')
   teacher_exp = Experiment(teacher_config, exp.mesh.devices.flatten().tolist())
+  check_teacher(config, exp, teacher_exp, where)
+  ckpt = checkpoint.Checkpointer(config.teacher.workdir)
+  try:
+    if not ckpt.steps():
+      raise FileNotFoundError(f'{where} has no checkpoint.')
+    state, _ = ckpt.restore(teacher_exp.abstract_state)
+  finally:
+    ckpt.close()
+  console.say(f'Teacher: {config.teacher.workdir} ({teacher_config.objective.name}, step {int(state.step)}).')
+  return Teacher(state.ema[0], teacher_exp)
+
+
+def check_teacher(config, exp: Experiment, teacher_exp: Experiment, where: str) -> None:
+  """Refuses a teacher (its Experiment; `where` names it) that `exp`'s run cannot read: a consistency model for a
+  distillation loss, or where the run reads its parameters another network, space or parameterisation."""
+  teacher_config = teacher_exp.config
   if exp.objective.distils is not None and not teacher_exp.sampler.diffusion:
     raise ValueError(f'{where} holds a {teacher_config.objective.name!r} run, a consistency model; a distillation '
                      'teacher is a diffusion run (objective.name edm, trigflow or ddpm).')
@@ -267,15 +286,6 @@ def load_teacher(config, exp: Experiment, required: bool = False) -> Optional[Te
     if wanted != teacher_config.parameterization.name:
       raise ValueError(f'The teacher in {where} was trained with parameterization.name='
                        f'{teacher_config.parameterization.name!r}, but {use} reads it as {wanted!r}.')
-  ckpt = checkpoint.Checkpointer(config.teacher.workdir)
-  try:
-    if not ckpt.steps():
-      raise FileNotFoundError(f'{where} has no checkpoint.')
-    state, _ = ckpt.restore(teacher_exp.abstract_state)
-  finally:
-    ckpt.close()
-  console.say(f'Teacher: {config.teacher.workdir} ({teacher_config.objective.name}, step {int(state.step)}).')
-  return Teacher(state.ema[0], teacher_exp)
 
 
 def pipeline_config(config):
@@ -301,8 +311,12 @@ def pipeline_teacher(config, exp: Experiment) -> Teacher:
 
 
 def restore_latest(config, workdir, devices=None):
-  """(experiment, state) from the newest readable checkpoint of a run; a clear error when there is none."""
+  """(experiment, state) from the newest readable checkpoint of a run; a clear error when there is none. With
+  init.checkpoint the state is a released network's at step 0 (cm_jax/releases.py)."""
   exp = Experiment(config, devices)
+  if config.get('init', {}).get('checkpoint'):
+    from cm_jax import releases  # pylint: disable=g-import-not-at-top
+    return exp, releases.initial_state(config, exp)
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint.max_to_keep)
   if not ckpt.steps():
     raise FileNotFoundError(f'No checkpoint in {ckpt.directory}: train first (--mode=train).')

@@ -21,6 +21,7 @@ from cm_jax import checkpoint
 from cm_jax import cli
 from cm_jax import console
 from cm_jax import distributed
+from cm_jax import releases
 from cm_jax import run_config
 from cm_jax import workdir as workdir_lib
 
@@ -51,7 +52,10 @@ _USER_ERRORS = (ValueError, FileNotFoundError, checkpoint.CheckpointError, Float
 def _run(mode, config, workdir):
   """Checks the workdir, joins the run's processes (before devices start), sends the logs to the workdir, then
   trains, samples, evaluates or encodes."""
-  workdir_lib.check(workdir, mode, config.latent.get('pipeline', ''))
+  if config.get('init', {}).get('checkpoint'):  # the model is a released file (cm_jax/releases.py)
+    releases.check_workdir(config, workdir, mode)
+  else:
+    workdir_lib.check(workdir, mode, config.latent.get('pipeline', ''))
   if mode == 'train':
     run_config.check(config, workdir)  # another run's workdir: refused before anything (the log too) is written
   distributed.initialize(distributed.plan(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))

@@ -15,6 +15,7 @@ What defines a run (DEFINES; a section name takes all its keys, less EXEMPT):
   optimiser state's tree).
 Everything else may change on resume and is recorded: train.num_steps, log_every, nonfinite; checkpoint.*;
 eval.*; sampling.*; edit.*; logging.*; mesh.* (Orbax restores onto the current mesh); optim.learning_rate;
+init.checkpoint (a released model of the reading modes; --mode=train refuses it, cm_jax/releases.py);
 data.data_dir, workers; latent.encode_batch_size, caption_dropout; model.dropout, label_dropout, dtype, remat,
 attention_kernel; objective.jvp_dtype.
 A key absent from an older config.json reads as its configs/base.py default.
