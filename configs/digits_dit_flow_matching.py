@@ -5,7 +5,7 @@ Command:
   python -m cm_jax.main --config=configs/digits_dit_flow_matching.py --workdir=runs/digits_dit_flow_matching
 Hardware: 2 CPU cores; the full 6000 steps not yet run (BUILD_NOTES.md).
 Expected: not yet measured (the MLP teacher's digits-proxy FD is the bar).
-Network: depth 4, hidden 64, 4 heads (0.35M parameters), t embedded by DiT's timestep MLP of t itself
+Network: depth 4, hidden 64, 4 heads (0.33M parameters), t embedded by DiT's timestep MLP of t itself
 (time_scale 1, as SiT and the official MeanFlow code: the JVP along t of a 1000 t embedding is 1000x steeper).
 """
 

@@ -148,10 +148,10 @@ class DiT(nn.Module):
       raise ValueError('A second time (t - r) was given to a network without a second time input '
                        '(set model.second_time=True).')
     dtype = jnp.dtype(self.dtype)
-    embed = lambda name: NoiseLabelEmbedding(
-        features=hidden, kind=self.time_embedding, scale=self.time_scale, guidance=self.guidance_embedding and
-        name == 'time_embed', noise_features=TIME_FEATURES, dtype=dtype, name=name)
-    c = embed('time_embed')(c_noise, guidance=guidance)
+    embed = lambda name, with_guidance=False: NoiseLabelEmbedding(
+        features=hidden, kind=self.time_embedding, scale=self.time_scale, guidance=with_guidance,
+        noise_features=TIME_FEATURES, dtype=dtype, name=name)
+    c = embed('time_embed', self.guidance_embedding)(c_noise, guidance=guidance)
     if self.second_time:
       c = c + embed('interval_embed')(jnp.zeros_like(c_noise) if interval is None
                                       else jnp.broadcast_to(interval, c_noise.shape))
@@ -164,8 +164,9 @@ class DiT(nn.Module):
       c = c + table(jnp.where(drop, self.num_classes, cond))
 
     rows, cols = height // p, width // p
-    tokens = nn.Conv(hidden, (p, p), strides=(p, p), padding='VALID', dtype=dtype,
-                     kernel_init=nn.initializers.xavier_uniform(), name='patch_embed')(x.astype(dtype))
+    patch_init = nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1)  # DiT's: of the [p p C, hidden] map
+    tokens = nn.Conv(hidden, (p, p), strides=(p, p), padding='VALID', dtype=dtype, kernel_init=patch_init,
+                     name='patch_embed')(x.astype(dtype))
     h = tokens.reshape(b, rows * cols, hidden) + jnp.asarray(sincos_2d(hidden, rows, cols), dtype)
     block = remat_block(self.remat, DiTBlock, static_argnums=())
     for i in range(depth):
