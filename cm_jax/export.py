@@ -14,6 +14,7 @@ from cm_jax import console
 from cm_jax import experiment
 from cm_jax.formats import diffusers as diffusers_format
 from cm_jax.formats import lora as lora_format
+from cm_jax.objectives.lora import adapter_scale
 
 EXPORT = 'export'
 _SCHEDULER_KEYS = ('num_train_timesteps', 'beta_start', 'beta_end', 'beta_schedule', 'prediction_type')
@@ -41,7 +42,7 @@ def run(config, workdir: str, devices=None):
   if jax.process_index() != 0:
     return
   if config.lora.rank:
-    written = lora_format.write_lora(out, params['unet'], config.lora.alpha / config.lora.rank)
+    written = lora_format.write_lora(out, params['unet'], adapter_scale(config.lora))
   else:
     source = diffusers_format.read_json(epath.Path(pipe.path) / diffusers_format.SCHEDULER_CONFIG)
     scheduler = None if exp.sampler.diffusion else lcm_scheduler(source, exp.param, int(config.objective.skip))

@@ -19,6 +19,11 @@ from cm_jax.models.apply import takes_guidance
 from cm_jax.objectives.base import Objective
 
 
+def adapter_scale(lora_config) -> float:
+  """The adapters' update scale alpha / r (W' = W + (alpha / r) A B)."""
+  return lora_config.alpha / lora_config.rank
+
+
 def with_lora(objective: Objective, config, model) -> Objective:
   """`objective` training rank-`lora.rank` adapters (scale lora.alpha / rank) on the kernels matched by lora.rules."""
   c = config.get('lora')
@@ -37,7 +42,7 @@ def with_lora(objective: Objective, config, model) -> Objective:
   form = c.get('form', 'unmerged')  # runs written before the key trained un-merged
   if form not in lora.FORMS:
     raise ValueError(f'lora.form={form!r}; expected one of {lora.FORMS}.')
-  scale, rules, merged = c.alpha / c.rank, tuple(c.rules), form == 'merged'
+  scale, rules, merged = adapter_scale(c), tuple(c.rules), form == 'merged'
   lora.compile_rules(rules)  # a rule that is no regex stops the run here, at the config
 
 
