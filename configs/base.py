@@ -105,10 +105,14 @@ def get_config():
   # is computed from config.data's reference_split and written there ('': WORKDIR/fid/reference_<extractor>_<data>_
   # <split>.npz). batch_size 0: train.batch_size. The partial statistics are saved every save_every batches, so an
   # interrupted evaluation continues where it stopped.
+  # clip: --mode=fid of a text-to-image run also writes the CLIP score (100 max(cos, 0), evaluation/clip_score.py) of
+  # num_samples samples (0: fid.num_samples; fid's seed and batches) and their prompts when model is the local path of
+  # a transformers CLIPModel folder (config.json, model.safetensors, tokenizer files); '' is off.
   c.eval = ml_collections.ConfigDict(dict(
       proxy=False, num_samples=1000, steps=(1, 2),
       fid=dict(extractor='inception', inception_weights='', reference='', reference_split='train',
-               num_samples=50_000, batch_size=0, save_every=20, seed=0)))
+               num_samples=50_000, batch_size=0, save_every=20, seed=0),
+      clip=dict(model='', num_samples=0)))
 
   # Device mesh: axis name -> size (-1: the rest). Every device takes a slice of the batch. `rules` shard the
   # parameters, their EMAs, the target and the optimiser state alike: (regex searched in the leaf's

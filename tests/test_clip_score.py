@@ -3,7 +3,7 @@ transformers: a tiny random CLIPModel with perturbed weights (hidden 32, 2 layer
 image tower with gelu, the text tower with quick_gelu), saved by save_pretrained with a CLIP BPE tokenizer in the same
 folder. Image embeds (CLIPModel and CLIPVisionModelWithProjection folders), text embeds, the preprocessing against
 transformers' PIL CLIP image processor, the score against 100 max(cos, 0) in numpy on transformers' features; the
-errors of a missing, corrupt or other-model folder.
+errors of a missing, corrupt or other-model folder; --mode=fid's clip_score on a digits text-to-image run.
 """
 
 import json
@@ -48,8 +48,8 @@ def clip_folder(tmp_path_factory):
       vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
       projection_dim=24, hidden_act='quick_gelu', bos_token_id=tokenizer.bos_token_id,
       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-  config = transformers.CLIPConfig(text_config=text.to_dict(), vision_config=_vision_config(transformers, 'gelu').to_dict(),
-                                   projection_dim=24)
+  vision = _vision_config(transformers, 'gelu')
+  config = transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=24)
   model = _perturb(transformers.CLIPModel(config), seed=0)
   model.save_pretrained(folder, safe_serialization=True)
   return folder, model, tokenizer
@@ -154,3 +154,47 @@ def test_missing_corrupt_or_other_clip_folders_are_one_line_errors(clip_folder, 
     with pytest.raises(error, match=words) as info:
       clip_score.load(path)
     assert '\n' not in str(info.value)
+
+
+def test_mode_fid_writes_the_clip_score_of_a_digits_text_to_image_run(clip_folder, tmp_path, monkeypatch):
+  """fid.run on a digits text-to-image run (its initial state checkpointed: no training needed) with eval.clip.model:
+  fid.json's clip_score is the numpy formula on transformers' features of the same samples and captions."""
+  from cm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from cm_jax import digits_pipeline  # pylint: disable=g-import-not-at-top
+  from cm_jax import experiment  # pylint: disable=g-import-not-at-top
+  from cm_jax.evaluation import clip_score  # pylint: disable=g-import-not-at-top
+  from cm_jax.evaluation import digits_proxy  # pylint: disable=g-import-not-at-top
+  from cm_jax.evaluation import fid  # pylint: disable=g-import-not-at-top
+  from configs import digits_t2i_ddpm  # pylint: disable=g-import-not-at-top
+  folder, model, tokenizer = clip_folder
+  monkeypatch.setattr(digits_pipeline, 'CACHE_DIR', str(tmp_path / 'cache'))
+  config = digits_t2i_ddpm.get_config()
+  config.train.batch_size, config.sampling.teacher_steps = 8, 2
+  config.eval.fid.update(dict(extractor='digits', num_samples=12))
+  config.eval.clip.model = str(folder)
+  workdir = tmp_path / 'run'
+  devices = jax.devices()[:1]
+  exp = experiment.Experiment(config, devices)
+  state = exp.init_state()
+  ckpt = checkpoint.Checkpointer(workdir, writer=True)
+  ckpt.save(0, state, {}, force=True)
+  ckpt.wait()
+  ckpt.close()
+  digits_proxy.DigitsProxy.train(seed=0, steps=20).save(workdir / 'proxy_classifier.msgpack')  # not the 400-step one
+  report = fid.run(config, str(workdir), devices)
+  row = report['results'][exp.sampler.label(2)]
+  assert json.loads((workdir / 'fid.json').read_text())['results'] == report['results']
+  # Independently: the same 12 samples (eval.fid's seed, batches of 8) and the run's captions in order, through
+  # transformers' towers and the numpy formula.
+  samples = exp.generate(state.ema[0], 12, 2, seed=config.eval.fid.seed)
+  pixels = np.asarray(clip_vision.preprocess(np.asarray(fid.quantize(samples)) / 255.0, 32))
+  e_img, e_txt = _torch_image_embeds(model, pixels), _torch_text_embeds(model, tokenizer, exp.prompt_texts(12))
+  cos = (e_img * e_txt).sum(-1) / np.linalg.norm(e_img, axis=-1) / np.linalg.norm(e_txt, axis=-1)
+  scores = 100.0 * np.maximum(cos, 0.0)
+  assert row['clip_num_samples'] == 12 and len(set(exp.prompt_texts(12))) > 1
+  np.testing.assert_allclose(row['clip_score'], scores.mean(), rtol=1e-4)
+  np.testing.assert_allclose(row['clip_score_std'], scores.std(ddof=1), rtol=1e-3)
+  assert not list((workdir / 'fid').glob('progress_clip_*'))
+  # A run that is not text-to-image is refused before sampling.
+  with pytest.raises(ValueError, match='not text-conditioned'):
+    clip_score.make_scorer(config, type('Run', (), {'text_conditioned': False})())

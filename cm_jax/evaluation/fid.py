@@ -318,6 +318,8 @@ def run(config, workdir, devices=None):
   decoded = jax.eval_shape(exp.space.decode, exp.space.params, jax.ShapeDtypeStruct((1,) + exp.shape, jnp.float32))
   check_images(extractor, decoded.shape[1:])
   teacher = experiment.load_teacher(config, exp, required=bool(config.lora.rank))  # LoRA samples with its teacher
+  from cm_jax.evaluation import clip_score  # pylint: disable=g-import-not-at-top
+  scorer = clip_score.make_scorer(config, exp)  # eval.clip.model: a text-to-image run's CLIP score beside FID
   mu, sigma, count, reference = reference_statistics(config, workdir, extractor, exp.mesh, batch)
   step = int(state.step)
   results = {}
@@ -330,6 +332,8 @@ def run(config, workdir, devices=None):
     row = {'num_steps': n, 'nfe': exp.sampler.nfe(config, n), 'fid': frechet_distance(*moments.statistics(), mu, sigma)}
     if moments.splits is not None:
       row['inception_score'], row['inception_score_std'] = moments.inception_score()
+    row.update(clip_score.fid_row(config, workdir, exp, scorer, state.ema[0], n, batch,
+                                  None if teacher is None else teacher.params, label))
     results[label] = row
   report = {'checkpoint_step': step, 'extractor': extractor.name, 'num_samples': int(f.num_samples),
             'reference': {'path': str(reference), 'count': count}, 'results': results}
@@ -345,5 +349,6 @@ def run(config, workdir, devices=None):
   writer.write_scalars(step, {f'fid/{tag(k)}': r['fid'] for k, r in results.items()})
   writer.write_scalars(step, {f'inception_score/{tag(k)}': r['inception_score'] for k, r in results.items()
                               if 'inception_score' in r})
+  writer.write_scalars(step, {f'clip_score/{tag(k)}': r['clip_score'] for k, r in results.items() if 'clip_score' in r})
   writer.close()
   return report
