@@ -34,9 +34,14 @@ def get_config():
 
   c.objective = ml_collections.ConfigDict(dict(name='edm', p_mean=-1.2, p_std=1.2))
 
-  # A distillation teacher, or the diffusion run whose row heads the quality table: an earlier run's workdir.
+  # A distillation teacher, or the diffusion run whose row heads the quality table: an earlier run's workdir, or
+  # checkpoint: a released network file instead (EDM's .pkl, the CM paper's .pt; cm_jax/releases.py).
   # init=True starts this run's network (and its EMAs and target) from the teacher's EMA parameters.
-  c.teacher = ml_collections.ConfigDict(dict(workdir='', init=False))
+  c.teacher = ml_collections.ConfigDict(dict(workdir='', checkpoint='', init=False))
+
+  # checkpoint: a released network file (EDM's .pkl, the CM paper's .pt) that --mode=sample|eval|fid|edit read as
+  # the model, with no cm_jax training, in a workdir without checkpoints (cm_jax/releases.py; not for --mode=train).
+  c.init = ml_collections.ConfigDict(dict(checkpoint=''))
 
   c.optim = ml_collections.ConfigDict(dict(
       name='adam', learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=0, grad_clip=0.0, weight_decay=0.0))

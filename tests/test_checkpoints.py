@@ -896,7 +896,7 @@ def test_cm_state_dict_of_another_architecture_is_named(tmp_path):
   with pytest.raises(ValueError, match=r'lacks the tensor label_emb\.weight'):
     checkpoints.load_cm(path, dict(CM_CASES['lsun_like'][1], num_classes=5), resolution=RES)
   torch.save(_gd_network('imagenet_like').state_dict(), path)  # another network: its first mis-shaped tensor
-  with pytest.raises(ValueError, match=r'tensor input_blocks\.1\.0\.emb_layers\.1\.bias has shape \(64,\) .* needs \(32,\)'):
+  with pytest.raises(ValueError, match=r'input_blocks\.1\.0\.emb_layers\.1\.bias has shape \(64,\) .* needs \(32,\)'):
     checkpoints.load_cm(path, CM_CASES['lsun_like'][1], resolution=RES)
   torch.save(dict(_gd_network('lsun_like').state_dict(), **{'extra.weight': torch.zeros(3)}), path)
   with pytest.raises(ValueError, match=r'tensor extra\.weight \(3,\) has no place in'):  # all fit, one more

@@ -242,7 +242,8 @@ def _lazy_state_dict(path: epath.Path, archive: zipfile.ZipFile) -> dict:
     prefix = pickles[0][:-len('data.pkl')]
     if prefix + 'byteorder' in archive.namelist() and archive.read(prefix + 'byteorder') != b'little':
       raise ValueError('only little-endian files are supported')
-    refs = torch_pickle._tensor_refs(torch_pickle._unpickle(io.BytesIO(archive.read(pickles[0]))))  # pylint: disable=protected-access
+    data = io.BytesIO(archive.read(pickles[0]))
+    refs = torch_pickle._tensor_refs(torch_pickle._unpickle(data))  # pylint: disable=protected-access
     members = set(archive.namelist())
     for name, ref in refs.items():
       if f'{prefix}data/{ref.storage.key}' not in members:
