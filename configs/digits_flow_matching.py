@@ -9,7 +9,7 @@ steps; sampling.flow_solver='heun' gives 36 NFE); 3.2 with digits_edm's Fourier 
 Time distribution: logit-normal (P_mean, P_std) = (-0.4, 1.0), MeanFlow's ImageNet setting (SiT / SD3 use (0, 1)).
 Time embedding: sinusoids of t itself (positional, time_scale 1), as the official MeanFlow DiT embeds t and t - r
 (Gsunshine/meanflow models/models_dit.py TimestepEmbedder on t in [0, 1]), not digits_edm's Fourier features of
-scale 16: MeanFlow's du/dt differentiates the embedding, and those frequencies (~100 per unit t) made du/dt ~8x the
+scale 16: MeanFlow's du/dt differentiates the embedding, and those frequencies (~100 per unit t) made du/dt 8-11x the
 velocity and the 1-NFE samples noise (BUILD_NOTES.md). MeanFlow and iMF on digits use this network with
 model.second_time, so the teacher row is the same network.
 """
