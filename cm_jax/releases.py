@@ -178,7 +178,8 @@ def teacher(config, exp):
 
 def initial_state(config, exp):
   """The train state of `exp` at step 0 whose network, EMAs and target are config.init.checkpoint's network (what
-  --mode=sample|eval|fid|edit read in place of a checkpoint)."""
+  --mode=sample|eval|fid|edit read in place of a checkpoint); its optimiser state and extra parameters are zeros, made
+  on their shardings without compiling the network's initialisation (nothing trains from this state)."""
   import jax  # pylint: disable=g-import-not-at-top
   from cm_jax import console  # pylint: disable=g-import-not-at-top
   key, path = 'init.checkpoint', config.init.checkpoint
@@ -195,7 +196,7 @@ def initial_state(config, exp):
     raise ValueError(f'{key}={path!r}: the file\'s parameters are not the tree of the run\'s network (a guidance '
                      'input or another addition of config.model?).')
   params = jax.device_put(net.params, exp.state_sharding.params)
-  state = exp.init_state()
+  state = jax.tree.map(lambda a: jax.numpy.zeros(a.shape, a.dtype, device=a.sharding), exp.abstract_state)
   console.say(f'Model: {path} ({_what(net)}), no cm_jax training.')
   return state.replace(params=params, ema=tuple(params for _ in state.ema),
                        target=None if state.target is None else params)
