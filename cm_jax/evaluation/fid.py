@@ -290,6 +290,10 @@ def reference_statistics(config, workdir, extractor: Extractor, mesh, batch: int
     if mu.shape != (extractor.dim,) or sigma.shape != (extractor.dim, extractor.dim):
       raise ValueError(f'Reference statistics {path} have mu {mu.shape} and sigma {sigma.shape}; the {extractor.name} '
                        f'extractor gives {extractor.dim} features: use statistics of the same network.')
+    bad = [name for name, value in (('mu', mu), ('sigma', sigma)) if not np.all(np.isfinite(value))]
+    if bad:
+      raise ValueError(f'Reference statistics {path} hold NaN or inf in {" and ".join(bad)}: compute them again (delete '
+                       'the file, and --mode=fid writes them from eval.fid.reference_split) or give other ones.')
     return mu, sigma, int(arrays.get('count', 0)), path
   from cm_jax.data import build  # pylint: disable=g-import-not-at-top
   data = config.data.copy_and_resolve_references()
@@ -302,6 +306,19 @@ def reference_statistics(config, workdir, extractor: Extractor, mesh, batch: int
   console.say(f'Reference statistics of {config.data.name} {f.reference_split} ({len(source)} images) written to '
               f'{path}.')
   return mu, sigma, len(source), path
+
+
+def write_report(workdir, report: dict) -> None:
+  """Writes WORKDIR/fid.json (process 0). JSON has no NaN: a score that is not finite stops the run instead, naming
+  the sampler and the checkpoint, and nothing is written."""
+  bad = [label for label, r in report['results'].items()
+         if not all(np.isfinite(v) for v in r.values() if isinstance(v, float))]
+  path = epath.Path(workdir) / 'fid.json'
+  if bad:
+    raise FloatingPointError(f'The scores of {", ".join(bad)} are not finite (NaN or inf): the samples of the '
+                             f'checkpoint at step {report["checkpoint_step"]} are; nothing is written to {path}.')
+  if jax.process_index() == 0:
+    path.write_text(json.dumps(report, indent=2, allow_nan=False))
 
 
 def run(config, workdir, devices=None):
@@ -342,8 +359,7 @@ def run(config, workdir, devices=None):
   lines += [f'| {label} | {r["nfe"]} | {r["fid"]:.3f} | {r.get("inception_score", float("nan")):.3f} |'
             for label, r in results.items()]
   console.say('\n'.join(lines))
-  if jax.process_index() == 0:
-    (epath.Path(workdir) / 'fid.json').write_text(json.dumps(report, indent=2))
+  write_report(workdir, report)
   writer = writers.make_writers(config, workdir)
   tag = lambda label: re.sub(r'[^A-Za-z0-9]+', '_', label).strip('_')
   writer.write_scalars(step, {f'fid/{tag(k)}': r['fid'] for k, r in results.items()})
