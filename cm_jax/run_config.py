@@ -18,7 +18,8 @@ eval.*; sampling.*; edit.*; logging.*; mesh.* (Orbax restores onto the current m
 init.checkpoint (a released model of the reading modes; --mode=train refuses it, cm_jax/releases.py);
 data.data_dir, workers; latent.encode_batch_size, caption_dropout; model.dropout, label_dropout, dtype, remat,
 attention_kernel; objective.jvp_dtype.
-A key absent from an older config.json reads as its configs/base.py default.
+A key absent from an older config.json reads as its configs/base.py default (an objective's key: its default in
+cm_jax/objectives/__init__.py).
 """
 
 import json
@@ -28,6 +29,7 @@ from etils import epath
 import ml_collections
 
 from cm_jax import config_lib
+from cm_jax import objectives
 from cm_jax import workdir as workdir_lib
 from configs import base
 
@@ -102,11 +104,21 @@ def _compared(path: tuple, value):
   return value
 
 
+def _with_objective_defaults(tree: dict) -> dict:
+  """A config's JSON with its objective's optional keys at their defaults where absent (objectives.with_defaults)."""
+  objective = tree.get('objective')
+  try:
+    _, optional = objectives.objective_keys(objective['name'])
+  except (TypeError, KeyError, ValueError):  # no objective, or an unknown one: compared as it is
+    return tree
+  return dict(tree, objective=dict(_json(optional), **objective))
+
+
 def differences(saved, new, which=_defines) -> list[tuple[str, object, object]]:
   """(key, saved value, new value) of each key `which` selects where two configs differ (JSON values; ABSENT where
-  a config lacks a key that configs/base.py does not declare). A different objective/model/parameterization name is
-  reported without the keys of that section."""
-  saved, new = _flat(_json(saved)), _flat(_json(new))
+  a config lacks a key that configs/base.py and the objective's defaults do not declare). A different
+  objective/model/parameterization name is reported without the keys of that section."""
+  saved, new = (_flat(_with_objective_defaults(_json(c))) for c in (saved, new))
   out = []
   for path in sorted(set(saved) | set(new)):
     if not which(path):

@@ -5,6 +5,8 @@ Not an experiment itself. Every field is read somewhere; a misspelt override (--
 
 import ml_collections
 
+from cm_jax.objectives import objective_config
+
 
 def get_config():
   c = ml_collections.ConfigDict()
@@ -32,7 +34,7 @@ def get_config():
   c.parameterization = ml_collections.ConfigDict(dict(
       name='edm', sigma_data=0.5, sigma_min=0.002, sigma_max=80.0, rho=7.0))  # rho: Karras grids
 
-  c.objective = ml_collections.ConfigDict(dict(name='edm', p_mean=-1.2, p_std=1.2))
+  c.objective = objective_config(name='edm', p_mean=-1.2, p_std=1.2)
 
   # A distillation teacher, or the diffusion run whose row heads the quality table: an earlier run's workdir, or
   # checkpoint: a released network file instead (EDM's .pkl, the CM paper's .pt; cm_jax/releases.py).

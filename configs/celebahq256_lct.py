@@ -20,6 +20,7 @@ Paper FID (1 step / 2 steps): 7.27 / 6.93 (latent iCT: 37.15 / 16.84, configs/ce
 
 import ml_collections
 
+from cm_jax.objectives import objective_config
 from configs import base
 
 ADM_32 = dict(name='adm', remat='', channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16, 8),
@@ -35,7 +36,7 @@ def lct256(c, data_path: str, cache: str):
   c.data.update(name='image_folder', path=data_path, image_size=256)
   c.latent.update(autoencoder='sd-vae-ft-ema', cache=cache, normalization='per_element')
   c.model = ml_collections.ConfigDict(ADM_32)
-  c.objective = ml_collections.ConfigDict(LCT)
+  c.objective = objective_config(**LCT)
   c.optim = ml_collections.ConfigDict(dict(
       name='radam', learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-4, warmup_steps=0, grad_clip=0.0, weight_decay=1e-4))
   c.ema.rates = (0.9999,)

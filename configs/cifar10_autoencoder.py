@@ -15,6 +15,7 @@ FID: no published number for this autoencoder (cm_jax's own latent space); its r
 
 import ml_collections
 
+from cm_jax.objectives import objective_config
 from configs import base
 
 
@@ -24,9 +25,9 @@ def get_config():
   c.model = ml_collections.ConfigDict(dict(
       name='autoencoder_kl', in_channels=3, block_out_channels=(64, 128, 128), layers_per_block=2, latent_channels=4,
       norm_num_groups=32, mid_block_add_attention=True, use_quant_conv=True, use_post_quant_conv=True))
-  c.objective = ml_collections.ConfigDict(dict(
+  c.objective = objective_config(
       name='autoencoder', reconstruction='l1', kl_weight=1e-6, lpips_weight=0.0, lpips_weights='',
-      scale_records=10_000))
+      scale_records=10_000)
   c.optim.update(learning_rate=1e-4, warmup_steps=1000)
   c.ema.rates = (0.999,)
   c.train.update(batch_size=256, num_steps=100_000, log_every=1000)

@@ -16,6 +16,7 @@ Paper FID: 1 step 3.55, 2 steps 2.93.
 
 import ml_collections
 
+from cm_jax.objectives import objective_config
 from configs import base
 from configs import cifar10_edm
 
@@ -23,11 +24,11 @@ from configs import cifar10_edm
 def get_config(distance='lpips'):
   c = base.get_config()
   cifar10_edm.cifar10(c, 'ncsnpp', dropout=0.0)
-  c.objective = ml_collections.ConfigDict(dict(
-      name='cd', num_scales=18, solver='heun', target_ema=0.0, distance=distance))
+  c.objective = objective_config(
+      name='cd', num_scales=18, solver='heun', target_ema=0.0, distance=distance)
   if distance == 'lpips':
     c.objective.lpips_weights = 'weights/lpips_vgg16.npz'
-  c.teacher = ml_collections.ConfigDict(dict(workdir='runs/cifar10_edm', init=True))
+  c.teacher = ml_collections.ConfigDict(dict(workdir='runs/cifar10_edm', checkpoint='', init=True))
   c.optim = ml_collections.ConfigDict(dict(
       name='radam', learning_rate=4e-4, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=0, grad_clip=0.0))
   c.ema.rates = (0.9999,)

@@ -16,14 +16,15 @@ Paper FID: 1 step 8.70, 2 steps 5.83.
 
 import ml_collections
 
+from cm_jax.objectives import objective_config
 from configs import cifar10_cd_lpips
 
 
 def get_config():
   """cifar10_cd_lpips's network, optimiser, schedule and sampling, with the CT objective and no teacher."""
   c = cifar10_cd_lpips.get_config()
-  c.objective = ml_collections.ConfigDict(dict(
+  c.objective = objective_config(
       name='ct', s0=2, s1=150, mu0=0.9, mu_convention='code', distance='lpips',
-      lpips_weights='weights/lpips_vgg16.npz'))
-  c.teacher = ml_collections.ConfigDict(dict(workdir='', init=False))
+      lpips_weights='weights/lpips_vgg16.npz')
+  c.teacher = ml_collections.ConfigDict(dict(workdir='', checkpoint='', init=False))
   return c

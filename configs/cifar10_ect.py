@@ -26,6 +26,7 @@ Paper FID: 1 step 3.60, 2 steps 2.11 (after 400k iterations; 3.86 / 2.15 after 2
 
 import ml_collections
 
+from cm_jax.objectives import objective_config
 from configs import base
 from configs import cifar10_edm
 
@@ -34,9 +35,9 @@ def get_config():
   c = base.get_config()
   cifar10_edm.cifar10(c, 'ddpmpp', dropout=0.2)
   c.model.layout = 'edm'  # EDM's SongUNet, as the released pickle holds it
-  c.objective = ml_collections.ConfigDict(dict(
+  c.objective = objective_config(
       name='ect', p_mean=-1.1, p_std=2.0, q=2.0, stage_steps=25_000, distance='l2_norm',
-      weighting='inverse_delta'))
+      weighting='inverse_delta')
   c.teacher = ml_collections.ConfigDict(dict(workdir='', checkpoint='weights/edm-cifar10-32x32-uncond-vp.pkl',
                                              init=True))
   c.optim = ml_collections.ConfigDict(dict(

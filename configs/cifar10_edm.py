@@ -20,6 +20,7 @@ CM JAX code's random horizontal flip (random_flip=True); cm_jax has no augmentat
 import ml_collections
 
 from cm_jax import schedules
+from cm_jax.objectives import objective_config
 from configs import base
 
 # NCSN++ and DDPM++ as configured for CIFAR-10 in EDM (models/ncsnpp.py): 128 channels, mult (2, 2, 2),
@@ -46,7 +47,7 @@ def cifar10(c, network, dropout):
 def get_config(arg='ncsnpp'):
   c = base.get_config()
   cifar10(c, arg, dropout=0.13)
-  c.objective = ml_collections.ConfigDict(dict(name='edm', p_mean=-1.2, p_std=1.2))
+  c.objective = objective_config(name='edm', p_mean=-1.2, p_std=1.2)
   c.optim = ml_collections.ConfigDict(dict(
       name='adam', learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=19_531, grad_clip=0.0))
   c.ema.rates = (schedules.ema_rate_from_halflife(0.5e6, BATCH),)

@@ -14,6 +14,7 @@ Paper FID: 1 step 2.83, 2 steps 2.46.
 
 import ml_collections
 
+from cm_jax.objectives import objective_config
 from configs import base
 from configs import cifar10_edm
 
@@ -27,8 +28,8 @@ def get_config(num_res_blocks=4):
   cifar10_edm.cifar10(c, 'ncsnpp', dropout=0.3)
   c.model.num_res_blocks = num_res_blocks
   c.model.time_scale = FOURIER_SCALE
-  c.objective = ml_collections.ConfigDict(dict(
-      name='ict', s0=10, s1=1280, p_mean=-1.1, p_std=2.0, distance='pseudo_huber'))
+  c.objective = objective_config(
+      name='ict', s0=10, s1=1280, p_mean=-1.1, p_std=2.0, distance='pseudo_huber')
   c.optim = ml_collections.ConfigDict(dict(
       name='adam', learning_rate=1e-4, b1=0.9, b2=0.995, eps=1e-8, warmup_steps=0, grad_clip=0.0))
   c.ema.rates = (0.99993,)

@@ -15,6 +15,7 @@ class-conditional CIFAR-10 analogue). Paper-scale text-to-image (the SD UNet and
 
 import ml_collections
 
+from cm_jax.objectives import objective_config
 from configs import base
 from configs import cifar10_edm
 
@@ -27,7 +28,7 @@ def get_config():
   c.parameterization = ml_collections.ConfigDict(dict(
       name='vp', num_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
       prediction='epsilon', sigma_data=0.5, timestep_scaling=10.0))
-  c.objective = ml_collections.ConfigDict(dict(name='ddpm'))
+  c.objective = objective_config(name='ddpm')
   c.optim.update(learning_rate=2e-4, warmup_steps=5000)
   c.ema.rates = (0.9999,)
   c.train.update(batch_size=512, num_steps=400_000, log_every=1000)

@@ -11,16 +11,15 @@ code's for Stable Diffusion; a CIFAR-10 teacher may want a smaller one (the digi
 FID: no published CIFAR-10 number (see cifar10_latent_ddpm.py).
 """
 
-import ml_collections
-
+from cm_jax.objectives import objective_config
 from configs import cifar10_latent_ddpm
 
 
 def get_config():
   c = cifar10_latent_ddpm.get_config()
   c.teacher.update(workdir='runs/cifar10_latent_ddpm', init=True)
-  c.objective = ml_collections.ConfigDict(dict(
-      name='lcd', skip=20, guidance_scale=(6.0, 16.0), target_ema=0.95, distance='l2', distance_c=0.0))
+  c.objective = objective_config(
+      name='lcd', skip=20, guidance_scale=(6.0, 16.0), target_ema=0.95, distance='l2', distance_c=0.0)
   c.model.update(guidance_embedding=True, dropout=0.0)
   c.optim.update(learning_rate=8e-6, warmup_steps=0, grad_clip=1.0)
   c.train.num_steps = 50_000

@@ -11,14 +11,15 @@ FID: no published CIFAR-10 number (see cifar10_latent_ddpm.py).
 
 import ml_collections
 
+from cm_jax.objectives import objective_config
 from configs import cifar10_latent_ddpm
 
 
 def get_config():
   c = cifar10_latent_ddpm.get_config()
   c.teacher.workdir = 'runs/cifar10_latent_ddpm'
-  c.objective = ml_collections.ConfigDict(dict(
-      name='lcd', skip=20, guidance_scale=(9.5, 9.5), target_ema=0.0, distance='l2', distance_c=0.0))
+  c.objective = objective_config(
+      name='lcd', skip=20, guidance_scale=(9.5, 9.5), target_ema=0.0, distance='l2', distance_c=0.0)
   c.lora = ml_collections.ConfigDict(dict(c.lora, rank=64, alpha=64.0, rules=(r'kernel$',)))
   c.model.dropout = 0.0
   c.optim.update(learning_rate=1e-4, warmup_steps=0, grad_clip=1.0)

@@ -14,6 +14,7 @@ FID: no published number (the paper's data sets are 256x256; see celebahq256_lct
 
 import ml_collections
 
+from cm_jax.objectives import objective_config
 from configs import base
 from configs import celebahq256_lct
 from configs import cifar10_edm
@@ -24,7 +25,7 @@ def get_config():
   cifar10_edm.cifar10(c, 'ddpmpp', dropout=0.1)
   c.model.update(channel_mult=(2, 2), attn_resolutions=(8, 4), norm='nsln')
   c.latent.update(autoencoder='runs/cifar10_autoencoder', cache='runs/cifar10_latents', normalization='per_element')
-  c.objective = ml_collections.ConfigDict(celebahq256_lct.LCT)
+  c.objective = objective_config(**celebahq256_lct.LCT)
   c.optim = ml_collections.ConfigDict(dict(
       name='radam', learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-4, warmup_steps=0, grad_clip=0.0, weight_decay=1e-4))
   c.ema.rates = (0.9999,)

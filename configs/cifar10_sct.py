@@ -12,8 +12,7 @@ betas, 400k iterations and EMA half-life; sCM publishes no code.
 Paper FID: 1 step 2.97 (2.85 in the paper's v2), 2 steps 2.06. Not reproduced here.
 """
 
-import ml_collections
-
+from cm_jax.objectives import objective_config
 from configs import cifar10_trigflow
 
 SCM = dict(p_mean=-1.0, p_std=1.4, tangent_warmup_steps=10_000, tangent_norm='l2', tangent_norm_c=0.1,
@@ -22,7 +21,7 @@ SCM = dict(p_mean=-1.0, p_std=1.4, tangent_warmup_steps=10_000, tangent_norm='l2
 
 def get_config():
   c = cifar10_trigflow.get_config()
-  c.objective = ml_collections.ConfigDict(dict(SCM, name='sct'))
+  c.objective = objective_config(**dict(SCM, name='sct'))
   c.model.dropout = 0.2
   c.sampling.clip_denoised = False  # sCM publishes no code; its multistep sampler re-noises f's output as is
   return c

@@ -19,6 +19,7 @@ import math
 import ml_collections
 
 from cm_jax import schedules
+from cm_jax.objectives import objective_config
 from configs import base
 
 BATCH = 512
@@ -32,7 +33,7 @@ def get_config():
       name='ncsnpp', remat='', channels=128, channel_mult=(2, 2, 2), num_res_blocks=4, attn_resolutions=(16,), dropout=0.2,
       num_classes=0, label_dropout=0.0, time_embedding='positional', time_scale=1000.0, noise_mult=1, emb_mult=4,
       residual_input=False, resample_filter=(1, 1), adaptive_norm='double', dtype='float32'))
-  c.objective = ml_collections.ConfigDict(dict(name='trigflow', p_mean=-1.0, p_std=1.4, adaptive_weighting=True))
+  c.objective = objective_config(name='trigflow', p_mean=-1.0, p_std=1.4, adaptive_weighting=True)
   c.optim = ml_collections.ConfigDict(dict(
       name='radam', learning_rate=1e-4, b1=0.9, b2=0.99, eps=1e-8, warmup_steps=0, grad_clip=0.0))
   c.ema.rates = (schedules.ema_rate_from_halflife(0.5e6, BATCH),)

@@ -14,6 +14,7 @@ One downsampling level (8x8 -> 4x4), 2 latent channels (32 numbers for 64 pixels
 
 import ml_collections
 
+from cm_jax.objectives import objective_config
 from configs import digits_edm
 
 
@@ -22,9 +23,9 @@ def get_config():
   c.model = ml_collections.ConfigDict(dict(
       name='autoencoder_kl', in_channels=1, block_out_channels=(16, 32), layers_per_block=1, latent_channels=2,
       norm_num_groups=4, mid_block_add_attention=True, use_quant_conv=True, use_post_quant_conv=True))
-  c.objective = ml_collections.ConfigDict(dict(
+  c.objective = objective_config(
       name='autoencoder', reconstruction='l1', kl_weight=1e-3, lpips_weight=0.0, lpips_weights='',
-      scale_records=2048))
+      scale_records=2048)
   c.train.num_steps = 3000
   c.optim.learning_rate = 1e-3
   c.ema.rates = (0.999,)

@@ -9,15 +9,14 @@ CD settings as in the paper's CIFAR-10 recipe (N = 18, Heun teacher step, mu = 0
 2-step sampling at index 11 of the 18-point grid, ts = [0, 11, 17]) with squared l2 in place of LPIPS.
 """
 
-import ml_collections
-
+from cm_jax.objectives import objective_config
 from configs import digits_edm
 
 
 def get_config():
   c = digits_edm.get_config()
-  c.objective = ml_collections.ConfigDict(dict(
-      name='cd', num_scales=18, solver='heun', target_ema=0.0, distance='l2'))
+  c.objective = objective_config(
+      name='cd', num_scales=18, solver='heun', target_ema=0.0, distance='l2')
   c.teacher.init = True
   c.train.num_steps = 4000
   c.optim.learning_rate = 2e-4

@@ -11,15 +11,14 @@ paper's s1 = 150 and lr 5e-4 the 10k-step run collapsed (FD 784 / 158, BUILD_NOT
 gives the official code's mu(k) = exp(s0 ln(mu0) / (N(k) - 1)).
 """
 
-import ml_collections
-
+from cm_jax.objectives import objective_config
 from configs import digits_edm
 
 
 def get_config():
   c = digits_edm.get_config()
-  c.objective = ml_collections.ConfigDict(dict(
-      name='ct', s0=2, s1=40, mu0=0.9, mu_convention='paper', distance='l2'))
+  c.objective = objective_config(
+      name='ct', s0=2, s1=40, mu0=0.9, mu_convention='paper', distance='l2')
   c.train.num_steps = 10_000
   c.optim.learning_rate = 2e-4
   return c

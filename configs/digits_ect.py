@@ -16,15 +16,14 @@ collapses (FD 407 / 208), and slower schedules end worse (stage 1000 or 2000 of 
 target only where r = 0; notes_ect.md); the numbers above are from the clipped, shifted loss before that change.
 """
 
-import ml_collections
-
+from cm_jax.objectives import objective_config
 from configs import digits_edm
 
 
 def get_config():
   c = digits_edm.get_config()
-  c.objective = ml_collections.ConfigDict(dict(
-      name='ect', p_mean=-1.1, p_std=2.0, q=2.0, stage_steps=500, distance='l2_norm', weighting='inverse_delta'))
+  c.objective = objective_config(
+      name='ect', p_mean=-1.1, p_std=2.0, q=2.0, stage_steps=500, distance='l2_norm', weighting='inverse_delta')
   c.teacher.init = True
   c.train.num_steps = 4000
   c.optim.learning_rate = 2e-4

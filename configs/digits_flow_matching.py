@@ -16,13 +16,14 @@ model.second_time, so the teacher row is the same network.
 
 import ml_collections
 
+from cm_jax.objectives import objective_config
 from configs import digits_edm
 
 
 def get_config():
   c = digits_edm.get_config()
   c.parameterization = ml_collections.ConfigDict(dict(name='flow_matching'))
-  c.objective = ml_collections.ConfigDict(dict(name='flow_matching', p_mean=-0.4, p_std=1.0))
+  c.objective = objective_config(name='flow_matching', p_mean=-0.4, p_std=1.0)
   c.model.time_embedding = 'positional'
   c.model.time_scale = 1.0
   return c

@@ -17,15 +17,14 @@ best of the middle-level search (quality_digits.py --mid_candidates=0.2,0.4,0.6,
 2-step FD 27.4 / 9.5 / 6.9 / 5.2 / 13.9 / 7.4).
 """
 
-import ml_collections
-
+from cm_jax.objectives import objective_config
 from configs import digits_edm
 
 
 def get_config():
   c = digits_edm.get_config()
-  c.objective = ml_collections.ConfigDict(dict(
-      name='ict', s0=10, s1=20, p_mean=-1.1, p_std=2.0, distance='pseudo_huber'))
+  c.objective = objective_config(
+      name='ict', s0=10, s1=20, p_mean=-1.1, p_std=2.0, distance='pseudo_huber')
   c.model.dropout = 0.1
   c.train.num_steps = 16_000
   c.optim.learning_rate = 2e-4

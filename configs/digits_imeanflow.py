@@ -16,14 +16,12 @@ network has a second output). Every optional key is listed with its default (ime
 set it.
 """
 
-import ml_collections
-
-from cm_jax.objectives import imeanflow
+from cm_jax.objectives import objective_config
 from configs import digits_meanflow
 
 
 def get_config():
   c = digits_meanflow.get_config()
-  c.objective = ml_collections.ConfigDict(dict(
-      name='imeanflow', p_mean=-0.4, p_std=1.0, flow_share=0.5, norm_p=1.0, norm_c=0.01, **imeanflow.OPTIONAL))
+  c.objective = objective_config(
+      name='imeanflow', p_mean=-0.4, p_std=1.0, flow_share=0.5, norm_p=1.0, norm_c=0.01)
   return c

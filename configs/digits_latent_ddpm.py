@@ -14,6 +14,7 @@ train step (LCM's way) and scaled by the autoencoder's scaling_factor (unit vari
 
 import ml_collections
 
+from cm_jax.objectives import objective_config
 from configs import digits_edm
 
 
@@ -23,7 +24,7 @@ def get_config():
   c.parameterization = ml_collections.ConfigDict(dict(
       name='vp', num_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
       prediction='epsilon', sigma_data=0.5, timestep_scaling=10.0))
-  c.objective = ml_collections.ConfigDict(dict(name='ddpm'))
+  c.objective = objective_config(name='ddpm')
   c.model.time_embedding = 'positional'  # of the integer timestep t (c_noise = t), as DDPM
   c.model.time_scale = 1.0
   c.model.num_classes = 10

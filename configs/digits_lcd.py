@@ -12,8 +12,7 @@ Expected: the digits-proxy table of the teacher (DDIM) and LCD at 1, 2 and 4 LCM
 sampling.guidance_scale (BUILD_NOTES.md, "latent family").
 """
 
-import ml_collections
-
+from cm_jax.objectives import objective_config
 from configs import digits_latent_ddpm
 
 
@@ -21,8 +20,8 @@ def get_config():
   c = digits_latent_ddpm.get_config()
   c.teacher.workdir = 'runs/digits_latent_ddpm'
   c.teacher.init = True
-  c.objective = ml_collections.ConfigDict(dict(
-      name='lcd', skip=20, guidance_scale=(1.0, 3.0), target_ema=0.95, distance='l2', distance_c=0.0))
+  c.objective = objective_config(
+      name='lcd', skip=20, guidance_scale=(1.0, 3.0), target_ema=0.95, distance='l2', distance_c=0.0)
   c.model.guidance_embedding = True
   c.train.num_steps = 4000
   c.optim.learning_rate = 2e-4

@@ -10,8 +10,7 @@ Expected: the digits-proxy table of the LCD model it starts from and of LCF at 1
 teacher-free fine-tuning keeps what distillation reached (see BUILD_NOTES.md for the reading of LCF).
 """
 
-import ml_collections
-
+from cm_jax.objectives import objective_config
 from configs import digits_lcd
 
 
@@ -19,8 +18,8 @@ def get_config():
   c = digits_lcd.get_config()
   c.teacher.workdir = 'runs/digits_lcd'
   c.teacher.init = True
-  c.objective = ml_collections.ConfigDict(dict(
-      name='lcf', skip=20, guidance_scale=(1.0, 1.0), target_ema=0.95, distance='l2', distance_c=0.0))
+  c.objective = objective_config(
+      name='lcf', skip=20, guidance_scale=(1.0, 1.0), target_ema=0.95, distance='l2', distance_c=0.0)
   c.sampling.guidance_scale = 1.0
   c.train.num_steps = 2000
   c.optim.learning_rate = 1e-4

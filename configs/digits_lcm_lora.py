@@ -16,14 +16,15 @@ and distils one scale.
 
 import ml_collections
 
+from cm_jax.objectives import objective_config
 from configs import digits_latent_ddpm
 
 
 def get_config():
   c = digits_latent_ddpm.get_config()
   c.teacher.workdir = 'runs/digits_latent_ddpm'
-  c.objective = ml_collections.ConfigDict(dict(
-      name='lcd', skip=20, guidance_scale=(1.5, 1.5), target_ema=0.0, distance='l2', distance_c=0.0))
+  c.objective = objective_config(
+      name='lcd', skip=20, guidance_scale=(1.5, 1.5), target_ema=0.0, distance='l2', distance_c=0.0)
   c.lora = ml_collections.ConfigDict(dict(c.lora, rank=16, alpha=16.0, rules=(r'kernel$',)))
   c.sampling.guidance_scale = 1.0  # the student has no guidance input; s = 1.5 is in its adapters
   c.train.num_steps = 4000

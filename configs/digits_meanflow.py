@@ -16,16 +16,14 @@ low-frequency one (du/dt differentiates it). Every optional key is listed with i
 CFG off), so the CLI can set it.
 """
 
-import ml_collections
-
-from cm_jax.objectives import meanflow
+from cm_jax.objectives import objective_config
 from configs import digits_flow_matching
 
 
 def get_config():
   c = digits_flow_matching.get_config()
-  c.objective = ml_collections.ConfigDict(dict(
-      name='meanflow', p_mean=-0.4, p_std=1.0, flow_share=0.25, norm_p=1.0, norm_c=0.01, **meanflow.OPTIONAL))
+  c.objective = objective_config(
+      name='meanflow', p_mean=-0.4, p_std=1.0, flow_share=0.25, norm_p=1.0, norm_c=0.01)
   c.model.second_time = True
   c.train.num_steps = 4000
   return c

@@ -18,8 +18,7 @@ dx_t/dt = v(c) + (s - 1)(v(c) - v(null)) with s ~ U[1, 3] per example, fed to th
 sampling.guidance_scale = 2 (any s in the trained range, e.g. --config.sampling.guidance_scale=1.5).
 """
 
-import ml_collections
-
+from cm_jax.objectives import objective_config
 from configs import digits_trigflow
 
 VARIANTS = ('', 'guided')
@@ -30,10 +29,10 @@ def get_config(arg=''):
     raise ValueError(f'Unknown digits_scd variant {arg!r}; expected one of {VARIANTS}.')
   guided = arg == 'guided'
   c = digits_trigflow.get_config('cond' if guided else '')
-  c.objective = ml_collections.ConfigDict(dict(
+  c.objective = objective_config(
       name='scd', teacher='trigflow', guidance_scale=(1.0, 3.0) if guided else (1.0, 1.0), p_mean=-1.0, p_std=1.4,
       tangent_warmup_steps=1000, tangent_norm='l2', tangent_norm_c=0.1, adaptive_weighting=True, prior_weighting=True,
-      jvp='jvp', fd_eps=1e-3))
+      jvp='jvp', fd_eps=1e-3)
   c.teacher.init = True
   c.model.guidance_embedding = guided
   c.sampling.guidance_scale = 2.0 if guided else 1.0

@@ -14,16 +14,15 @@ w_phi(t) with the prior 1/(sd tan t), theta- = sg(theta), dropout. 2-step middle
 confirms: 2-step FD 5.55 / 4.89 / 4.52 / 4.49 / 5.62 / 5.42 at sigma 0.25 / 0.5 / 0.98 / 1.5 / 3 / 6.
 """
 
-import ml_collections
-
+from cm_jax.objectives import objective_config
 from configs import digits_trigflow
 
 
 def get_config():
   c = digits_trigflow.get_config()
-  c.objective = ml_collections.ConfigDict(dict(
+  c.objective = objective_config(
       name='sct', p_mean=-1.0, p_std=1.4, tangent_warmup_steps=1000, tangent_norm='l2', tangent_norm_c=0.1,
-      adaptive_weighting=True, prior_weighting=True, jvp='jvp', fd_eps=1e-3))
+      adaptive_weighting=True, prior_weighting=True, jvp='jvp', fd_eps=1e-3)
   c.model.dropout = 0.1
   c.train.num_steps = 10_000
   c.optim.learning_rate = 2e-4

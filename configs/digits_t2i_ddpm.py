@@ -13,6 +13,7 @@ the data's captions.
 
 import ml_collections
 
+from cm_jax.objectives import objective_config
 from configs import base
 
 
@@ -27,7 +28,7 @@ def get_config():
   c.parameterization = ml_collections.ConfigDict(dict(
       name='vp', num_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
       prediction='epsilon', sigma_data=0.5, timestep_scaling=10.0))
-  c.objective = ml_collections.ConfigDict(dict(name='ddpm'))
+  c.objective = objective_config(name='ddpm')
   c.train.batch_size = 64
   c.train.num_steps = 6000
   c.optim.learning_rate = 1e-3

@@ -10,8 +10,7 @@ Hardware: 2 CPU cores (BUILD_NOTES.md).
 Expected: the digits-proxy table of the teacher (DDIM) and LCD at 1, 2 and 4 LCM steps, at guidance 2.
 """
 
-import ml_collections
-
+from cm_jax.objectives import objective_config
 from configs import digits_t2i_ddpm
 
 
@@ -20,8 +19,8 @@ def get_config():
   c.teacher.workdir = 'runs/digits_t2i_ddpm'
   c.teacher.init = True
   c.latent.caption_dropout = 0.0
-  c.objective = ml_collections.ConfigDict(dict(
-      name='lcd', skip=20, guidance_scale=(1.0, 3.0), target_ema=0.95, distance='l2', distance_c=0.0))
+  c.objective = objective_config(
+      name='lcd', skip=20, guidance_scale=(1.0, 3.0), target_ema=0.95, distance='l2', distance_c=0.0)
   c.model.guidance_embedding = True
   c.train.num_steps = 3000
   c.optim.learning_rate = 2e-4

@@ -12,6 +12,7 @@ pytorch_lora_weights.safetensors for the digits pipeline.
 
 import ml_collections
 
+from cm_jax.objectives import objective_config
 from configs import digits_t2i_ddpm
 
 
@@ -19,8 +20,8 @@ def get_config():
   c = digits_t2i_ddpm.get_config()
   c.teacher.workdir = 'runs/digits_t2i_ddpm'
   c.latent.caption_dropout = 0.0
-  c.objective = ml_collections.ConfigDict(dict(
-      name='lcd', skip=20, guidance_scale=(2.0, 2.0), target_ema=0.0, distance='l2', distance_c=0.0))
+  c.objective = objective_config(
+      name='lcd', skip=20, guidance_scale=(2.0, 2.0), target_ema=0.0, distance='l2', distance_c=0.0)
   c.lora = ml_collections.ConfigDict(dict(c.lora, rank=16, alpha=16.0, rules=(r'kernel$',)))
   c.ema.rates = (0.0,)
   c.sampling.guidance_scale = 1.0

@@ -16,8 +16,7 @@ Time distribution: sCM's CIFAR-10 P_mean = -1.0, P_std = 1.4.
 
 import math
 
-import ml_collections
-
+from cm_jax.objectives import objective_config
 from configs import digits_edm
 
 VARIANTS = ('', 'cond')
@@ -36,6 +35,6 @@ def get_config(arg=''):
     c.model.label_dropout = 0.1
   # adaptive_weighting=True: sCM's learned weighting exp(-w(t)) L_t + w(t) (the paper's teacher has it; off here
   # until measured on digits).
-  c.objective = ml_collections.ConfigDict(dict(name='trigflow', p_mean=-1.0, p_std=1.4, adaptive_weighting=False))
+  c.objective = objective_config(name='trigflow', p_mean=-1.0, p_std=1.4, adaptive_weighting=False)
   c.sampling.mid_sigmas = (0.5 * math.tan(1.1),)  # TrigFlow 2-step middle time t = 1.1 (sigma = sd tan t)
   return c

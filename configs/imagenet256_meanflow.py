@@ -30,6 +30,7 @@ FSDP: dit.MESH_RULES shard every kernel's input axis and the patch embedding and
 import ml_collections
 
 from cm_jax.models import dit
+from cm_jax.objectives import objective_config
 from configs import base
 
 SIZES = {'b2': 'B', 'l2': 'L', 'xl2': 'XL'}
@@ -48,9 +49,9 @@ def get_config(arg: str = 'xl2'):
       label_dropout=0.0, time_embedding='positional', time_scale=1.0, second_time=True, dtype='bfloat16', remat='',
       attention_kernel='xla'))
   c.parameterization = ml_collections.ConfigDict(dict(name='flow_matching'))
-  c.objective = ml_collections.ConfigDict(dict(
+  c.objective = objective_config(
       name='meanflow', p_mean=-0.4, p_std=1.0, flow_share=0.75, norm_p=1.0, norm_c=0.01, class_dropout=0.1,
-      cfg_omega=1.0, cfg_kappa=0.5, cfg_interval=(0.0, 1.0)))
+      cfg_omega=1.0, cfg_kappa=0.5, cfg_interval=(0.0, 1.0))
   c.optim = ml_collections.ConfigDict(dict(
       name='adam', learning_rate=1e-4, b1=0.9, b2=0.95, eps=1e-8, warmup_steps=0, grad_clip=0.0, weight_decay=0.0))
   c.ema.rates = (0.9999,)

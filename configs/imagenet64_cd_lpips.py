@@ -27,6 +27,7 @@ Paper FID: 1 step 6.20, 2 steps 4.70.
 import ml_collections
 
 from cm_jax.models import checkpoints
+from cm_jax.objectives import objective_config
 from configs import base
 from configs import imagenet64_edm
 
@@ -47,9 +48,9 @@ def get_config(teacher='cm'):
     raise ValueError(f'configs/imagenet64_cd_lpips.py:{teacher}: expected one of {sorted(TEACHERS)}.')
   source, network = TEACHERS[teacher]
   c.model.update({k: v for k, v in network.items() if k not in ('dropout', 'label_dropout')})
-  c.objective = ml_collections.ConfigDict(dict(
+  c.objective = objective_config(
       name='cd', num_scales=40, solver='heun', target_ema=0.95, distance='lpips',
-      lpips_weights='weights/lpips_vgg16.npz'))
+      lpips_weights='weights/lpips_vgg16.npz')
   c.teacher = ml_collections.ConfigDict(dict(dict(workdir='', checkpoint=''), **source, init=True))
   c.optim = ml_collections.ConfigDict(dict(
       name='radam', learning_rate=8e-6, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=0, grad_clip=0.0))

@@ -20,6 +20,7 @@ paper's ImageNet-64 table.
 import ml_collections
 
 from cm_jax.models import checkpoints
+from cm_jax.objectives import objective_config
 from configs import base
 from configs import imagenet64_edm
 
@@ -31,8 +32,7 @@ RELEASES = {'cd_lpips': ('cd_imagenet64_lpips.pt', 22, 40), 'cd_l2': ('cd_imagen
 def release(c, name: str, index: int, grid: int):
   """Sets the consistency sampler of a CM-paper release named `name` (in weights/) on config c."""
   c.init = ml_collections.ConfigDict(dict(checkpoint=f'weights/{name}'))
-  c.objective = ml_collections.ConfigDict(dict(name='cd', num_scales=grid, solver='heun', target_ema=0.0,
-                                               distance='l2'))
+  c.objective = objective_config(name='cd', num_scales=grid, solver='heun', target_ema=0.0, distance='l2')
   c.sampling.mid_sigmas = ()
   c.sampling.mid_indices = (index,)
   c.sampling.index_grid_size = grid

@@ -18,6 +18,7 @@ Paper FID: 1 step 13.0, 2 steps 11.1.
 
 import ml_collections
 
+from cm_jax.objectives import objective_config
 from configs import imagenet64_cd_lpips
 
 
@@ -25,10 +26,10 @@ def get_config():
   """imagenet64_cd_lpips's network, optimiser and batch, with the CT objective, no teacher, its own lr, length and
   2-step level."""
   c = imagenet64_cd_lpips.get_config()
-  c.objective = ml_collections.ConfigDict(dict(
+  c.objective = objective_config(
       name='ct', s0=2, s1=200, mu0=0.95, mu_convention='code', distance='lpips',
-      lpips_weights='weights/lpips_vgg16.npz'))
-  c.teacher = ml_collections.ConfigDict(dict(workdir='', init=False))
+      lpips_weights='weights/lpips_vgg16.npz')
+  c.teacher = ml_collections.ConfigDict(dict(workdir='', checkpoint='', init=False))
   c.optim.learning_rate = 1e-4
   c.train.num_steps = 800_000
   c.sampling.mid_indices = (106,)

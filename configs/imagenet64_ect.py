@@ -22,6 +22,7 @@ have; this config tunes the ADM teacher instead, so the published numbers are an
 
 import ml_collections
 
+from cm_jax.objectives import objective_config
 from configs import base
 from configs import imagenet64_edm
 
@@ -29,9 +30,9 @@ from configs import imagenet64_edm
 def get_config():
   c = base.get_config()
   imagenet64_edm.imagenet64(c, dropout=0.1)
-  c.objective = ml_collections.ConfigDict(dict(
-      name='ect', p_mean=-0.8, p_std=1.6, q=4.0, stage_steps=25_000, distance='pseudo_huber', weighting='edm'))
-  c.teacher = ml_collections.ConfigDict(dict(workdir='runs/imagenet64_edm', init=True))
+  c.objective = objective_config(
+      name='ect', p_mean=-0.8, p_std=1.6, q=4.0, stage_steps=25_000, distance='pseudo_huber', weighting='edm')
+  c.teacher = ml_collections.ConfigDict(dict(workdir='runs/imagenet64_edm', checkpoint='', init=True))
   c.optim = ml_collections.ConfigDict(dict(
       name='adam', learning_rate=1e-4, b1=0.9, b2=0.99, eps=1e-8, warmup_steps=0, grad_clip=0.0))
   c.ema.rates = (0.9999,)

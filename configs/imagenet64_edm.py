@@ -19,6 +19,7 @@ For classifier-free guidance (sCD's guided teacher), train with --config.model.l
 import ml_collections
 
 from cm_jax import schedules
+from cm_jax.objectives import objective_config
 from configs import base
 
 # EDM's ADM for ImageNet-64 (models/adm.py). c_noise: the CM PyTorch code feeds 1000 * 0.25 ln(sigma) to the
@@ -43,7 +44,7 @@ def imagenet64(c, dropout):
 def get_config():
   c = base.get_config()
   imagenet64(c, dropout=0.1)
-  c.objective = ml_collections.ConfigDict(dict(name='edm', p_mean=-1.2, p_std=1.2))
+  c.objective = objective_config(name='edm', p_mean=-1.2, p_std=1.2)
   c.optim = ml_collections.ConfigDict(dict(
       name='adam', learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=2441, grad_clip=0.0))
   c.ema.rates = (EMA_RATE,)

@@ -14,6 +14,7 @@ Paper FID: 1 step 4.02, 2 steps 3.20.
 
 import ml_collections
 
+from cm_jax.objectives import objective_config
 from configs import base
 from configs import imagenet64_edm
 
@@ -21,8 +22,8 @@ from configs import imagenet64_edm
 def get_config():
   c = base.get_config()
   imagenet64_edm.imagenet64(c, dropout=0.2)
-  c.objective = ml_collections.ConfigDict(dict(
-      name='ict', s0=10, s1=1280, p_mean=-1.1, p_std=2.0, distance='pseudo_huber'))
+  c.objective = objective_config(
+      name='ict', s0=10, s1=1280, p_mean=-1.1, p_std=2.0, distance='pseudo_huber')
   c.optim = ml_collections.ConfigDict(dict(
       name='adam', learning_rate=1e-4, b1=0.9, b2=0.995, eps=1e-8, warmup_steps=0, grad_clip=0.0))
   c.ema.rates = (0.99997,)

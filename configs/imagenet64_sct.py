@@ -21,6 +21,7 @@ import math
 import ml_collections
 
 from cm_jax import schedules
+from cm_jax.objectives import objective_config
 from configs import base
 from configs import cifar10_sct
 
@@ -35,7 +36,7 @@ def get_config():
       name='adm', remat='', channels=192, channel_mult=(1, 2, 3, 4), num_res_blocks=3, attn_resolutions=(32, 16, 8),
       head_dim=64, dropout=0.2, num_classes=1000, label_dropout=0.0, time_embedding='positional',
       time_scale=1000.0, emb_mult=4, adaptive_norm='double', dtype='bfloat16'))
-  c.objective = ml_collections.ConfigDict(dict(cifar10_sct.SCM, name='sct', p_std=1.6))
+  c.objective = objective_config(**dict(cifar10_sct.SCM, name='sct', p_std=1.6))
   c.optim = ml_collections.ConfigDict(dict(
       name='radam', learning_rate=1e-4, b1=0.9, b2=0.99, eps=1e-8, warmup_steps=0, grad_clip=0.0))
   c.ema.rates = (schedules.ema_rate_from_halflife(0.5e6, BATCH),)

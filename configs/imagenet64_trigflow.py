@@ -11,13 +11,12 @@ and 400k iterations as imagenet64_sct (*unverified* for ImageNet-64: the referen
 Paper FID: none published for this teacher (sCM's ImageNet-64 teachers are EDM2-style networks). Not reproduced here.
 """
 
-import ml_collections
-
+from cm_jax.objectives import objective_config
 from configs import imagenet64_sct
 
 
 def get_config():
   c = imagenet64_sct.get_config()
-  c.objective = ml_collections.ConfigDict(dict(name='trigflow', p_mean=-1.0, p_std=1.6, adaptive_weighting=True))
+  c.objective = objective_config(name='trigflow', p_mean=-1.0, p_std=1.6, adaptive_weighting=True)
   c.sampling.mid_sigmas = ()
   return c

@@ -11,15 +11,14 @@ Hardware: one v5p-8 slice or 8 GPUs, 512 px, batch 12 per chip, bf16, remat.
 Published: the LCM paper shows LCF qualitatively (Pokemon / Simpsons) only.
 """
 
-import ml_collections
-
+from cm_jax.objectives import objective_config
 from configs import sd15_lcm_lora
 
 
 def get_config():
   c = sd15_lcm_lora.sd_latent_consistency(512, lora=False)
-  c.objective = ml_collections.ConfigDict(dict(
+  c.objective = objective_config(
       name='lcf', skip=20, guidance_scale=(8.5, 8.5), target_ema=0.95, distance='pseudo_huber_elementwise',
-      distance_c=0.001))
+      distance_c=0.001)
   c.data.name = 'captioned_folder'
   return c

@@ -19,6 +19,7 @@ distils one scale (objective.guidance_scale, s = 1 + w = 8) for a student that c
 
 import ml_collections
 
+from cm_jax.objectives import objective_config
 from configs import sd15_sample
 
 # The kernels diffusers' LCM-LoRA script adapts (its target_modules), as cm_jax parameter paths.
@@ -31,9 +32,9 @@ def sd_latent_consistency(resolution: int, lora: bool, prediction: str = 'epsilo
   of a Stable Diffusion pipeline at `resolution` pixels, with the reference code's settings (reference sheet 7b)."""
   c = sd15_sample.sd_sampling(resolution, prediction)
   c.data = ml_collections.ConfigDict(dict(c.data, name='webdataset', path='', workers=4))  # required: the shards
-  c.objective = ml_collections.ConfigDict(dict(
+  c.objective = objective_config(
       name='lcd', skip=20, guidance_scale=(8.0, 8.0) if lora else (6.0, 16.0), target_ema=0.0 if lora else 0.95,
-      distance='pseudo_huber_elementwise', distance_c=0.001))
+      distance='pseudo_huber_elementwise', distance_c=0.001)
   c.model.guidance_embedding = not lora
   c.model.remat = True  # diffusers' scripts: --gradient_checkpointing
   c.teacher.init = not lora

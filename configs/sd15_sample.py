@@ -12,6 +12,7 @@ through the prompts; --config.sampling.negative_prompt='...' sets the unconditio
 
 import ml_collections
 
+from cm_jax.objectives import objective_config
 from configs import base
 
 
@@ -27,7 +28,7 @@ def sd_sampling(resolution: int, prediction: str = 'epsilon'):
   c.parameterization = ml_collections.ConfigDict(dict(
       name='vp', num_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
       prediction=prediction, sigma_data=0.5, timestep_scaling=10.0))
-  c.objective = ml_collections.ConfigDict(dict(name='ddpm'))
+  c.objective = objective_config(name='ddpm')
   c.train.batch_size = 4  # the sampling batch
   c.sampling.teacher_steps = 50
   c.sampling.guidance_scale = 7.5

@@ -6,15 +6,14 @@ Hardware: 2 CPU cores, about 1 minute.
 Expected: 1-step samples in samples/ concentrate on the mixture's modes (BUILD_NOTES.md).
 """
 
-import ml_collections
-
+from cm_jax.objectives import objective_config
 from configs import toy2d_edm
 
 
 def get_config(arg='gmm'):
   c = toy2d_edm.get_config(arg)
-  c.objective = ml_collections.ConfigDict(dict(
-      name='ict', s0=10, s1=320, p_mean=-1.1, p_std=2.0, distance='pseudo_huber'))
+  c.objective = objective_config(
+      name='ict', s0=10, s1=320, p_mean=-1.1, p_std=2.0, distance='pseudo_huber')
   c.train.num_steps = 4000
   c.optim.b2 = 0.995
   c.ema.rates = (0.999,)

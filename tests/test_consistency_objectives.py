@@ -28,7 +28,8 @@ def student(a):
 
 def _config(objective, **sampling_keys):
   return ml_collections.ConfigDict(dict(
-      objective=objective, parameterization=dict(rho=7.0), teacher=dict(workdir='teacher_run', init=False),
+      objective=objectives.objective_config(**objective) if objective else {}, parameterization=dict(rho=7.0),
+      teacher=dict(workdir='teacher_run', init=False),
       model=dict(num_classes=0), train=dict(num_steps=800_000),
       sampling=dict(dict(mid_sigmas=(), mid_indices=(), index_grid_size=18, guidance_scale=1.0), **sampling_keys)))
 

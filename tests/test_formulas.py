@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cm_jax.objectives.diffusion import make_edm, make_trigflow_diffusion
+from cm_jax.objectives import objective_config
 from cm_jax.objectives.discrete import make_ct, make_ict
 from cm_jax.parameterization import EDM, TrigFlow
 from oracle import EPS, SD, T, DenoiserOracle, OracleNet, TrigFlowOracle
@@ -117,8 +118,8 @@ def test_trigflow_t_max_by_hand():
 # Teacher losses at the exact denoiser, Gaussian data x0 ~ N(0, a^2 I): closed forms.
 # ----------------------------------------------------------------------------------------------------------
 def _config(objective):
-  return ml_collections.ConfigDict(dict(objective=objective, model=dict(num_classes=0), parameterization=dict(rho=7.0),
-                                        train=dict(num_steps=1000)))
+  return ml_collections.ConfigDict(dict(objective=objective_config(**objective), model=dict(num_classes=0),
+                                        parameterization=dict(rho=7.0), train=dict(num_steps=1000)))
 
 
 def _gaussian(a, shape, seed=0):

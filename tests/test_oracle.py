@@ -13,6 +13,7 @@ import pytest
 
 from cm_jax import schedules
 from cm_jax import solvers
+from cm_jax.objectives import objective_config
 from cm_jax.objectives.discrete import make_ict
 from cm_jax.parameterization import TrigFlow
 from oracle import EDM_, EPS, SD, T, OracleNet, exact_consistency, exact_denoiser
@@ -76,7 +77,7 @@ def test_euler_is_first_order_and_heun_second_order():
 
 def _ict_config(n):
   return ml_collections.ConfigDict(dict(
-      objective=dict(name='ict', s0=n, s1=n, p_mean=-1.1, p_std=2.0, distance='pseudo_huber'),
+      objective=objective_config(name='ict', s0=n, s1=n, p_mean=-1.1, p_std=2.0, distance='pseudo_huber'),
       parameterization=dict(rho=7.0), train=dict(num_steps=1000), model=dict(num_classes=0)))
 
 

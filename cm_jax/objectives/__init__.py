@@ -2,6 +2,8 @@
 
 import functools
 
+import ml_collections
+
 from cm_jax.models.apply import takes_guidance
 from cm_jax.objectives.autoencoder import make_autoencoder
 from cm_jax.objectives import continuous
@@ -16,35 +18,55 @@ from cm_jax.objectives.latent import make_lcd, make_lcf
 from cm_jax.objectives.lora import with_lora
 from cm_jax.parameterization import make_parameterization
 
-# name -> (maker, the config.objective keys it reads, those it may read): make_objective refuses any other key.
-_DISCRETE_OPTIONAL = {'lpips_weights', 'distance_c', 'c_schedule', 'diffusion_loss_weight', 'diffusion_loss_fraction',
-                      'coupling', 'sinkhorn_epsilon'}
+# name -> (maker, the config.objective keys it needs, its optional keys with their defaults): every key an objective
+# reads, declared once. objective_config puts the defaults into the configs (so --config.objective.KEY sets any of
+# them) and make_objective into an older run's config; any other key is refused.
+_DISCRETE_OPTIONAL = {'lpips_weights': '', 'distance_c': 0.0, 'c_schedule': 'fixed', 'diffusion_loss_weight': 0.0,
+                      'diffusion_loss_fraction': 0.25, 'coupling': 'none', 'sinkhorn_epsilon': 0.05}
 _LATENT = {'name', 'distance', 'distance_c', 'guidance_scale', 'skip', 'target_ema'}
 _REGISTRY = {
-    'edm': (make_edm, {'name', 'p_mean', 'p_std'}, set()),
-    'trigflow': (make_trigflow_diffusion, {'name', 'p_mean', 'p_std'}, {'adaptive_weighting'}),
-    'ddpm': (make_ddpm, {'name'}, set()),
+    'edm': (make_edm, {'name', 'p_mean', 'p_std'}, {}),
+    'trigflow': (make_trigflow_diffusion, {'name', 'p_mean', 'p_std'}, {'adaptive_weighting': False}),
+    'ddpm': (make_ddpm, {'name'}, {}),
     'cd': (make_cd, {'name', 'distance', 'num_scales', 'solver', 'target_ema'}, _DISCRETE_OPTIONAL),
     'ct': (make_ct, {'name', 'distance', 's0', 's1', 'mu0', 'mu_convention'}, _DISCRETE_OPTIONAL),
     'ict': (make_ict, {'name', 'distance', 's0', 's1', 'p_mean', 'p_std'}, _DISCRETE_OPTIONAL),
-    'ect': (make_ect, {'name', 'distance', 'p_mean', 'p_std', 'q', 'stage_steps', 'weighting'}, set()),
-    'sct': (functools.partial(make_scm, distill=False), continuous.SCT_KEYS, {'jvp_dtype'}),
-    'scd': (functools.partial(make_scm, distill=True), continuous.SCD_KEYS, {'jvp_dtype'}),
-    'ct_continuous': (functools.partial(make_cm_continuous, distill=False), continuous.CM_KEYS, {'weighting'}),
-    'cd_continuous': (functools.partial(make_cm_continuous, distill=True), continuous.CM_KEYS, {'weighting'}),
-    'lcd': (make_lcd, _LATENT, set()),
-    'lcf': (make_lcf, _LATENT, set()),
-    'flow_matching': (flow_matching.make_flow_matching, flow_matching.KEYS, set()),
-    'meanflow': (meanflow.make_meanflow, meanflow.KEYS, set(meanflow.OPTIONAL)),
-    'imeanflow': (imeanflow.make_imeanflow, imeanflow.KEYS, set(imeanflow.OPTIONAL)),
+    'ect': (make_ect, {'name', 'distance', 'p_mean', 'p_std', 'q', 'stage_steps', 'weighting'}, {}),
+    'sct': (functools.partial(make_scm, distill=False), continuous.SCT_KEYS, {'jvp_dtype': 'float32'}),
+    'scd': (functools.partial(make_scm, distill=True), continuous.SCD_KEYS, {'jvp_dtype': 'float32'}),
+    'ct_continuous': (functools.partial(make_cm_continuous, distill=False), continuous.CM_KEYS, {'weighting': 'paper'}),
+    'cd_continuous': (functools.partial(make_cm_continuous, distill=True), continuous.CM_KEYS, {'weighting': 'paper'}),
+    'lcd': (make_lcd, _LATENT, {}),
+    'lcf': (make_lcf, _LATENT, {}),
+    'flow_matching': (flow_matching.make_flow_matching, flow_matching.KEYS, {}),
+    'meanflow': (meanflow.make_meanflow, meanflow.KEYS, meanflow.OPTIONAL),
+    'imeanflow': (imeanflow.make_imeanflow, imeanflow.KEYS, imeanflow.OPTIONAL),
     'autoencoder': (make_autoencoder, {'name', 'kl_weight', 'lpips_weight', 'lpips_weights', 'reconstruction',
-                                       'scale_records'}, set()),
+                                       'scale_records'}, {}),
 }
 
 
-def objective_keys(name: str) -> tuple[set, set]:
-  """(the config.objective keys objective `name` reads, the optional ones)."""
-  return set(_REGISTRY[name][1]), set(_REGISTRY[name][2])
+def objective_keys(name: str) -> tuple[set, dict]:
+  """(the config.objective keys objective `name` needs, its optional ones with their defaults)."""
+  if name not in _REGISTRY:
+    raise ValueError(f'Unknown objective.name {name!r}; expected one of {sorted(_REGISTRY)}.')
+  return set(_REGISTRY[name][1]), dict(_REGISTRY[name][2])
+
+
+def objective_config(name: str, **values) -> ml_collections.ConfigDict:
+  """config.objective of objective `name`: `values` (every key it needs) and each optional key it reads, at its
+  default where not given, so that a command line can set any of them (--config.objective.KEY=VALUE)."""
+  required, optional = objective_keys(name)
+  config = ml_collections.ConfigDict(dict(optional, name=name, **values))
+  check_keys(config, required, optional)
+  return config
+
+
+def with_defaults(objective_config) -> ml_collections.ConfigDict:
+  """A copy of a config.objective with its objective's optional keys added at their defaults where absent (a run
+  written before a key existed reads as its default)."""
+  _, optional = objective_keys(objective_config.name)
+  return ml_collections.ConfigDict(dict(optional, **objective_config.to_dict()))
 
 
 def make_objective(config, model) -> Objective:
@@ -57,11 +79,12 @@ def make_objective(config, model) -> Objective:
       objective feeds no guidance scale, or the other way round.
   """
   name = config.objective.name
-  if name not in _REGISTRY:
-    raise ValueError(f'Unknown objective.name {name!r}; expected one of {sorted(_REGISTRY)}.')
-  make, required, optional = _REGISTRY[name]
+  required, optional = objective_keys(name)
   check_keys(config.objective, required, optional)
-  objective = make(config, model, make_parameterization(config))
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.objective = with_defaults(config.objective)
+  objective = _REGISTRY[name][0](config, model, make_parameterization(config))
   if takes_guidance(model) and not objective.feeds_guidance:
     raise ValueError(f'model.guidance_embedding=True but objective.name={name!r} feeds the network no guidance '
                      'scale: sCD with a range objective.guidance_scale=(lo, hi), lo < hi, and LCD / LCF do.')

@@ -31,12 +31,12 @@ from cm_jax.objectives.base import Objective, labels, sample_guidance
 from cm_jax.objectives.weighting import AdaptiveWeighting
 from cm_jax.parameterization import EDM, TrigFlow, bcast
 
-CM_KEYS = {'name', 'jvp', 'fd_eps'}  # config.objective of ct_continuous / cd_continuous (and 'weighting', optional)
+CM_KEYS = {'name', 'jvp', 'fd_eps'}  # config.objective of ct_continuous / cd_continuous
 SCT_KEYS = CM_KEYS | {'p_mean', 'p_std', 'tangent_warmup_steps', 'tangent_norm', 'tangent_norm_c', 'adaptive_weighting',
                       'prior_weighting'}
 SCD_KEYS = SCT_KEYS | {'teacher', 'guidance_scale'}
-JVP_DTYPES = ('float32', 'model')  # objective.jvp_dtype (optional, sCT / sCD): the JVP's compute dtype
-CM_WEIGHTINGS = ('paper', 'code')  # objective.weighting of ct_continuous / cd_continuous (optional; default 'paper')
+JVP_DTYPES = ('float32', 'model')  # objective.jvp_dtype (sCT / sCD): the JVP's compute dtype
+CM_WEIGHTINGS = ('paper', 'code')  # objective.weighting of ct_continuous / cd_continuous
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -126,7 +126,7 @@ def _check_scm(config, model, tf, distill):
     raise ValueError(f"objective.name={obj.name!r} needs parameterization.name='trigflow'.")
   if obj.tangent_norm not in ('l2', 'rms'):
     raise ValueError(f"objective.tangent_norm={obj.tangent_norm!r}; expected 'l2' or 'rms'.")
-  if obj.get('jvp_dtype', 'float32') not in JVP_DTYPES:
+  if obj.jvp_dtype not in JVP_DTYPES:
     raise ValueError(f"objective.jvp_dtype={obj.jvp_dtype!r}; expected 'float32' (the JVP in float32 whatever the "
                      "network's dtype) or 'model' (in model.dtype).")
   if not obj.tangent_norm_c > 0:
@@ -176,7 +176,7 @@ def make_scm(config, model, tf: TrigFlow, distill: bool) -> Objective:
   if distill:
     model = without_label_dropout(model)
   model32 = float32_model(model)
-  jvp_model = forward_mode(model32 if obj.get('jvp_dtype', 'float32') == 'float32' else model)
+  jvp_model = forward_mode(model32 if obj.jvp_dtype == 'float32' else model)
   weighting = AdaptiveWeighting(obj.adaptive_weighting)
   teacher_velocity = _guided_velocity(config, without_guidance(model32), tf) if distill else None
 
@@ -226,7 +226,7 @@ def make_cm_continuous(config, model, edm: EDM, distill: bool) -> Objective:
   obj = config.objective
   if not isinstance(edm, EDM):
     raise ValueError(f"objective.name={obj.name!r} needs parameterization.name='edm'.")
-  weighting = obj.get('weighting', 'paper')
+  weighting = obj.weighting
   if weighting not in CM_WEIGHTINGS:
     raise ValueError(f"objective.weighting={weighting!r}; expected 'paper' (2 (dsigma/du) / D per sample, the CM "
                      "paper) or 'code' (1, summed over dimensions: the official JAX code).")

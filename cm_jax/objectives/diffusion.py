@@ -37,7 +37,7 @@ def make_trigflow_diffusion(config, model, tf: TrigFlow) -> Objective:
   obj = config.objective
   if not isinstance(tf, TrigFlow):
     raise ValueError("objective.name='trigflow' needs parameterization.name='trigflow'.")
-  weighting = AdaptiveWeighting(bool(obj.get('adaptive_weighting', False)))
+  weighting = AdaptiveWeighting(bool(obj.adaptive_weighting))
 
   def loss(params, extra, frozen, batch, rng, step):
     del frozen, step

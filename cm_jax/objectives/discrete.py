@@ -37,7 +37,7 @@ def distance_scale(config):
   """c(num_scales, D) of the objective's distance: objective.distance_c (0: the distance's default, None) when
   objective.c_schedule = 'fixed', or improved latent CT's adaptive c on the iCT curriculum ('adaptive')."""
   obj = config.objective
-  schedule, c = obj.get('c_schedule', 'fixed'), float(obj.get('distance_c', 0.0))
+  schedule, c = obj.c_schedule, float(obj.distance_c)
   if schedule not in C_SCHEDULES:
     raise ValueError(f'objective.c_schedule={schedule!r}; expected one of {C_SCHEDULES}.')
   if (schedule == 'adaptive' or c) and obj.distance not in distances.SCALED:
@@ -69,11 +69,11 @@ def make_discrete(config, model, edm: EDM, sample_levels, estimate_x_n, weight, 
   obj = config.objective
   distance = distances.get_distance(obj.distance)
   scale = distance_scale(config)
-  coupling, diffusion_weight = obj.get('coupling', 'none'), float(obj.get('diffusion_loss_weight', 0.0))
+  coupling, diffusion_weight = obj.coupling, float(obj.diffusion_loss_weight)
   couplings.check(coupling)
   if diffusion_weight < 0:
     raise ValueError(f'objective.diffusion_loss_weight={diffusion_weight} must be >= 0.')
-  fraction = float(obj.get('diffusion_loss_fraction', 0.25))
+  fraction = float(obj.diffusion_loss_fraction)
   if not 0 < fraction <= 1:
     raise ValueError(f'objective.diffusion_loss_fraction={fraction} must be in (0, 1].')
   grid = _grid(config, edm)
@@ -86,7 +86,7 @@ def make_discrete(config, model, edm: EDM, sample_levels, estimate_x_n, weight, 
     n, num_scales = sample_levels(rng_n, step, x0.shape[0])
     sigma, sigma_next = (schedules.karras_sigma(i, num_scales, **grid) for i in (n, n + 1))
     z = couplings.couple(coupling, x0, jax.random.normal(rng_z, x0.shape), jax.random.fold_in(rng, 3),
-                         float(obj.get('sinkhorn_epsilon', 0.05)))
+                         float(obj.sinkhorn_epsilon))
     x_next = x0 + bcast(sigma_next, x0) * z
     x_hat = estimate_x_n(frozen, cond, x0, z, x_next, sigma, sigma_next)
     theta_minus = params if target_rate is None else frozen['target']
@@ -107,7 +107,7 @@ def make_discrete(config, model, edm: EDM, sample_levels, estimate_x_n, weight, 
     return loss, dict(metrics, loss=loss)
 
   return Objective(loss=loss, sampler=sampling.CONSISTENCY, target_rate=target_rate,
-                   inputs=distances.step_inputs(obj.distance, obj.get('lpips_weights', '')))
+                   inputs=distances.step_inputs(obj.distance, obj.lpips_weights))
 
 
 def _grid(config, edm: EDM):
