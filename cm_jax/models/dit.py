@@ -23,7 +23,7 @@ import numpy as np
 
 from cm_jax.models import attention as attention_lib
 from cm_jax.models.blocks import remat_block
-from cm_jax.models.layers import NoiseLabelEmbedding
+from cm_jax.models.layers import Conditioned, NoiseLabelEmbedding
 
 # The DiT paper's Table 1: model.size -> (depth, hidden, heads).
 SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
@@ -79,7 +79,7 @@ class DiTBlock(nn.Module):
     return x + gate_m[:, None] * h
 
 
-class DiT(nn.Module):
+class DiT(Conditioned):
   """DiT / SiT: F(x, c_noise, cond) with the shape of x (module docstring).
 
   Attributes:
@@ -109,11 +109,7 @@ class DiT(nn.Module):
   hidden: int = 0
   heads: int = 0
   mlp_ratio: float = 4.0
-  num_classes: int = 0
-  label_dropout: float = 0.0
-  guidance_embedding: bool = False
-  time_embedding: str = 'positional'
-  time_scale: float = 1000.0
+  time_scale: float = 1000.0  # the conditioning fields are layers.Conditioned's
   second_time: bool = False
   dtype: str = 'float32'
   remat: str = ''

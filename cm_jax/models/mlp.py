@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from cm_jax.models.layers import NoiseLabelEmbedding, adaptive_norm
+from cm_jax.models.layers import Conditioned, NoiseLabelEmbedding, adaptive_norm
 
 MLP_NORMS = ('layer', 'nsln')
 
@@ -38,7 +38,7 @@ class MLPBlock(nn.Module):
     return (x + h) / np.sqrt(2)
 
 
-class MLP(nn.Module):
+class MLP(Conditioned):
   """Noise-conditional residual MLP: F(x, c_noise, cond) with the shape of x.
 
   Attributes:
@@ -60,11 +60,7 @@ class MLP(nn.Module):
   hidden: int = 256
   depth: int = 4
   dropout: float = 0.0
-  num_classes: int = 0
-  label_dropout: float = 0.0
-  guidance_embedding: bool = False
-  time_embedding: str = 'positional'
-  time_scale: float = 1000.0
+  time_scale: float = 1000.0  # the conditioning fields are layers.Conditioned's
   adaptive_norm: str = 'shift'
   norm: str = 'layer'
   second_time: bool = False
