@@ -6,8 +6,9 @@ Command (digits_flow_matching first, for the table's teacher row):
       --config.teacher.workdir=runs/digits_flow_matching
 Hardware: 2 CPU cores; a step costs one more network forward than a MeanFlow step (the tangent u(z_t, t, t)); 4000
 steps (digits_meanflow's) at 9-18 steps/s beside another run.
-Expected (measured, BUILD_NOTES.md; seed 0): digits-proxy FD 6.0 at 1 NFE and 5.0 at 2 NFE, against the
-flow-matching teacher's 4.2 at 18 NFE (1.4x and 1.2x); 5.9 and 4.9 after 10k steps.
+Expected (measured, BUILD_NOTES.md; seeds 0, 1, 2): digits-proxy FD 6.0, 6.5, 6.6 at 1 NFE and 5.0, 6.1, 5.2 at
+2 NFE, against the flow-matching teacher's 4.2, 3.8, 4.6 at 18 NFE (the same run's seed; the mean ratios 1.5x and
+1.3x); seed 0 after 10k steps: 5.9 and 4.9.
 Settings: the official iMF code (Lyy-iiis/imeanflow, imf.py iMeanFlow's defaults): logit-normal (-0.4, 1.0),
 r = t for half of the batch (flow_share = 0.5; its data_proportion), p = 1 with c = 0.01 (norm_eps). Digits are
 unconditional here, so no CFG scale is sampled (objective.cfg_scale_max = 0; the official 7 needs class labels and
