@@ -286,6 +286,9 @@ def test_resuming_with_another_network_names_the_leaf_and_leaves_the_checkpoint(
   train.train_and_evaluate(tiny_config(num_steps=2), tmp_path, jax.devices()[:1])
   wider = tiny_config(num_steps=4)
   wider.model.hidden = 2 * wider.model.hidden
+  with pytest.raises(ValueError, match=r'model\.hidden is 32 there, 64 here'):  # refused at the config first
+    train.train_and_evaluate(wider, tmp_path, jax.devices()[:1])
+  (tmp_path / 'config.json').unlink()  # a workdir without its config: the restore names the leaf
   with pytest.raises(checkpoint.CheckpointError,
                      match=r'written by another network or method: ema/0/block_0/affine/bias has shape \(32,\) there '
                            r'and \(64,\) here'):
