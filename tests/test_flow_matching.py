@@ -85,7 +85,8 @@ class OracleAverageVelocity(nn.Module):
 
 def _config(name, **objective):
   fields = {'flow_matching': dict(p_mean=-0.4, p_std=1.0),
-            'meanflow': dict(p_mean=-0.4, p_std=1.0, flow_share=0.75, norm_p=1.0, norm_c=1e-3)}[name]
+            'meanflow': dict(p_mean=-0.4, p_std=1.0, flow_share=0.75, norm_p=1.0, norm_c=1e-3),
+            'imeanflow': dict(p_mean=-0.4, p_std=1.0, flow_share=0.5, norm_p=1.0, norm_c=1e-2)}[name]
   return ml_collections.ConfigDict(dict(objective=dict(fields, name=name, **objective), model=dict(num_classes=0),
                                         parameterization=dict(name='flow_matching')))
 
@@ -222,12 +223,12 @@ def test_flow_ode_sampler_with_the_exact_velocity_gives_the_data_moments(solver,
   assert sampling.FLOW_ODE.nfe(config, steps) == steps * (2 if solver == 'heun' else 1)
 
 
-@pytest.mark.parametrize('name', ['flow_matching', 'meanflow'])
+@pytest.mark.parametrize('name', ['flow_matching', 'meanflow', 'imeanflow'])
 def test_train_steps_run_through_the_trainer(name):
   c = tiny_config(num_steps=3)
   c.parameterization = ml_collections.ConfigDict(dict(name='flow_matching'))
   c.objective = _config(name).objective
-  c.model.second_time = name == 'meanflow'
+  c.model.second_time = name != 'flow_matching'
   exp = experiment.Experiment(c, jax.devices()[:1])
   state, step_fn = exp.init_state(), exp.train_step()
   with exp.batches(0) as batches:

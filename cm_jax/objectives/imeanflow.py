@@ -41,10 +41,6 @@ OPTIONAL = {'cfg_scale_max': 0.0, 'cfg_beta': 1.0, 'cfg_interval': (0.0, 1.0), '
             'class_dropout': 0.1, 'aux_v_head': False}
 
 
-def option(obj, key):
-  """config.objective[key], or its default in OPTIONAL."""
-  return obj.get(key, OPTIONAL[key])
-
 
 def sample_cfg_scale(rng, batch: int, s_max, beta):
   """omega [B] in [1, 1 + s_max] with density ~ omega^-beta (inverse CDF of a uniform u): (1 + s_max)^u for beta = 1,
@@ -59,14 +55,14 @@ def make_imeanflow(config, model, fm: FlowMatching) -> Objective:
   """sg(w) ||u + (t - r) sg(du/dt) - sg(v_g)||^2 with the tangent u(z_t, t, t) (module docstring)."""
   meanflow.check_two_time(config, model, fm, 'imeanflow')
   obj = config.objective
-  if option(obj, 'aux_v_head'):
+  if obj.aux_v_head:
     raise ValueError('objective.aux_v_head=True needs a network with a second (velocity) output head, which no '
                      'cm_jax network has: set it False (the tangent and the guidance velocities are then u(z, t, t)).')
-  if option(obj, 'cfg_interval_sampling'):
+  if obj.cfg_interval_sampling:
     raise ValueError('objective.cfg_interval_sampling=True feeds a per-example guidance interval to the network, '
                      'and no cm_jax network takes an interval input: set it False and fix objective.cfg_interval.')
-  interval = meanflow.check_guidance_interval('cfg_interval', option(obj, 'cfg_interval'))
-  s_max, beta = float(option(obj, 'cfg_scale_max')), float(option(obj, 'cfg_beta'))
+  interval = meanflow.check_guidance_interval('cfg_interval', obj.cfg_interval)
+  s_max, beta = float(obj.cfg_scale_max), float(obj.cfg_beta)
   conditional = config.model.get('num_classes', 0) > 0
   if s_max < 0 or beta < 0:
     raise ValueError(f'objective.cfg_scale_max={s_max} and objective.cfg_beta={beta} must be >= 0.')

@@ -38,10 +38,6 @@ KEYS = {'name', 'p_mean', 'p_std', 'flow_share', 'norm_p', 'norm_c'}
 OPTIONAL = {'cfg_omega': 1.0, 'cfg_kappa': 0.0, 'cfg_interval': (0.0, 1.0), 'class_dropout': 0.1}
 
 
-def option(obj, key):
-  """config.objective[key], or its default in OPTIONAL."""
-  return obj.get(key, OPTIONAL[key])
-
 
 def sample_t_r(rng, batch: int, p_mean, p_std, flow_share, fm: FlowMatching = FlowMatching()):
   """(t, r) [B]: two logit-normal draws sorted so that t >= r; r = t with probability flow_share."""
@@ -56,7 +52,7 @@ def draw(rng, x, obj, fm: FlowMatching, conditional: bool):
   for unconditional data), each label dropped with probability objective.class_dropout."""
   rng_t, rng_e, rng_drop = jax.random.split(rng, 3)
   t, r = sample_t_r(rng_t, x.shape[0], obj.p_mean, obj.p_std, obj.flow_share, fm)
-  drop = jax.random.uniform(rng_drop, (x.shape[0],)) < option(obj, 'class_dropout') if conditional else None
+  drop = jax.random.uniform(rng_drop, (x.shape[0],)) < obj.class_dropout if conditional else None
   return t, r, jax.random.normal(rng_e, x.shape), drop
 
 
@@ -117,8 +113,8 @@ def check_two_time(config, model, fm, name: str) -> None:
     raise ValueError(f'objective.flow_share={obj.flow_share} (the share of r = t samples) must be in [0, 1].')
   if not obj.norm_c > 0 or obj.norm_p < 0:
     raise ValueError(f'objective.norm_c={obj.norm_c} must be positive and objective.norm_p={obj.norm_p} >= 0.')
-  if not 0.0 <= option(obj, 'class_dropout') < 1.0:
-    raise ValueError(f"objective.class_dropout={option(obj, 'class_dropout')} must be in [0, 1).")
+  if not 0.0 <= obj.class_dropout < 1.0:
+    raise ValueError(f"objective.class_dropout={obj.class_dropout} must be in [0, 1).")
   if getattr(model, 'label_dropout', 0.0) > 0:
     raise ValueError(f'model.label_dropout={model.label_dropout}: objective.name={name!r} drops the labels itself '
                      '(objective.class_dropout, with the unguided target for a dropped label); set '
@@ -129,8 +125,8 @@ def make_meanflow(config, model, fm: FlowMatching) -> Objective:
   """sg(w) ||u_theta(z_t, r, t) - sg(v_g - (t - r) du_theta/dt)||^2 (module docstring); sampled by sampling.MEANFLOW."""
   check_two_time(config, model, fm, 'meanflow')
   obj = config.objective
-  omega, kappa = float(option(obj, 'cfg_omega')), float(option(obj, 'cfg_kappa'))
-  interval = check_guidance_interval('cfg_interval', option(obj, 'cfg_interval'))
+  omega, kappa = float(obj.cfg_omega), float(obj.cfg_kappa)
+  interval = check_guidance_interval('cfg_interval', obj.cfg_interval)
   conditional = config.model.get('num_classes', 0) > 0
   guiding = omega != 1.0 or kappa != 0.0
   if guiding and not conditional:
