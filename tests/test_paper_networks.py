@@ -19,13 +19,14 @@ from cm_jax.state import create_state, make_optimizer
 # Parameter counts (BUILD_NOTES.md, "Paper networks and configs"), against the papers' 55.73M (EDM's DDPM++,
 # ECT's 55.7M), ~56M (CM and iCT's NCSN++) and 295.9M (EDM's ADM for ImageNet-64).
 NCSNPP, NCSNPP_DEEP, DDPMPP, ADM = 56_395_523, 97_610_499, 55_732_739, 295_899_267
+MEANFLOW_UNET = 56_192_515  # DDPM++ with 256 sinusoids and the interval's mapping MLP (configs/cifar10_meanflow.py)
 # The published count and the relative tolerance each built network must meet (iCT's deep NCSN++ has none).
 PAPER_COUNTS = {DDPMPP: (55.73e6, 1e-4), NCSNPP: (56e6, 0.02), ADM: (295.9e6, 2e-4)}
 PAPER_CONFIGS = {
     'cifar10_edm': NCSNPP, 'cifar10_edm:ddpmpp': DDPMPP, 'cifar10_cd_lpips': NCSNPP, 'cifar10_cd_l2': NCSNPP,
     'cifar10_ct_lpips': NCSNPP, 'cifar10_ict': NCSNPP, 'cifar10_ict_deep': NCSNPP_DEEP, 'cifar10_ect': DDPMPP,
     'imagenet64_edm': ADM, 'imagenet64_cd_lpips': ADM, 'imagenet64_ct_lpips': ADM, 'imagenet64_ict': ADM,
-    'imagenet64_ect': ADM,
+    'imagenet64_ect': ADM, 'cifar10_meanflow': MEANFLOW_UNET,
 }
 # Configs with an EMA target theta- (mu > 0); CD with mu = 0, iCT and ECT use sg(theta) and keep no copy.
 KEEPS_TARGET = {'cifar10_ct_lpips', 'imagenet64_cd_lpips', 'imagenet64_ct_lpips'}

@@ -16,7 +16,8 @@ from cm_jax.models.layers import Conditioned
 class ADM(Conditioned):
   """ADM: F(x, c_noise, cond) with the shape of x. The defaults are EDM's ImageNet-64 configuration.
 
-  The conditioning fields are layers.Conditioned's (num_classes 1000 here: ImageNet; channels sinusoids of c_noise).
+  The conditioning fields are layers.Conditioned's (num_classes 1000 here: ImageNet; channels sinusoids of c_noise;
+  second_time: the interval t - r embedded like c_noise and added, 'cm_jax' layout only).
 
   Attributes:
     channels: base width; level i has channels * channel_mult[i] channels.
@@ -59,9 +60,11 @@ class ADM(Conditioned):
   resblock_updown: bool = False
 
   @nn.compact
-  def __call__(self, x, c_noise, cond=None, train=False, guidance=None, augment_labels=None):
-    """Maps x [B, H, W, C], c_noise [B], cond [B] int (< 0: no label) or None, guidance [B] or None (s = 1) and
-    EDM's augment_labels [B, augment_dim] or None (no augmentation) to [B, H, W, C] (float32)."""
+  def __call__(self, x, c_noise, cond=None, train=False, guidance=None, augment_labels=None, interval=None):
+    """Maps x [B, H, W, C], c_noise [B], cond [B] int (< 0: no label) or None, guidance [B] or None (s = 1), EDM's
+    augment_labels [B, augment_dim] or None (no augmentation) and interval [B] or None (the second time t - r,
+    model.second_time; None: 0) to [B, H, W, C] (float32)."""
+    self.check_second_time(interval, self.layout)
     if self.layout == 'edm':
       return edm.dhariwal_unet(self, x, c_noise, cond, train, guidance, augment_labels)
     if self.resblock_updown and self.layout != 'guided_diffusion':
@@ -76,6 +79,8 @@ class ADM(Conditioned):
     block = functools.partial(remat_block(self.remat), head_dim=self.head_dim, attention_kernel=self.attention_kernel,
                               dropout=self.dropout,
                               adaptive_norm=self.adaptive_norm, dtype=self.dtype, norm=self.norm)
-    embed = self.embedding(self.channels * self.emb_mult, self.channels, self.dtype)
-    return unet(x, c_noise, cond, train, guidance, net=self, block=block, embed=embed,
+    features = self.channels * self.emb_mult
+    embed = self.embedding(features, self.channels, self.dtype)
+    second = self.interval_embedding(interval, c_noise, features, self.channels, self.dtype)
+    return unet(x, c_noise, cond, train, guidance, net=self, block=block, embed=lambda *a: embed(*a) + second,
                 attention_blocks=lambda res: range(self.num_res_blocks + 1) if res in self.attn_resolutions else ())

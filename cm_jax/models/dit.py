@@ -23,7 +23,7 @@ import numpy as np
 
 from cm_jax.models import attention as attention_lib
 from cm_jax.models.blocks import remat_block
-from cm_jax.models.layers import Conditioned, NoiseLabelEmbedding
+from cm_jax.models.layers import Conditioned, NoiseLabelEmbedding, check_condition
 
 # The DiT paper's Table 1: model.size -> (depth, hidden, heads).
 SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
@@ -94,9 +94,8 @@ class DiT(Conditioned):
     time_embedding: 'positional' (DiT) or 'fourier' embedding of c_noise, TIME_FEATURES sinusoids.
     time_scale: positional multiplier of c_noise (DiT's 1000 timesteps: 1000 t; SiT and MeanFlow embed t itself: 1),
       or Fourier frequency std.
-    second_time: a second time input, the interval h = t - r of a two-time network u(z_t, r, t) (MeanFlow's
-      (t, t - r) conditioning): h [B] is embedded like c_noise by its own embedding and added to c (h = 0 when not
-      given).
+    second_time, interval_init: the second time input t - r (MeanFlow's: a second timestep MLP of TIME_FEATURES
+      sinusoids, added to c) and its embedding's initialisation (layers.Conditioned).
     dtype: compute dtype ('float32' or 'bfloat16'); parameters stay float32, the output is float32.
     remat: rematerialisation of the blocks in the backward pass: '', 'block' or a jax.checkpoint_policies name
       (blocks.remat_block).
@@ -110,7 +109,6 @@ class DiT(Conditioned):
   heads: int = 0
   mlp_ratio: float = 4.0
   time_scale: float = 1000.0  # the conditioning fields are layers.Conditioned's
-  second_time: bool = False
   dtype: str = 'float32'
   remat: str = ''
   attention_kernel: str = 'xla'
@@ -137,20 +135,12 @@ class DiT(Conditioned):
     if p < 1 or height % p or width % p:
       raise ValueError(f'model.patch_size={p} does not divide the input\'s {height}x{width} positions; choose a '
                        'divisor of both.')
-    if (cond is None) != (self.num_classes == 0):
-      raise ValueError(f'cond must be given if and only if model.num_classes > 0; num_classes={self.num_classes}, '
-                       f'cond is {"None" if cond is None else "given"}.')
-    if interval is not None and not self.second_time:
-      raise ValueError('A second time (t - r) was given to a network without a second time input '
-                       '(set model.second_time=True).')
+    check_condition(self.num_classes, self.guidance_embedding, cond, guidance)
     dtype = jnp.dtype(self.dtype)
-    embed = lambda name, with_guidance=False: NoiseLabelEmbedding(
-        features=hidden, kind=self.time_embedding, scale=self.time_scale, guidance=with_guidance,
-        noise_features=TIME_FEATURES, dtype=dtype, name=name)
-    c = embed('time_embed', self.guidance_embedding)(c_noise, guidance=guidance)
-    if self.second_time:
-      c = c + embed('interval_embed')(jnp.zeros_like(c_noise) if interval is None
-                                      else jnp.broadcast_to(interval, c_noise.shape))
+    c = NoiseLabelEmbedding(features=hidden, kind=self.time_embedding, scale=self.time_scale,
+                            guidance=self.guidance_embedding, noise_features=TIME_FEATURES, dtype=dtype,
+                            name='time_embed')(c_noise, guidance=guidance)
+    c = c + self.interval_embedding(interval, c_noise, hidden, TIME_FEATURES, dtype)
     if self.num_classes:
       drop = cond < 0
       if train and self.label_dropout > 0:

@@ -1,5 +1,5 @@
-"""Layers shared by all networks: noise, label and guidance embeddings, the feature and adaptive normalisations, the
-pixel norm."""
+"""Layers shared by all networks: noise, label, guidance and second-time embeddings, the feature and adaptive
+normalisations, the pixel norm."""
 
 from typing import Any
 
@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 ADAPTIVE_NORMS = ('shift', 'scale_shift', 'double')
+INTERVAL_INITS = ('normal', 'zeros')  # model.interval_init
 NORMS = ('group', 'nsln')  # the feature normalisations of the convolutional networks (model.norm)
 # s is embedded as sinusoids of GUIDANCE_SCALE * s (as LCM embeds its guidance weight: sinusoids of 1000 w).
 GUIDANCE_SCALE = 1000.0
@@ -85,6 +86,7 @@ class NoiseLabelEmbedding(nn.Module):
   label_dropout: float = 0.0
   guidance: bool = False
   noise_features: int = 0  # sinusoids of c_noise and of s; 0: `features`
+  zero_init: bool = False  # dense_1 starts at zero (kernel and bias): a fresh embedding is 0 for every input
   dtype: Any = None  # compute dtype; None: that of the inputs and parameters
 
   @nn.compact
@@ -96,7 +98,8 @@ class NoiseLabelEmbedding(nn.Module):
     noise_features = self.noise_features or self.features
     emb = _NOISE_EMBEDDINGS[self.kind](noise_features, self.scale, name='sinusoids')(c_noise)
     emb = nn.silu(nn.Dense(self.features, dtype=self.dtype, name='dense_0')(emb))
-    emb = nn.Dense(self.features, dtype=self.dtype, name='dense_1')(emb)
+    kernel_init = nn.initializers.zeros if self.zero_init else nn.linear.default_kernel_init
+    emb = nn.Dense(self.features, kernel_init=kernel_init, dtype=self.dtype, name='dense_1')(emb)
     if self.num_classes:
       onehot = jax.nn.one_hot(drop_labels(self, cond, self.label_dropout, train), self.num_classes)  # < 0: zeros
       emb = emb + nn.Dense(self.features, use_bias=False, dtype=self.dtype, name='label')(onehot)
@@ -109,22 +112,32 @@ class NoiseLabelEmbedding(nn.Module):
 
 
 class Conditioned(nn.Module):
-  """What every network reads besides x: the fields of its conditioning on c_noise, class labels and a guidance
-  scale, shared by the MLP, DDPM++ / NCSN++, ADM (and the UNet) and DiT, and their one embedding.
+  """What every network reads besides x: the fields of its conditioning on c_noise, class labels, a guidance scale
+  and a second time, shared by the MLP, DDPM++ / NCSN++, ADM (and the UNet) and DiT, and their embeddings.
 
   Attributes:
     num_classes: number of class labels; 0 for an unconditional model.
     label_dropout: probability of dropping a training label, so the network also learns the unconditional
       F(x, c_noise, -1) that classifier-free guidance needs (a label < 0 is "no label").
     guidance_embedding: a guidance-scale input s, embedded like c_noise (sCD / LCM students of a guided teacher).
-    time_embedding: 'positional' or 'fourier' embedding of c_noise.
-    time_scale: positional multiplier of c_noise, or Fourier frequency std.
+    time_embedding: 'positional' or 'fourier' embedding of c_noise (and of the second time).
+    time_scale: positional multiplier of c_noise, or Fourier frequency std (the second time's too).
+    second_time: a second time input, the interval h = t - r of a two-time network u(z_t, r, t) (MeanFlow's
+      (t, t - r) conditioning): h [B] is embedded like c_noise (time_embedding, time_scale, the same widths) by its
+      own embedding 'interval_embed' and added to the time embedding (h = 0 when not given), as the official
+      MeanFlow DiT sums two timestep embedders.
+    interval_init: the interval embedding's initialisation: 'normal' (its dense layers as the time embedding's:
+      lecun-normal kernels, the official MeanFlow's from-scratch setting) or 'zeros' (its last layer zero: a fresh
+      interval input changes nothing, so a two-time student initialised from a one-time flow-matching teacher,
+      config.teacher.init, starts as that teacher).
   """
   num_classes: int = 0
   label_dropout: float = 0.0
   guidance_embedding: bool = False
   time_embedding: str = 'positional'
   time_scale: float = 1.0
+  second_time: bool = False
+  interval_init: str = 'normal'
 
   def embedding(self, features: int, noise_features: int = 0, dtype=None, name: str = 'embed'):
     """The NoiseLabelEmbedding of these fields (called inside the network's compact call)."""
@@ -132,6 +145,29 @@ class Conditioned(nn.Module):
                                num_classes=self.num_classes, label_dropout=self.label_dropout,
                                guidance=self.guidance_embedding, noise_features=noise_features, dtype=dtype,
                                name=name)
+
+  def check_second_time(self, interval, layout: str = 'cm_jax') -> None:
+    """An interval only to a network with model.second_time, and that only in cm_jax's own layout (the layouts of
+    released weights, EDM's and guided-diffusion's, have no second time)."""
+    if interval is not None and not self.second_time:
+      raise ValueError('A second time (t - r) was given to a network without a second time input '
+                       '(set model.second_time=True).')
+    if self.second_time and layout != 'cm_jax':
+      raise ValueError(f"model.second_time=True is an option of model.layout='cm_jax'; model.layout={layout!r} "
+                       'has no second time input.')
+
+  def interval_embedding(self, interval, c_noise, features: int, noise_features: int = 0, dtype=None):
+    """emb(h) [B, features] of the second time h = interval [B] (None: 0) by 'interval_embed' with model.second_time,
+    else 0 (called inside the network's compact call; an interval given to a one-time network raises)."""
+    self.check_second_time(interval)
+    if not self.second_time:
+      return 0.0
+    if self.interval_init not in INTERVAL_INITS:
+      raise ValueError(f'model.interval_init={self.interval_init!r}; expected one of {INTERVAL_INITS}.')
+    h = jnp.zeros_like(c_noise) if interval is None else jnp.broadcast_to(interval, c_noise.shape)
+    return NoiseLabelEmbedding(features=features, kind=self.time_embedding, scale=self.time_scale,
+                               noise_features=noise_features, zero_init=self.interval_init == 'zeros', dtype=dtype,
+                               name='interval_embed')(h)
 
 
 def adaptive_norm(mode, norm, h, emb, dtype=None):

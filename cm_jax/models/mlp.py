@@ -1,10 +1,9 @@
 """A residual MLP for 2-D toys and flat data [B, D]."""
 
 import flax.linen as nn
-import jax.numpy as jnp
 import numpy as np
 
-from cm_jax.models.layers import Conditioned, NoiseLabelEmbedding, adaptive_norm
+from cm_jax.models.layers import Conditioned, adaptive_norm
 
 MLP_NORMS = ('layer', 'nsln')
 
@@ -51,11 +50,10 @@ class MLP(Conditioned):
     guidance_embedding: a guidance-scale input s, embedded like c_noise (sCD / LCM students of a guided teacher).
     time_embedding: 'fourier' or 'positional' embedding of c_noise.
     time_scale: Fourier frequency std, or positional multiplier of c_noise.
+    second_time, interval_init: the second time input t - r and its embedding's initialisation (layers.Conditioned).
     adaptive_norm: 'shift' (LN(h + b(t))), 'scale_shift' (LN(h) (1 + s(t)) + b(t)) or 'double'
       (LN(h) pnorm(s(t)) + pnorm(b(t)), sCM).
     norm: 'layer' (LayerNorm) or 'nsln' (non-scaling LayerNorm: no scale parameter; improved latent CT).
-    second_time: a second time input, the interval h = t - r of a two-time network u(z_t, r, t) (MeanFlow's
-      (t, t - r) conditioning): h [B] is embedded like c_noise by its own embedding and added (h = 0 when not given).
   """
   hidden: int = 256
   depth: int = 4
@@ -63,7 +61,6 @@ class MLP(Conditioned):
   time_scale: float = 1000.0  # the conditioning fields are layers.Conditioned's
   adaptive_norm: str = 'shift'
   norm: str = 'layer'
-  second_time: bool = False
 
   @nn.compact
   def __call__(self, x, c_noise, cond=None, train=False, guidance=None, interval=None):
@@ -71,17 +68,8 @@ class MLP(Conditioned):
     (s = 1), interval [B] or None (the second time t - r, model.second_time; None: 0) to x's shape."""
     shape = x.shape
     x = x.reshape(shape[0], -1)
-    emb = NoiseLabelEmbedding(
-        features=self.hidden, kind=self.time_embedding, scale=self.time_scale, num_classes=self.num_classes,
-        label_dropout=self.label_dropout, guidance=self.guidance_embedding,
-        name='time_embed')(c_noise, cond, train, guidance)
-    if interval is not None and not self.second_time:
-      raise ValueError('A second time (t - r) was given to a network without a second time input '
-                       '(set model.second_time=True).')
-    if self.second_time:
-      h = jnp.zeros_like(c_noise) if interval is None else jnp.broadcast_to(interval, c_noise.shape)
-      emb = emb + NoiseLabelEmbedding(features=self.hidden, kind=self.time_embedding, scale=self.time_scale,
-                                      name='interval_embed')(h)
+    emb = self.embedding(self.hidden, name='time_embed')(c_noise, cond, train, guidance)
+    emb = emb + self.interval_embedding(interval, c_noise, self.hidden)
     h = nn.Dense(self.hidden, name='dense_in')(x)
     for i in range(self.depth):
       h = MLPBlock(self.hidden, self.dropout, self.adaptive_norm, self.norm, name=f'block_{i}')(h, emb, train)

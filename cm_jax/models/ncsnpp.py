@@ -22,7 +22,7 @@ class NCSNpp(Conditioned):
   """DDPM++ / NCSN++: F(x, c_noise, cond) with the shape of x. The defaults are CIFAR-10 DDPM++ (55.7M parameters).
 
   The conditioning fields are layers.Conditioned's (time_embedding 'positional' in DDPM++, 'fourier' with
-  time_scale 16 in NCSN++).
+  time_scale 16 in NCSN++; second_time: the interval t - r embedded like c_noise and added, 'cm_jax' layout only).
 
   Attributes:
     channels: base width; level i has channels * channel_mult[i] channels.
@@ -66,9 +66,11 @@ class NCSNpp(Conditioned):
   decoder_type: str = 'standard'
 
   @nn.compact
-  def __call__(self, x, c_noise, cond=None, train=False, guidance=None, augment_labels=None):
-    """Maps x [B, H, W, C], c_noise [B], cond [B] int (< 0: no label) or None, guidance [B] or None (s = 1) and
-    EDM's augment_labels [B, augment_dim] or None (no augmentation) to [B, H, W, C] (float32)."""
+  def __call__(self, x, c_noise, cond=None, train=False, guidance=None, augment_labels=None, interval=None):
+    """Maps x [B, H, W, C], c_noise [B], cond [B] int (< 0: no label) or None, guidance [B] or None (s = 1), EDM's
+    augment_labels [B, augment_dim] or None (no augmentation) and interval [B] or None (the second time t - r,
+    model.second_time; None: 0) to [B, H, W, C] (float32)."""
+    self.check_second_time(interval, self.layout)
     if self.layout == 'edm':
       return edm.song_unet(self, x, c_noise, cond, train, guidance, augment_labels)
     if self.layout != 'cm_jax':
@@ -80,7 +82,9 @@ class NCSNpp(Conditioned):
         remat_block(self.remat), attention_kernel=self.attention_kernel, dropout=self.dropout,
         skip_scale=np.sqrt(0.5), adaptive_norm=self.adaptive_norm,
         resample_filter=tuple(self.resample_filter), resample_proj=True, eps=eps, dtype=self.dtype, norm=self.norm)
-    embed = self.embedding(self.channels * self.emb_mult, self.channels * self.noise_mult, self.dtype)
-    return unet(x, c_noise, cond, train, guidance, net=self, block=block, embed=embed,
+    features, noise_features = self.channels * self.emb_mult, self.channels * self.noise_mult
+    embed = self.embedding(features, noise_features, self.dtype)
+    second = self.interval_embedding(interval, c_noise, features, noise_features, self.dtype)
+    return unet(x, c_noise, cond, train, guidance, net=self, block=block, embed=lambda *a: embed(*a) + second,
                 attention_blocks=lambda res: (self.num_res_blocks,) if res in self.attn_resolutions else (),
                 residual_input=self.residual_input, resample_filter=tuple(self.resample_filter), eps=eps)

@@ -1,0 +1,197 @@
+"""The second time input of every network (model.second_time, layers.Conditioned.interval_embedding): MeanFlow's
+(t, t - r) conditioning on the MLP, UNet, NCSN++, ADM and DiT.
+
+A two-time network is its one-time network plus the embedding 'interval_embed' of h = t - r (the same kind and widths
+as the time embedding, added to it); its output depends on h; a fresh 'zeros' embedding changes nothing (the network
+is then its one-time network, whatever h), a fresh 'normal' one does; a network without the option refuses an
+interval; and one MeanFlow train step runs on the UNet, NCSN++ and ADM with it.
+"""
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from cm_jax.models import build_model
+from cm_jax.objectives import make_objective
+from configs import cifar10_meanflow, imagenet256_imeanflow
+
+# One level on 8x8 images (the conditioning under test is the same at every level, and compiles stay short).
+_ONE_LEVEL = dict(channels=8, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(8,))
+NETWORKS = {  # name -> (fields, input shape, (embedding width, sinusoid features))
+    'mlp': (dict(name='mlp', hidden=16, depth=1), (2, 6), (16, 16)),
+    'unet': (dict(_ONE_LEVEL, name='unet'), (2, 8, 8, 3), (32, 8)),
+    'ncsnpp': (dict(_ONE_LEVEL, name='ncsnpp', dropout=0.0, time_embedding='fourier', time_scale=16.0,
+                    noise_mult=2), (2, 8, 8, 3), (32, 16)),
+    'adm': (dict(_ONE_LEVEL, name='adm', head_dim=4, num_classes=0, dropout=0.0), (2, 8, 8, 3), (32, 8)),
+    'dit': (dict(name='dit', size='', depth=1, hidden=16, heads=2, patch_size=2), (2, 8, 8, 3), (16, 256)),
+}
+C_NOISE = jnp.array([0.3, 0.8])
+
+
+def _model(name, **fields):
+  return build_model(dict(NETWORKS[name][0], **fields))
+
+
+def _x(name, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(NETWORKS[name][1]), jnp.float32)
+
+
+def _init(name, **fields):
+  """The network's parameters at a fresh init (key 0)."""
+  model = _model(name, **fields)
+  return jax.jit(lambda x: model.init({'params': jax.random.key(0)}, x, C_NOISE)['params'])(_x(name))
+
+
+def _flat(params):
+  return flax.traverse_util.flatten_dict(params, sep='/')
+
+
+def _randomised(params, keep='', seed=0):
+  """Every parameter redrawn in numpy, non-zero (kernels N(0, 1/fan_in), vectors N(0, 0.1^2), scales 1 + that),
+  except those whose path starts with `keep`."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, p):
+    if keep and path.startswith(keep):
+      return p
+    noise = rng.standard_normal(p.shape).astype(np.float32)
+    if p.ndim > 1:
+      return jnp.asarray(noise / np.sqrt(np.prod(p.shape[:-1])))
+    return jnp.asarray((1.0 if path.endswith('scale') else 0.0) + 0.1 * noise)
+
+  return flax.traverse_util.unflatten_dict({k: draw(k, v) for k, v in _flat(params).items()}, sep='/')
+
+
+def _without_interval(params):
+  return flax.traverse_util.unflatten_dict(
+      {k: v for k, v in _flat(params).items() if not k.startswith('interval_embed/')}, sep='/')
+
+
+def _apply(model, params, x, interval=None):
+  return jax.jit(lambda p, x, h: model.apply({'params': p}, x, C_NOISE, interval=h))(params, x, interval)
+
+
+@pytest.mark.parametrize('name', sorted(NETWORKS))
+def test_two_time_network_is_the_one_time_network_plus_its_interval_embedding(name):
+  """The same parameters at the same init (the one-time tree unchanged), plus interval_embed: sinusoids of h -> a
+  dense layer of the embedding's width -> another, as the time embedding's."""
+  width, sinusoids = NETWORKS[name][2]
+  one, two = _flat(_init(name)), _flat(_init(name, second_time=True))
+  extra = {k: v.shape for k, v in two.items() if k not in one}
+  assert extra == {'interval_embed/dense_0/kernel': (sinusoids, width), 'interval_embed/dense_0/bias': (width,),
+                   'interval_embed/dense_1/kernel': (width, width), 'interval_embed/dense_1/bias': (width,)}
+  assert set(one) <= set(two)
+  for k, v in one.items():
+    np.testing.assert_array_equal(two[k], v, err_msg=k)
+
+
+@pytest.mark.parametrize('name', sorted(NETWORKS))
+def test_output_depends_on_the_interval(name):
+  """With trained (here: random) parameters, F(x, t, h) differs for two intervals in every example, and h = None
+  is h = 0."""
+  model = _model(name, second_time=True)
+  params, x = _randomised(_init(name, second_time=True)), _x(name, 1)
+  none, zero = _apply(model, params, x), _apply(model, params, x, jnp.zeros(2))
+  np.testing.assert_allclose(none, zero, rtol=1e-6, atol=1e-6)
+  a, b = _apply(model, params, x, jnp.array([0.1, 0.2])), _apply(model, params, x, jnp.array([0.5, 0.7]))
+  assert np.all(np.abs(np.asarray(a - b)).reshape(2, -1).max(1) > 1e-4)
+
+
+@pytest.mark.parametrize('name', sorted(NETWORKS))
+def test_a_fresh_interval_embedding_by_its_init(name):
+  """The rest of the network trained (random), interval_embed fresh: with interval_init='zeros' (its last layer
+  zero, its first not) F is the one-time network with the same other parameters for every h; with 'normal' (the
+  default) the fresh embedding already moves F with h."""
+  x = _x(name, 2)
+  one_time = _model(name)
+  fresh = _init(name, second_time=True, interval_init='zeros')
+  params = _randomised(fresh, keep='interval_embed/')
+  assert not np.any(params['interval_embed']['dense_1']['kernel'])
+  assert np.all(np.abs(np.asarray(params['interval_embed']['dense_0']['kernel'])).max(0) > 0)
+  reference = _apply(one_time, _without_interval(params), x)
+  model = _model(name, second_time=True, interval_init='zeros')
+  for h in (None, jnp.array([0.0, 0.0]), jnp.array([0.3, 0.9])):
+    np.testing.assert_allclose(_apply(model, params, x, h), reference, rtol=1e-6, atol=1e-6)
+
+  normal = _model(name, second_time=True)
+  params = _randomised(_init(name, second_time=True), keep='interval_embed/')
+  a, b = _apply(normal, params, x, jnp.array([0.1, 0.2])), _apply(normal, params, x, jnp.array([0.5, 0.7]))
+  assert np.all(np.abs(np.asarray(a - b)).reshape(2, -1).max(1) > 1e-4)
+
+
+@pytest.mark.parametrize('name', sorted(NETWORKS))
+def test_a_one_time_network_refuses_an_interval(name):
+  model = _model(name)
+  x = _x(name)
+  with pytest.raises(ValueError, match=r'without a second time input \(set model.second_time=True\)'):
+    jax.eval_shape(lambda: model.init({'params': jax.random.key(0)}, x, C_NOISE, interval=jnp.zeros(2)))
+  bad = _model(name, second_time=True, interval_init='uniform')
+  with pytest.raises(ValueError, match=r"model.interval_init='uniform'; expected one of \('normal', 'zeros'\)"):
+    jax.eval_shape(lambda: bad.init({'params': jax.random.key(0)}, x, C_NOISE))
+
+
+@pytest.mark.parametrize('name,layout', [('ncsnpp', 'edm'), ('adm', 'edm'), ('adm', 'guided_diffusion')])
+def test_the_released_weight_layouts_have_no_second_time(name, layout):
+  """EDM's SongUNet / DhariwalUNet and guided-diffusion's UNet are their files' networks: no second time there."""
+  x = _x(name)
+  model = _model(name, second_time=True, layout=layout)
+  with pytest.raises(ValueError, match=rf"model.second_time=True is an option of model.layout='cm_jax'; "
+                                       rf"model.layout='{layout}'"):
+    jax.eval_shape(lambda: model.init({'params': jax.random.key(0)}, x, C_NOISE))
+  one_time = _model(name, layout=layout)
+  with pytest.raises(ValueError, match='set model.second_time=True'):
+    jax.eval_shape(lambda: one_time.init({'params': jax.random.key(0)}, x, C_NOISE, interval=jnp.zeros(2)))
+
+
+@pytest.mark.parametrize('name', ['unet', 'ncsnpp', 'adm'])
+def test_a_meanflow_train_step_on_the_convolutional_networks(name):
+  """One MeanFlow loss of cifar10_meanflow's objective (one jax.jvp through the network), its gradient and an Adam
+  step: finite, the gradient reaches both layers of the interval embedding, and the step lowers the loss on its batch
+  (the same draws)."""
+  config = cifar10_meanflow.get_config()  # its objective: MeanFlow's CIFAR-10 setting
+  config.model = ml_collections.ConfigDict(dict(NETWORKS[name][0], second_time=True))
+  model = build_model(config.model)
+  objective = make_objective(config, model)
+  params = jax.tree.map(lambda p: 0.3 * p, _randomised(_init(name, second_time=True), seed=3))
+  batch = {'image': jnp.asarray(np.random.default_rng(4).uniform(-1, 1, (4, 8, 8, 3)), jnp.float32)}
+  value_and_grad = jax.jit(jax.value_and_grad(
+      lambda p: objective.loss(p, {}, {}, batch, jax.random.PRNGKey(5), 0), has_aux=True))
+  (value, metrics), grads = value_and_grad(params)
+  assert np.isfinite(float(value)) and float(value) > 0 and float(metrics['dudt_norm']) > 0
+  for layer in ('dense_0', 'dense_1'):
+    assert np.abs(np.asarray(grads['interval_embed'][layer]['kernel'])).max() > 0, layer
+  tx = optax.adam(1e-4)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  (after, _), _ = value_and_grad(optax.apply_updates(params, updates))
+  assert float(after) < float(value)
+
+
+def _count(model, shape):
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1,) + shape), jnp.zeros((1,)),
+                                             jnp.zeros((1,), jnp.int32)))
+  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))
+
+
+@pytest.mark.parametrize('arg,dims', [('b2', (12, 768, 12)), ('xl2', (48, 1024, 16))])
+def test_imagenet256_imeanflow_builds_the_imf_shapes_with_the_cfg_scale_as_a_condition(arg, dims):
+  """iMF-B/2 and iMF-XL/2: the official depth, width and heads, patch 2, 1000 classes dropped by the objective, the
+  second time and the guidance input; the objective feeds the sampled CFG scale and the sampler's scale is in the
+  trained range [1, 1 + cfg_scale_max]."""
+  config = imagenet256_imeanflow.get_config(arg)
+  model = build_model(config.model)
+  assert (model.dims(), model.patch_size, model.num_classes, model.label_dropout) == (dims, 2, 1000, 0.0)
+  assert model.second_time and model.guidance_embedding
+  assert make_objective(config, model).feeds_guidance
+  obj = config.objective
+  assert (obj.flow_share, obj.norm_p, obj.norm_c, obj.cfg_scale_max, obj.class_dropout) == (0.5, 1.0, 0.01, 7.0, 0.1)
+  assert 1.0 <= config.sampling.guidance_scale <= 1.0 + obj.cfg_scale_max
+  assert config.latent.cache and config.optim.b2 == 0.95 and config.train.batch_size == 1024
+  if arg == 'b2':  # DiT-B/2 plus the interval's timestep MLP and the guidance input's dense layer
+    hidden = dims[1]
+    plain = build_model(dict(name='dit', size='B', patch_size=2, num_classes=1000))
+    assert _count(model, (32, 32, 4)) == (_count(plain, (32, 32, 4)) + (256 * hidden + hidden**2 + 2 * hidden)
+                                          + (256 * hidden + hidden))
