@@ -10,7 +10,9 @@
   statistics of a latent cache z = (mean - mu) / s * 0.5 per channel ('per_channel') or per element ('per_element',
   improved latent CT's reference code).
 * Encoded on the fly by the frozen encoder inside the train step (LCM), or once by `--mode=encode` into an ArrayRecord
-  cache with its statistics (`write_cache`; improved latent CT), read back as the run's data set.
+  cache with its statistics (`write_cache`; improved latent CT), read back as the run's data set. A record holds what
+  the run's space reads (`CacheEncoding`): the posterior mean and label; for a text-to-image run (text_latents.py)
+  also the posterior log-variance, the text encoders' states and the caption.
 * Samples are decoded (and clipped to [-1, 1]) for grids, the digits proxy and FID.
 """
 
@@ -44,7 +46,8 @@ POSTERIORS = ('mean', 'sample')
 _CACHE_JSON = 'cache.json'
 _CACHE_STATS = 'stats.npz'
 _STATS = ('element_mean', 'element_std', 'channel_mean', 'channel_std')
-_CACHE_DATA = ('name', 'split', 'path', 'image_size', 'num_records')  # the data keys a cache records and is checked on
+# the data keys a cache records (those the config has) and is checked on
+_CACHE_DATA = ('name', 'split', 'path', 'image_size', 'num_records', 'caption_key', 'resample')
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -308,12 +311,62 @@ def load_diffusers_pipeline(path, lora=None, lora_scale: float = 1.0) -> Pipelin
 # ----------------------------------------------------------------------------------------------------------
 # The latent cache of --mode=encode.
 # ----------------------------------------------------------------------------------------------------------
-def _record(latent: np.ndarray, label: int) -> bytes:
-  return flax.serialization.msgpack_serialize({'latent': np.asarray(latent, np.float32), 'label': int(label)})
+LATENT, LOGVAR, CAPTION = 'latent', 'logvar', 'caption'  # record fields: the batch's image, its log-variance, text
+_PATH_KEYS = ('autoencoder', 'pipeline')  # made_with keys compared as resolved paths
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheEncoding:
+  """What --mode=encode writes of a data source: encode(indices) -> {field: [n, ...]} of the records at `indices`
+  ('latent': what the space reads as the batch's image, e.g. the unscaled posterior mean; 'label'; optionally
+  CAPTION, a list of strings, and more arrays: a text-to-image cache's 'logvar' and text states), `made_with` the
+  models that encode them as cache.json records them (a cache made with others is refused), `shape` the latent's."""
+  source: Any
+  encode: Any
+  made_with: dict
+  shape: tuple
+
+
+def autoencoder_encoding(config) -> CacheEncoding:
+  """The unscaled posterior means (float32) of config.data under config.latent.autoencoder, with their labels."""
+  source = data_lib.build_source(config.data)
+  autoencoder = load_autoencoder(config.latent.autoencoder)
+
+  def encode(indices):
+    batch = source.get(indices)
+    mean = autoencoder.posterior(source_lib.to_model_range(batch['image']))[0]
+    return {LATENT: np.asarray(mean, np.float32), 'label': batch['label']}
+  return CacheEncoding(source, encode, {'autoencoder': str(autoencoder.path)},
+                       autoencoder.module.latent_shape(source.shape))
+
+
+def cache_encoding(config) -> CacheEncoding:
+  """The encoding of config's cache: a text-to-image run's (latent.pipeline; text_latents.cache_encoding), else the
+  autoencoder's."""
+  if config.latent.get('pipeline'):
+    from cm_jax import text_latents  # pylint: disable=g-import-not-at-top
+    return text_latents.cache_encoding(config)
+  return autoencoder_encoding(config)
+
+
+def made_with(config) -> dict:
+  """What encodes config's cache, as cache.json records it (CacheEncoding.made_with), without reading the data."""
+  if config.latent.get('pipeline'):
+    from cm_jax import text_latents  # pylint: disable=g-import-not-at-top
+    return text_latents.made_with(config.latent)
+  return {'autoencoder': str(load_autoencoder(config.latent.autoencoder).path)}
+
+
+def _record(fields: dict) -> bytes:
+  """One record's msgpack: arrays as they are, numpy scalars as Python numbers."""
+  return flax.serialization.msgpack_serialize({k: v.item() if isinstance(v, np.generic) else v
+                                               for k, v in fields.items()})
 
 
 class LatentCacheSource:
-  """The records of a latent cache: {'image': unscaled posterior means [n, h, w, c], 'label'} (data/source.py)."""
+  """The records of a latent cache (data/source.py): get -> {'image': the records' 'latent' (posterior means,
+  unscaled, or a pixel pipeline's images) [n, ...], 'label' and the other arrays they hold (a text-to-image cache's
+  'logvar' and text states)}; `captions(indices)` -> a text-to-image cache's captions."""
 
   def __init__(self, directory):
     from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
@@ -327,9 +380,9 @@ class LatentCacheSource:
       self.meta = json.loads(meta.read_text())
       self.shape, self.num_classes = tuple(self.meta['shape']), int(self.meta['num_classes'])
       shards = [self.directory / name for name in self.meta['shards']]
+      self.dtype = np.dtype(self.meta.get('fields', {}).get(LATENT, 'float32'))
     except (ValueError, KeyError, TypeError) as e:
       raise ValueError(f'{meta} is not the index of a latent cache ({type(e).__name__}: {e}): {rewrite}') from e
-    self.dtype = np.dtype(np.float32)
     try:
       with (self.directory / _CACHE_STATS).open('rb') as f:
         stats = np.load(f, allow_pickle=False)
@@ -350,47 +403,94 @@ class LatentCacheSource:
   def __len__(self) -> int:
     return len(self._records)
 
+  def _read(self, indices) -> list:
+    return [flax.serialization.msgpack_restore(r) for r in self._records.__getitems__([int(i) for i in indices])]
+
   def get(self, indices) -> dict:
-    examples = [flax.serialization.msgpack_restore(r) for r in self._records.__getitems__([int(i) for i in indices])]
-    return {'image': np.stack([e['latent'] for e in examples]).astype(np.float32),
-            'label': np.array([e['label'] for e in examples], np.int32)}
+    examples = self._read(indices)
+    batch = {('image' if k == LATENT else k): np.stack([e[k] for e in examples]) for k in examples[0] if k != CAPTION}
+    return dict(batch, label=batch['label'].astype(np.int32))
+
+  def captions(self, indices) -> list[str]:
+    examples = self._read(indices)
+    if examples and CAPTION not in examples[0]:
+      raise ValueError(f'The latent cache {self.directory} holds no captions: it is the cache of a class-conditional '
+                       'latent run (latent.autoencoder), not of a text-to-image run (latent.pipeline).')
+    return [e[CAPTION] for e in examples]
 
 
-def _check_cache_is_of(cache: LatentCacheSource, autoencoder: Autoencoder, data=None) -> None:
-  """Stops when the latent cache was encoded with another autoencoder (or, given `data`, from other data)."""
-  made_with = epath.Path(cache.meta['autoencoder']).resolve()
-  if made_with != epath.Path(autoencoder.path).resolve():
-    raise ValueError(f'The latent cache {cache.directory} was encoded with {made_with}, not with latent.autoencoder='
-                     f'{autoencoder.path}: set another latent.cache, or delete it and encode again.')
+def _describe(made: dict) -> str:
+  return ', '.join(f'latent.{k}={v}' if k in _PATH_KEYS else f'{k} {v}' for k, v in made.items()) or 'nothing known'
+
+
+def _check_cache_is_of(cache: LatentCacheSource, made: dict, data=None) -> None:
+  """Stops when the latent cache was made with other models than `made` (CacheEncoding.made_with) or, given `data`,
+  from other data (a key this config lacks is not compared)."""
+  same = lambda k, v: (cache.meta.get(k) is not None and epath.Path(cache.meta[k]).resolve() == epath.Path(v).resolve()
+                       if k in _PATH_KEYS else cache.meta.get(k) == v)
+  if not all(same(k, v) for k, v in made.items()):
+    there = {k: cache.meta[k] for k in (*_PATH_KEYS, *made) if k in cache.meta}
+    raise ValueError(f'The latent cache {cache.directory} was encoded with {_describe(there)}, not with '
+                     f'{_describe(made)}: set another latent.cache, or delete it and encode again.')
   recorded = cache.meta.get('data', {}) if data is not None else {}
   differ = [f'data.{k} is {recorded[k]!r} there, {data.get(k)!r} here' for k in _CACHE_DATA
-            if k in recorded and recorded[k] != data.get(k)]
+            if k in recorded and recorded[k] != data.get(k, recorded[k])]
   if differ:
     raise ValueError(f'The latent cache {cache.directory} was encoded from other data ({"; ".join(differ)}): set '
                      'another latent.cache, or delete it and encode again.')
 
 
+def open_cache(directory, made: dict, latent_shape, data=None) -> LatentCacheSource:
+  """The latent cache in `directory`, checked to be made with `made` (and from `data`, if given) and to hold latents
+  of the shape latent_shape(its image shape) gives."""
+  cache = LatentCacheSource(directory)
+  _check_cache_is_of(cache, made, data)
+  expected = tuple(latent_shape(tuple(cache.meta['image_shape'])))
+  if cache.shape != expected:
+    raise ValueError(f'The latent cache {directory} holds latents of shape {cache.shape}; the autoencoder makes '
+                     f'{expected}: delete it and encode again.')
+  return cache
+
+
 def complete_cache(config, directory):
-  """The complete latent cache in `directory` when it holds one of config.latent.autoencoder and config.data
+  """The complete latent cache in `directory` when it holds one of config's models (`made_with`) and config.data
   (--mode=encode has nothing to do then), None when it holds none (no cache.json).
 
   Raises:
-    ValueError: the cache there is of another autoencoder or other data, or its files are unreadable (named).
+    ValueError: the cache there is of other models or other data, or its files are unreadable (named).
   """
   if not (epath.Path(directory) / _CACHE_JSON).exists():
     return None
   cache = LatentCacheSource(directory)
-  _check_cache_is_of(cache, load_autoencoder(config.latent.autoencoder), config.data)
+  _check_cache_is_of(cache, made_with(config), config.data)
   return cache
 
 
+def _encode_share(writer, encoding: CacheEncoding, mine: np.ndarray, batch_size: int):
+  """Writes the records `mine` through `encoding`; (sum, sum of squares) of their latents and the fields' dtypes."""
+  total, total_sq = np.zeros(encoding.shape, np.float64), np.zeros(encoding.shape, np.float64)
+  fields = {}
+  for chunk in np.array_split(mine, max(1, -(-len(mine) // batch_size))):
+    if not len(chunk):
+      continue
+    encoded = encoding.encode(chunk)
+    latent = np.asarray(encoded[LATENT], np.float64)
+    total, total_sq = total + latent.sum(0), total_sq + (latent**2).sum(0)
+    for i in range(len(chunk)):
+      writer.write(_record({k: v[i] for k, v in encoded.items()}))
+    fields = {k: str(v.dtype) for k, v in encoded.items() if isinstance(v, np.ndarray)}
+    logging.info('Encoded %d / %d records.', chunk[-1] + 1 - mine[0], len(mine))
+  return total, total_sq, fields
+
+
 def write_cache(config, directory) -> LatentCacheSource:
-  """Encodes config.data through config.latent.autoencoder into an ArrayRecord cache in `directory`.
+  """Encodes config.data into an ArrayRecord cache in `directory` (`cache_encoding`: the posterior means under
+  config.latent.autoencoder, or a text-to-image run's VAE moments and text-encoder states).
 
   Each process encodes its contiguous share of the records into its own shard; the per-element and per-channel
-  mean / std of the unscaled posterior means (over all records) go to stats.npz, and cache.json, written last by
-  process 0, marks the cache complete (written atomically). A directory that already holds a complete cache is
-  refused (cached: `complete_cache`).
+  mean / std of the latents (over all records) go to stats.npz, and cache.json (the models, the data, the fields'
+  dtypes), written last by process 0, marks the cache complete (written atomically). A directory that already holds
+  a complete cache is refused (cached: `complete_cache`).
   """
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -398,22 +498,14 @@ def write_cache(config, directory) -> LatentCacheSource:
   workdir_lib.writable_directory(directory, 'the latent cache', 'latent.cache')
   if (directory / _CACHE_JSON).exists():
     raise ValueError(f'{directory} already holds a latent cache; delete it or set another latent.cache.')
-  source = data_lib.build_source(config.data)
-  autoencoder = load_autoencoder(config.latent.autoencoder)
-  shape = autoencoder.module.latent_shape(source.shape)
+  encoding = cache_encoding(config)
+  source, shape = encoding.source, tuple(encoding.shape)
   directory.mkdir(parents=True, exist_ok=True)
   count, index = jax.process_count(), jax.process_index()
   mine = np.array_split(np.arange(len(source)), count)[index]
   shards = [f'latents-{i:05d}-of-{count:05d}.array_record' for i in range(count)]
   writer = array_record_module.ArrayRecordWriter(str(directory / shards[index]), 'group_size:1')
-  total, total_sq = np.zeros(shape, np.float64), np.zeros(shape, np.float64)
-  for chunk in np.array_split(mine, max(1, -(-len(mine) // config.latent.encode_batch_size))):
-    batch = source.get(chunk)
-    mean = np.asarray(autoencoder.posterior(source_lib.to_model_range(batch['image']))[0], np.float64)
-    total, total_sq = total + mean.sum(0), total_sq + (mean**2).sum(0)
-    for latent, label in zip(mean, batch['label']):
-      writer.write(_record(latent, label))
-    logging.info('Encoded %d / %d records.', chunk[-1] + 1 - mine[0], len(mine))
+  total, total_sq, fields = _encode_share(writer, encoding, mine, config.latent.encode_batch_size)
   writer.close()
   sums = np.asarray(multihost_utils.process_allgather(np.stack([total, total_sq]))).reshape((-1, 2) + shape).sum(0)
   n = len(source)
@@ -423,10 +515,10 @@ def write_cache(config, directory) -> LatentCacheSource:
     with (directory / _CACHE_STATS).open('wb') as f:
       np.savez(f, element_mean=element_mean, element_std=np.sqrt(np.maximum(element_sq - element_mean**2, 1e-12)),
                channel_mean=channel_mean, channel_std=np.sqrt(np.maximum(channel_sq - channel_mean**2, 1e-12)))
-    workdir_lib.write_atomically(directory / _CACHE_JSON, json.dumps({
-        'autoencoder': str(autoencoder.path), 'data': {k: config.data.get(k) for k in _CACHE_DATA},
-        'image_shape': list(source.shape), 'shape': list(shape), 'count': n, 'num_classes': source.num_classes,
-        'shards': shards}, indent=2))
+    data = {k: config.data[k] for k in _CACHE_DATA if k in config.data}
+    workdir_lib.write_atomically(directory / _CACHE_JSON, json.dumps(dict(
+        encoding.made_with, data=data, image_shape=list(source.shape), shape=list(shape), count=n,
+        num_classes=source.num_classes, fields=fields, shards=shards), indent=2))
   multihost_utils.sync_global_devices('latent cache written')
   return LatentCacheSource(directory)
 
@@ -482,13 +574,14 @@ class LatentSpace:
     return z / 0.5 * std + mean
 
   def prepare(self, params, batch, rng):
-    """batch['image'] as normalised latents: the encoder's posterior mean or sample (online) or the cache's mean."""
-    raw = batch['image']
+    """batch['image'] as normalised latents: the posterior mean or a sample mean + exp(logvar / 2) N(0, I) (drawn
+    from `rng`) of the encoder's moments (online) or of the cache's (its means; a text-to-image cache's LOGVAR too)."""
+    batch = dict(batch)
+    raw, logvar = batch['image'], batch.pop(LOGVAR, None)
     if self.online:
-      mean, logvar = self.autoencoder.moments(params, source_lib.to_model_range(raw))
-      raw = mean
-      if self.posterior == 'sample':
-        raw = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
+      raw, logvar = self.autoencoder.moments(params, source_lib.to_model_range(raw))
+    if self.posterior == 'sample':
+      raw = raw + jnp.exp(0.5 * logvar) * jax.random.normal(rng, raw.shape)
     return dict(batch, image=self.normalize(jax.lax.stop_gradient(raw)))
 
   def decode(self, params, samples):
@@ -534,12 +627,7 @@ def build(config, mesh=None):
   check_latent_config(latent)
   autoencoder = load_autoencoder(latent.autoencoder)
   if latent.cache:
-    source = LatentCacheSource(latent.cache)
-    _check_cache_is_of(source, autoencoder)
-    expected = autoencoder.module.latent_shape(tuple(source.meta['image_shape']))
-    if source.shape != expected:
-      raise ValueError(f'The latent cache {latent.cache} holds latents of shape {source.shape}; the autoencoder makes '
-                       f'{expected}.')
+    source = open_cache(latent.cache, {'autoencoder': str(autoencoder.path)}, autoencoder.module.latent_shape)
     shape, online = source.shape, False
     stats = None
     if latent.normalization != 'scaling_factor':

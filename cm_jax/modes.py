@@ -2,7 +2,7 @@
 
   sample: samples of the newest checkpoint (or of a text-to-image run's pipeline itself) to WORKDIR/samples
   eval:   the digits-proxy quality table of the newest checkpoint and its teacher
-  encode: the latent cache of config.data under config.latent.autoencoder
+  encode: the latent cache of config.data under config.latent.autoencoder (or a text-to-image run's pipeline)
 """
 
 import jax
@@ -47,16 +47,18 @@ def evaluate(config, workdir: str, devices=None):
 
 
 def encode(config, workdir: str, devices=None):
-  """--mode=encode: writes config.latent.cache, the latent cache of config.data under config.latent.autoencoder; a
-  complete cache of the same autoencoder and data there already is said to be there (exit 0)."""
+  """--mode=encode: writes config.latent.cache from config.data, the posterior means under config.latent.autoencoder
+  or (latent.pipeline) a text-to-image run's VAE moments and text-encoder states (latents.write_cache); a complete
+  cache of the same models and data there already is said to be there (exit 0)."""
   del workdir, devices
-  if not config.latent.autoencoder or not config.latent.cache:
-    raise ValueError('--mode=encode writes config.latent.cache from config.data through config.latent.autoencoder: '
-                     'set both.')
-  cache = latents.complete_cache(config, config.latent.cache)
+  latent = config.latent
+  if not (latent.autoencoder or latent.get('pipeline')) or not latent.cache:
+    raise ValueError('--mode=encode writes config.latent.cache from config.data through config.latent.autoencoder '
+                     '(or a text-to-image run\'s latent.pipeline): set it and latent.cache.')
+  cache = latents.complete_cache(config, latent.cache)
   if cache is not None:  # encoded already: nothing to do
-    console.say(f'The latent cache {config.latent.cache} is already there: {len(cache)} records of shape '
-                f'{cache.shape}, of this autoencoder and data.')
+    console.say(f'The latent cache {latent.cache} is already there: {len(cache)} records of shape {cache.shape}, of '
+                f'this {"pipeline" if latent.get("pipeline") else "autoencoder"} and data.')
     return
-  cache = latents.write_cache(config, config.latent.cache)
-  console.say(f'Wrote the latent cache {config.latent.cache}: {len(cache)} records of shape {cache.shape}.')
+  cache = latents.write_cache(config, latent.cache)
+  console.say(f'Wrote the latent cache {latent.cache}: {len(cache)} records of shape {cache.shape}.')
