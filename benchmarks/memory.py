@@ -41,7 +41,7 @@ def on_mesh(image_folder: str, data: int, fsdp: int) -> ml_collections.ConfigDic
   """--config reading `image_folder`, on a mesh {data, fsdp} of 8 devices."""
   c = ml_collections.ConfigDict(_CONFIG.value.to_dict())
   c.data.name, c.data.path, c.data.image_size, c.train.batch_size = 'image_folder', image_folder, 0, 8
-  c.teacher.workdir = ''
+  c.teacher.workdir = c.teacher.checkpoint = ''  # the state's layout reads no teacher
   c.mesh.shape = dict(data=data, fsdp=fsdp)
   return c
 

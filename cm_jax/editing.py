@@ -302,7 +302,7 @@ def check_edit(config, exp) -> None:
     raise ValueError(f'edit.task=\'interpolate\' reads no input (edit.input={e.input!r}): it interpolates noises.')
   if e.task == 'interpolate' and e.num_points < 2:
     raise ValueError(f'edit.num_points={e.num_points} must be at least 2.')
-  p = exp.param
+  p = exp.process
   if e.task == 'denoise' and not p.sigma_min < e.noise_sigma <= p.sigma_max:
     raise ValueError(f'edit.noise_sigma={e.noise_sigma} must be in (sigma_min, sigma_max] = ({p.sigma_min}, '
                      f'{p.sigma_max}].')
@@ -311,7 +311,7 @@ def check_edit(config, exp) -> None:
 def _net_fn(exp, params, cond, batch: int):
   """f(x, t) of the run's network, its labels and guidance scale bound, clamped with sampling.clip_denoised."""
   guidance = jnp.full((batch,), float(exp.config.sampling.guidance_scale), jnp.float32)
-  return sampling.consistency_fn(exp.param, network(exp.model, params, cond, guidance=guidance),
+  return sampling.consistency_fn(exp.process, network(exp.model, params, cond, guidance=guidance),
                                  sampling.clip_denoised(exp.config))
 
 
@@ -329,7 +329,7 @@ class Job:
 
 def prepare(config, exp, rng) -> Job:
   """config.edit as a Job, every input read and checked (nothing is sampled yet)."""
-  e, process, shape = config.edit, exp.param, exp.shape
+  e, process, shape = config.edit, exp.process, exp.shape
   labels = None
   if e.task == 'interpolate':
     z1, z2 = (np.asarray(jax.random.normal(jax.random.fold_in(rng, 3 + k), (e.num_images,) + shape)) for k in (0, 1))

@@ -76,7 +76,7 @@ class Experiment:
     if self.num_classes > 0 and self.source.num_classes == 0:
       raise ValueError(f'model.num_classes={self.num_classes} but data set {config.data.name!r} has no labels.')
     self.model = models.build_model(config.model, getattr(self.space, 'unet_config', None))
-    self.param = make_parameterization(config)
+    self.process = make_parameterization(config)
     self.objective = objectives.make_objective(config, self.model)
     self.sampler = self.objective.sampler
     self._sample_fn = None
@@ -137,7 +137,7 @@ class Experiment:
     """The objective's jit-compiled sampler, sample(params, rng, cond, shape, num_steps), built once so that every
     later call reuses its compilations."""
     if self._sample_fn is None:
-      fn = self.sampler.build(self.config, self.model, self.param)
+      fn = self.sampler.build(self.config, self.model, self.process)
       self._sample_fn = jax.jit(fn, static_argnames=('shape', 'num_steps'))
     return self._sample_fn
 

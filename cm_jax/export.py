@@ -45,7 +45,7 @@ def run(config, workdir: str, devices=None):
     written = lora_format.write_lora(out, params['unet'], adapter_scale(config.lora))
   else:
     source = diffusers_format.read_json(epath.Path(pipe.path) / diffusers_format.SCHEDULER_CONFIG)
-    scheduler = None if exp.sampler.diffusion else lcm_scheduler(source, exp.param, int(config.objective.skip))
+    scheduler = None if exp.sampler.diffusion else lcm_scheduler(source, exp.process, int(config.objective.skip))
     diffusers_format.write_pipeline(out, pipe.path, params['unet'], exp.model.diffusers_config(pipe.unet_config),
                                     scheduler)
     written = out

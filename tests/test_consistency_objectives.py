@@ -62,11 +62,11 @@ def test_heun_distillation_target_is_the_exact_ode_solution():
 def test_cd_loss_of_exact_consistency_function_is_zero():
   """Exact teacher, Heun, N = 160: the loss of f* is ~1e-11 while f* + 0.05 x gets ~2e-3; Euler's error shows."""
   batch = _gaussian_batch(4096, 4)
-  frozen = {'target': None, 'teacher': EXACT_TEACHER}
+  inputs = {'target': None, 'teacher': EXACT_TEACHER}
 
   def loss(solver, a):
     objective = make_cd(_cd_config(solver=solver), MODEL, EDM_)
-    return float(objective.loss(student(a), {}, frozen, batch, jax.random.PRNGKey(1), 0)[0])
+    return float(objective.loss(student(a), {}, inputs, batch, jax.random.PRNGKey(1), 0)[0])
 
   exact = loss('heun', 0.0)
   assert exact < 1e-9
@@ -75,7 +75,7 @@ def test_cd_loss_of_exact_consistency_function_is_zero():
 
 
 def test_cd_target_ema():
-  """mu = 0 keeps no target (theta- = sg(theta)); mu > 0 reads theta- from frozen['target'] at rate mu."""
+  """mu = 0 keeps no target (theta- = sg(theta)); mu > 0 reads theta- from inputs['target'] at rate mu."""
   batch = _gaussian_batch(1024, 4)
   assert make_cd(_cd_config(), MODEL, EDM_).target_rate is None
   objective = make_cd(_cd_config(target_ema=0.95), MODEL, EDM_)
@@ -115,8 +115,8 @@ def test_ct_gradient_vanishes_at_exact_consistency_function():
   config = _config(dict(name='ct', s0=150, s1=150, mu0=0.9, mu_convention='paper', distance='l2'))
   objective = make_ct(config, MODEL, EDM_)
   batch = _gaussian_batch(8192, 4)
-  frozen = {'target': student(0.0), 'teacher': None}
-  grad = jax.jit(jax.grad(lambda a: objective.loss(dict(student(0.0), a=a), {}, frozen, batch,
+  inputs = {'target': student(0.0), 'teacher': None}
+  grad = jax.jit(jax.grad(lambda a: objective.loss(dict(student(0.0), a=a), {}, inputs, batch,
                                                    jax.random.PRNGKey(1), 0)[0]))
   g0, g_plus, g_minus = float(grad(0.0)), float(grad(0.05)), float(grad(-0.05))
   assert g_plus > 0 and g_minus < 0
@@ -235,8 +235,8 @@ def test_a_distillation_student_sees_every_label():
   params = jax.tree.map(lambda p: p + 0.1, params)
   config = _cd_config(num_scales=18)
   config.model.num_classes = 3
-  frozen = {'teacher': params, 'target': None}
-  loss = lambda m, make: float(make(config, m, EDM_).loss(params, {}, frozen, batch, jax.random.PRNGKey(2), 5)[0])
+  inputs = {'teacher': params, 'target': None}
+  loss = lambda m, make: float(make(config, m, EDM_).loss(params, {}, inputs, batch, jax.random.PRNGKey(2), 5)[0])
   assert loss(model, make_cd) == loss(model.clone(label_dropout=0.0), make_cd)
   config.objective = ml_collections.ConfigDict(dict(
       name='ect', p_mean=-1.1, p_std=2.0, q=2.0, stage_steps=10, distance='l2_norm', weighting='inverse_delta'))

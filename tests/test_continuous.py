@@ -212,9 +212,9 @@ def test_new_objectives_give_finite_nonzero_gradients(name, options):
   x0 = jax.random.normal(jax.random.PRNGKey(0), (16, 2))
   params = model.init(jax.random.PRNGKey(1), x0, jnp.zeros(16))['params']
   params = jax.tree.map(lambda p: p + 0.05, params)  # the zero-initialised output layer moves off zero
-  frozen = {'teacher': jax.tree.map(lambda p: p + 0.05, params)}
+  inputs = {'teacher': jax.tree.map(lambda p: p + 0.05, params)}
   grads, metrics = jax.jit(jax.grad(
-      lambda p: objective.loss(p, objective.init_extra(jax.random.PRNGKey(2)), frozen, {'image': x0},
+      lambda p: objective.loss(p, objective.init_extra(jax.random.PRNGKey(2)), inputs, {'image': x0},
                                jax.random.PRNGKey(3), 2), has_aux=True))(params)
   norm = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads))))
   assert np.isfinite(float(metrics['loss'])) and np.isfinite(norm) and norm > 0

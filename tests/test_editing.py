@@ -265,7 +265,7 @@ def test_inputs(tmp_path):
     (dict(task='interpolate', input='a.png'), r"edit.task='interpolate' reads no input"),
     (dict(task='interpolate', num_points=1), 'edit.num_points=1 must be at least 2')])
 def test_edit_settings(edit, message):
-  run = types.SimpleNamespace(source=range(100), param=EDM(sigma_data=SD))  # a run of 100 images
+  run = types.SimpleNamespace(source=range(100), process=EDM(sigma_data=SD))  # a run of 100 images
   with pytest.raises(ValueError, match=message):
     editing.check_edit(_edit_config(**edit), run)
 

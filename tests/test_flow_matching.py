@@ -235,7 +235,7 @@ def test_train_steps_run_through_the_trainer(name):
     for _ in range(3):
       state, metrics = step_fn(state, next(batches), exp.frozen())
       assert np.isfinite(float(metrics['loss']))
-  x = exp.sampler.build(c, exp.model, exp.param)(state.params, jax.random.PRNGKey(0), None, (4, 2), 2)
+  x = exp.sampler.build(c, exp.model, exp.process)(state.params, jax.random.PRNGKey(0), None, (4, 2), 2)
   assert x.shape == (4, 2) and np.isfinite(np.asarray(x)).all()
 
 

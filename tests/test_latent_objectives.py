@@ -85,9 +85,9 @@ def test_lcd_loss_is_the_guided_ddim_step_of_the_reference(target_ema):
   x0 = np.random.default_rng(0).standard_normal((B, D))
   cond = np.array([0, 1, 2, 0, 1, 2, 0, 1])
   objective = make_lcd(_config(target_ema=target_ema), Linear(guidance_embedding=True), VP())
-  frozen = {'teacher': TEACHER, 'target': TARGET if target_ema else None}
+  inputs = {'teacher': TEACHER, 'target': TARGET if target_ema else None}
   batch = {'image': jnp.asarray(x0, jnp.float32), 'label': jnp.asarray(cond)}
-  loss, metrics = objective.loss(STUDENT, {}, frozen, batch, rng, 0)
+  loss, metrics = objective.loss(STUDENT, {}, inputs, batch, rng, 0)
 
   t, t_prev, eps, s = _draws(rng)
   x_t = ALPHA[t][:, None] * x0 + SIGMA[t][:, None] * eps
@@ -110,7 +110,7 @@ def test_lcd_loss_is_the_guided_ddim_step_of_the_reference(target_ema):
     c_skip, c_out = 0.25 / (u**2 + 0.25), u / jnp.sqrt(u**2 + 0.25)
     x0_hat = (x_t - SIGMA[t][:, None] * coef[:, None] * x_t) / ALPHA[t][:, None]
     return jnp.mean((c_skip[:, None] * x_t + c_out[:, None] * x0_hat - target) ** 2)
-  grads = jax.grad(lambda p: objective.loss(p, {}, frozen, batch, rng, 0)[0])(
+  grads = jax.grad(lambda p: objective.loss(p, {}, inputs, batch, rng, 0)[0])(
       jax.tree.map(jnp.float32, STUDENT))
   expected_grads = jax.grad(reference)(jax.tree.map(jnp.float32, STUDENT))
   for k in STUDENT:

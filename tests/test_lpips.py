@@ -118,9 +118,9 @@ def test_lpips_weights_are_an_input_of_the_loss_not_constants_of_its_program():
   objective = make_objective(config, model)
   x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
   params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, jax.ShapeDtypeStruct((2,), jnp.float32))['params']
-  frozen = {'target': params, 'teacher': None, **objective.inputs(abstract=True)}
+  inputs = {'target': params, 'teacher': None, **objective.inputs(abstract=True)}
   jaxpr = jax.make_jaxpr(functools.partial(objective.loss, extra={}, rng=jax.random.PRNGKey(0), step=0))(
-      params, frozen=frozen, batch={'image': x})
+      params, inputs=inputs, batch={'image': x})
   constant_bytes = sum(np.asarray(c).nbytes for c in jaxpr.consts)
   weight_bytes = 4 * sum(int(np.prod(s)) for s in lpips.expected_shapes().values())
-  assert constant_bytes < 1e-3 * weight_bytes, constant_bytes  # the 59 MB of VGG-16 come in through `frozen`
+  assert constant_bytes < 1e-3 * weight_bytes, constant_bytes  # the 59 MB of VGG-16 come in through `inputs`

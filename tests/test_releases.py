@@ -72,7 +72,7 @@ def test_a_released_edm_pickle_is_cds_teacher(images, fixture_net):
   x = rng.standard_normal((4, 8, 8, 3)).astype(np.float32)
   sigma, labels = np.array([0.01, 0.4, 3.0, 60.0], np.float32), np.array([0, 2, 1, 2])
   net = lambda x_in, c_noise: exp.model.apply({'params': teacher.params}, x_in, c_noise, jnp.asarray(labels))
-  in_run = exp.param.denoise(net, jnp.asarray(x), jnp.asarray(sigma))
+  in_run = exp.process.denoise(net, jnp.asarray(x), jnp.asarray(sigma))
   np.testing.assert_allclose(in_run, fixture_net.denoise(x, sigma, labels), rtol=1e-5, atol=1e-6)
   state, step_fn = exp.init_state(), exp.train_step()
   with exp.batches(0) as batches:
@@ -123,7 +123,7 @@ def test_the_augmentation_input_is_dropped_for_a_run_without_one(images, fixture
   x = np.random.default_rng(2).standard_normal((2, 8, 8, 3)).astype(np.float32)
   sigma, labels = np.array([0.3, 5.0], np.float32), np.array([1, 0])
   net = lambda x_in, c_noise: exp.model.apply({'params': teacher.params}, x_in, c_noise, jnp.asarray(labels))
-  np.testing.assert_allclose(exp.param.denoise(net, jnp.asarray(x), jnp.asarray(sigma)),
+  np.testing.assert_allclose(exp.process.denoise(net, jnp.asarray(x), jnp.asarray(sigma)),
                              fixture_net.denoise(x, sigma, labels), rtol=1e-5, atol=1e-6)
 
 
@@ -164,7 +164,7 @@ def test_a_cm_release_is_the_consistency_model_of_the_reading_modes(tmp_path):
   x = rng.standard_normal((4, tc.RES, tc.RES, 3)).astype(np.float32)
   sigma, labels = np.array([0.002, 0.5, 7.0, 80.0], np.float32), np.array([0, 4, 2, 1])
   net = lambda x_in, c_noise: exp.model.apply({'params': state.ema[0]}, x_in, c_noise, jnp.asarray(labels))
-  np.testing.assert_allclose(exp.param.consistency(net, jnp.asarray(x), jnp.asarray(sigma)),
+  np.testing.assert_allclose(exp.process.consistency(net, jnp.asarray(x), jnp.asarray(sigma)),
                              released.consistency(x, sigma, labels), rtol=1e-5, atol=1e-5)
 
 

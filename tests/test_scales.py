@@ -87,11 +87,11 @@ def test_lora_scale_is_alpha_over_rank_in_the_merged_and_unmerged_forms():
     np.testing.assert_allclose(np.asarray(value), expected[path], rtol=1e-5, atol=1e-6, err_msg=path)
 
   batch = {'image': jax.random.normal(jax.random.PRNGKey(2), (8, 4)), 'label': jnp.arange(8) % 3}
-  frozen = {'teacher': teacher, 'target': None}
-  with_lora, _ = objective.loss(adapters, {}, frozen, batch, jax.random.PRNGKey(4), 0)
+  inputs = {'teacher': teacher, 'target': None}
+  with_lora, _ = objective.loss(adapters, {}, inputs, batch, jax.random.PRNGKey(4), 0)
   merged_params = flax.traverse_util.unflatten_dict(
       {k: jnp.asarray(v, jnp.float32) for k, v in expected.items()}, sep='/')
-  plain, _ = make_lcd(config, mlp, VP()).loss(merged_params, {}, frozen, batch, jax.random.PRNGKey(4), 0)
+  plain, _ = make_lcd(config, mlp, VP()).loss(merged_params, {}, inputs, batch, jax.random.PRNGKey(4), 0)
   np.testing.assert_allclose(float(with_lora), float(plain), rtol=1e-4)
 
   # one adapted dense layer, un-merged, against x W + b + (alpha / r) (x A) B

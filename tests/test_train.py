@@ -152,7 +152,7 @@ def test_an_edm_teacher_of_a_trigflow_student_samples_with_its_own_parameterisat
   steps = own_exp.config.sampling.teacher_steps
   expected = own_exp.generate(own_state.ema[0], 16, steps, 3)
   np.testing.assert_array_equal(teacher.experiment.generate(teacher.params, 16, steps, 3), expected)
-  heun = jax.jit(sampling.EDM_HEUN.build(config, exp.model, exp.param), static_argnames=('shape', 'num_steps'))
+  heun = jax.jit(sampling.EDM_HEUN.build(config, exp.model, exp.process), static_argnames=('shape', 'num_steps'))
   rng = jax.random.fold_in(jax.random.PRNGKey(3), 0)
   as_trigflow = heun(teacher.params, rng, None, shape=(16,) + exp.shape, num_steps=steps)
   assert np.abs(np.asarray(as_trigflow) - expected).max() > 1e-2  # read as TrigFlow, the parameters sample otherwise

@@ -70,6 +70,11 @@ def build_source(
     return captions.webdataset_source(
         config.path, config.image_size, caption_key, tokenize, resample
     )
+  return _tfds_source(config, caption_key, tokenize, resample)
+
+
+def _tfds_source(config, caption_key, tokenize, resample) -> source.Source:
+  """The prepared TFDS data set `config.name`: captioned when it has a caption feature."""
   try:
     records = tfds_source.open_tfds(config.name, config.split, config.data_dir)
   except tfds.core.DatasetNotFoundError:

@@ -378,6 +378,13 @@ def read_metadata(
       files.append(path)
   if not files:
     raise ValueError(f'{metadata} holds no captioned images.')
+  _check_no_orphans(metadata, seen)
+  return files, captions
+
+
+def _check_no_orphans(metadata: pathlib.Path, seen) -> None:
+  """Raises ValueError naming an image of the folder that no line of `metadata` captions."""
+  folder = metadata.parent
   # Images another metadata.jsonl below captions (a split folder), and
   # hidden ones, are not this file's.
   others = {m.parent for m in folder.rglob(METADATA) if m != metadata}
@@ -394,7 +401,6 @@ def read_metadata(
     raise ValueError(
         f'{orphans[0]}{more} has no caption: no line of {metadata} names it.'
     )
-  return files, captions
 
 
 def find_metadata(path: str, split: str) -> pathlib.Path:
@@ -519,8 +525,31 @@ def index_shard(
     ValueError: naming the shard when it is not a complete uncompressed
       tar, and the sample whose image or caption is missing.
   """
+  samples, texts_read = _scan_shard(shard)
+  keys, offsets, sizes, captions = [], [], [], []
+  for key, members in samples.items():
+    where = f'{shard}: sample {key!r}'
+    images = [e for e in IMAGE_EXTENSIONS if e in members]
+    if not images:
+      raise ValueError(f'{where} has a caption but no .jpg/.jpeg/.png/.webp image.')
+    member = members[images[0]]
+    keys.append(f'{key}.{images[0]}')
+    offsets.append(member.offset_data)
+    sizes.append(member.size)
+    captions.append(_sample_caption(where, key, members, texts_read, caption_key))
+  return keys, offsets, sizes, captions
+
+
+def _scan_shard(
+    shard: pathlib.Path,
+) -> tuple[dict[str, dict[str, tarfile.TarInfo]], dict[str, str]]:
+  """({key: {extension: member}}, {'<key>.<ext>': text}) of a shard's image and caption members.
+
+  Raises:
+    ValueError: naming the shard when it is not a complete uncompressed tar.
+  """
   samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-  captions_read: dict[str, str] = {}
+  texts_read: dict[str, str] = {}
   size = shard.stat().st_size
   try:
     with tarfile.open(shard, 'r:') as tar:
@@ -541,7 +570,7 @@ def index_shard(
           data = tar.extractfile(member).read()
           if len(data) != member.size:
             raise tarfile.ReadError(f'{member.name} is cut short')
-          captions_read[f'{key}.{ext}'] = data.decode('utf-8', 'replace')
+          texts_read[f'{key}.{ext}'] = data.decode('utf-8', 'replace')
       # tarfile ends its listing quietly at a cut between members; a
       # complete archive has a zero block (its end marker) there.
       tar.fileobj.seek(end)
@@ -552,35 +581,30 @@ def index_shard(
         f'webdataset shard {shard} is not a complete uncompressed .tar'
         f' ({_one_line(e)}): replace it.'
     ) from None
-  keys, offsets, sizes, captions = [], [], [], []
-  for key, members in samples.items():
-    where = f'{shard}: sample {key!r}'
-    images = [e for e in IMAGE_EXTENSIONS if e in members]
-    texts = [e for e in TEXT_EXTENSIONS if e in members]
-    if not images:
-      raise ValueError(f'{where} has a caption but no .jpg/.jpeg/.png/.webp image.')
-    if texts:
-      caption = captions_read[f'{key}.{texts[0]}'].strip()
-    elif 'json' in members:
-      text = captions_read[f'{key}.json']
-      try:
-        record = json.loads(text)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{where}: its .json is not JSON ({e.msg}).') from None
-      if not isinstance(record, dict):
-        raise ValueError(f'{where}: its .json is not a JSON object.')
-      caption = _caption_of(record, caption_key, f'{where} (.json)')
-    else:
-      raise ValueError(
-          f'{where} has an image but no caption (.txt, .text, .caption or'
-          ' .json).'
-      )
-    member = members[images[0]]
-    keys.append(f'{key}.{images[0]}')
-    offsets.append(member.offset_data)
-    sizes.append(member.size)
-    captions.append(caption)
-  return keys, offsets, sizes, captions
+  return samples, texts_read
+
+
+def _sample_caption(where, key, members, texts_read, caption_key) -> str:
+  """A sample's caption: its first text member's, else its .json's caption field.
+
+  Raises:
+    ValueError: naming the sample when it has no caption or its .json is not a JSON object.
+  """
+  texts = [e for e in TEXT_EXTENSIONS if e in members]
+  if texts:
+    return texts_read[f'{key}.{texts[0]}'].strip()
+  if 'json' not in members:
+    raise ValueError(
+        f'{where} has an image but no caption (.txt, .text, .caption or'
+        ' .json).'
+    )
+  try:
+    record = json.loads(texts_read[f'{key}.json'])
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{where}: its .json is not JSON ({e.msg}).') from None
+  if not isinstance(record, dict):
+    raise ValueError(f'{where}: its .json is not a JSON object.')
+  return _caption_of(record, caption_key, f'{where} (.json)')
 
 
 class WebdatasetCaptions(_ListedCaptions):

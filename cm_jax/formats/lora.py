@@ -184,23 +184,7 @@ def from_peft(state_dict: dict, params, where: str, metadata: dict | None = None
     raise ValueError(f'{where} has LoRA biases (lora_bias=True); cm_jax reads bias-free LoRA.')
   adapters, scales = {}, {}
   for path, roles in found.items():
-    if 'down' not in roles or 'up' not in roles:
-      key = next(iter(roles.values()))[0]
-      raise ValueError(f'{where}: {key} has no {"up" if "down" in roles else "down"} matrix beside it.')
-    (down_key, down), (up_key, up) = roles['down'], roles['up']
-    shape = kernels[path]
-    if len(shape) == 2 and down.ndim == 4 and down.shape[2:] == (1, 1):  # a 1x1 conv LoRA on a linear layer
-      down = down[:, :, 0, 0]
-    if up.ndim == 4:
-      if up.shape[2:] != (1, 1):
-        raise ValueError(f'{where}: {up_key} has shape {up.shape}; a conv LoRA\'s up matrix is 1x1.')
-      up = up[:, :, 0, 0]
-    a = down.T if down.ndim == 2 else np.transpose(down, (2, 3, 1, 0)) if down.ndim == 4 else down
-    rank = up.shape[-1] if up.ndim == 2 else -1
-    if (up.ndim != 2 or a.ndim != len(shape) or a.shape[:-1] != shape[:-1] or a.shape[-1] != rank
-        or up.shape[0] != shape[-1]):
-      raise ValueError(f'{where}: {down_key} {down.shape} and {up_key} {up.shape} do not fit the kernel '
-                       f'{module_name(path)} (Flax shape {shape}).')
+    a, up, rank = _pair(where, path, roles, kernels[path])
     if config:  # diffusers' reading: LoraConfig(**metadata), lora_alpha defaulting to peft's 8
       alpha = float(_pattern_value(config.get('alpha_pattern') or {}, module_name(path), config.get('lora_alpha', 8)))
     else:
@@ -212,6 +196,32 @@ def from_peft(state_dict: dict, params, where: str, metadata: dict | None = None
     if scales[path] != scale:
       adapter['b'] = adapter['b'] * np.float32(scales[path] / scale)
   return flax.traverse_util.unflatten_dict({tuple(p.split('/')): v for p, v in adapters.items()}), float(scale)
+
+
+def _pair(where: str, path: str, roles: dict, shape: tuple):
+  """(A [..., r], up [d_out, r], r) of one module's down / up tensors (linear or conv, torch layouts) for the Flax
+  kernel of `shape` at `path`.
+
+  Raises:
+    ValueError: a half pair, or tensors that do not fit the kernel (both shapes named).
+  """
+  if 'down' not in roles or 'up' not in roles:
+    key = next(iter(roles.values()))[0]
+    raise ValueError(f'{where}: {key} has no {"up" if "down" in roles else "down"} matrix beside it.')
+  (down_key, down), (up_key, up) = roles['down'], roles['up']
+  if len(shape) == 2 and down.ndim == 4 and down.shape[2:] == (1, 1):  # a 1x1 conv LoRA on a linear layer
+    down = down[:, :, 0, 0]
+  if up.ndim == 4:
+    if up.shape[2:] != (1, 1):
+      raise ValueError(f'{where}: {up_key} has shape {up.shape}; a conv LoRA\'s up matrix is 1x1.')
+    up = up[:, :, 0, 0]
+  a = down.T if down.ndim == 2 else np.transpose(down, (2, 3, 1, 0)) if down.ndim == 4 else down
+  rank = up.shape[-1] if up.ndim == 2 else -1
+  if (up.ndim != 2 or a.ndim != len(shape) or a.shape[:-1] != shape[:-1] or a.shape[-1] != rank
+      or up.shape[0] != shape[-1]):
+    raise ValueError(f'{where}: {down_key} {down.shape} and {up_key} {up.shape} do not fit the kernel '
+                     f'{module_name(path)} (Flax shape {shape}).')
+  return a, up, rank
 
 
 def read_lora(path, params, prefix: str = UNET, skip_text_encoder: bool = False):

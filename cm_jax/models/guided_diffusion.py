@@ -93,8 +93,8 @@ class AttentionBlock(nn.Module):
     return x + nn.Dense(c, kernel_init=nn.initializers.zeros, name='proj_out')(a.reshape(b, hgt, wid, c))
 
 
-def unet(net, x, c_noise, cond, train, guidance):
-  """UNetModel.forward on the fields of `net` (an ADM with layout='guided_diffusion', inside its compact call)."""
+def _check(net, x, cond, guidance) -> None:
+  """Raises ValueError for the fields and inputs the guided-diffusion layout does not have."""
   if net.guidance_embedding or guidance is not None:
     raise ValueError("model.layout='guided_diffusion' has no guidance-scale input (model.guidance_embedding).")
   check_condition(net.num_classes, False, cond, None)
@@ -109,6 +109,11 @@ def unet(net, x, c_noise, cond, train, guidance):
   if x.shape[1] % 2 ** (levels - 1) or x.shape[2] % 2 ** (levels - 1):
     raise ValueError(f'Spatial size {x.shape[1:3]} is not divisible by 2^{levels - 1} for channel_mult '
                      f'{net.channel_mult}.')
+
+
+def _embedding(net, c_noise, cond, train):
+  """emb = time_embed_2(SiLU(time_embed_0([cos, sin](time_scale c_noise f)))) + label_emb(cond),
+  f_i = 10000^(-i / half)."""
   half = net.channels // 2
   freqs = np.exp(-np.log(10_000) * np.arange(half, dtype=np.float32) / half).astype(np.float32)
   angles = jnp.outer(net.time_scale * c_noise, freqs)
@@ -119,7 +124,14 @@ def unet(net, x, c_noise, cond, train, guidance):
     cond = drop_labels(net, cond, net.label_dropout, train)
     table = nn.Embed(net.num_classes, features, name='label_emb')
     emb = emb + jnp.where((cond >= 0)[:, None], table(jnp.maximum(cond, 0)), 0.0)  # a label < 0: no label
+  return emb
 
+
+def unet(net, x, c_noise, cond, train, guidance):
+  """UNetModel.forward on the fields of `net` (an ADM with layout='guided_diffusion', inside its compact call)."""
+  _check(net, x, cond, guidance)
+  emb = _embedding(net, c_noise, cond, train)
+  levels = len(net.channel_mult)
   block = lambda features, name, **kw: ResBlock(features, net.adaptive_norm == 'scale_shift', dropout=net.dropout,
                                                 name=name, **kw)
   attend = lambda name: AttentionBlock(net.head_dim, net.attention_kernel, name=name)

@@ -69,7 +69,7 @@ def make_autoencoder(config, model, process) -> Objective:
   reconstruction = distances.get_distance(obj.reconstruction)
   perceptual = distances.get_distance('lpips') if obj.lpips_weight else None
 
-  def loss(params, extra, frozen, batch, rng, step):
+  def loss(params, extra, inputs, batch, rng, step):
     del extra, step
     x = batch['image']
     mean, logvar = model.apply({'params': params}, x, method=AutoencoderKL.encode)
@@ -80,7 +80,7 @@ def make_autoencoder(config, model, process) -> Objective:
     loss = rec + obj.kl_weight * kl
     metrics = {'reconstruction': rec, 'kl': kl}
     if perceptual is not None:
-      metrics['lpips'] = jnp.mean(perceptual(recon, x, inputs=frozen))
+      metrics['lpips'] = jnp.mean(perceptual(recon, x, inputs=inputs))
       loss = loss + obj.lpips_weight * metrics['lpips']
     return loss, dict(metrics, loss=loss)
 

@@ -19,19 +19,19 @@ def _init_network(model, rng, sample_input):
 class Objective:
   """A training method, as the trainer sees it.
 
-  loss(params, extra, frozen, batch, rng, step) -> (scalar, metrics): a pure function of the traced step;
-    `frozen` is a dict with 'target' (theta-, when target_rate is set) and 'teacher' (distillation) entries.
+  loss(params, extra, inputs, batch, rng, step) -> (scalar, metrics): a pure function of the traced step;
+    `inputs` is a dict with 'target' (theta-, when target_rate is set) and 'teacher' (distillation) entries.
   sampler: how its models are sampled (sampling.Sampler: the sampler, its step counts and NFE).
   init_extra(rng) -> extra trained parameters ({} when the method has none).
   target_rate(step) -> mu of the target update theta- <- mu theta- + (1 - mu) theta; None keeps no target copy.
   feeds_guidance: the loss can give the network a per-example guidance scale, so a network with a guidance input
     (model.guidance_embedding) is fed; `make_objective` refuses such a network for an objective that cannot.
-  distils: the parameterisation ('edm', 'trigflow' or 'vp') in which the loss reads frozen['teacher'], the teacher
+  distils: the parameterisation ('edm', 'trigflow' or 'vp') in which the loss reads inputs['teacher'], the teacher
     run's parameters; None when it distils no teacher (experiment.load_teacher checks the teacher run against it).
   init_params(model, rng, sample_input) -> the trained parameters at step 0 (default: the network's).
-  sample_params(params, frozen) -> the network parameters its sampler uses (default: params; LoRA: the teacher
+  sample_params(params, inputs) -> the network parameters its sampler uses (default: params; LoRA: the teacher
     merged with the adapters).
-  inputs(abstract=False) -> what the loss reads from `frozen` besides target and teacher ({} by default; LPIPS: its
+  inputs(abstract=False) -> what the loss reads from `inputs` besides target and teacher ({} by default; LPIPS: its
     network's weights): loaded by the trainer before it compiles the step and passed in replicated, like the teacher.
   finish(experiment, state, workdir) -> {name: images}: what a finished run of the method writes besides its
     checkpoint (the autoencoder exports itself), returning images the quality table scores (its held-out
@@ -44,7 +44,7 @@ class Objective:
   feeds_guidance: bool = False
   distils: Optional[str] = None
   init_params: Callable = _init_network
-  sample_params: Callable = lambda params, frozen: params
+  sample_params: Callable = lambda params, inputs: params
   inputs: Callable = lambda abstract=False: {}
   finish: Optional[Callable] = None
 

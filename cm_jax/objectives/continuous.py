@@ -180,7 +180,7 @@ def make_scm(config, model, tf: TrigFlow, distill: bool) -> Objective:
   weighting = AdaptiveWeighting(obj.adaptive_weighting)
   teacher_velocity = _guided_velocity(config, without_guidance(model32), tf) if distill else None
 
-  def loss(params, extra, frozen, batch, rng, step):
+  def loss(params, extra, inputs, batch, rng, step):
     x0 = batch['image']
     cond = labels(batch, config.model)
     rng_t, rng_z, rng_drop, rng_s = jax.random.split(rng, 4)
@@ -190,7 +190,7 @@ def make_scm(config, model, tf: TrigFlow, distill: bool) -> Objective:
     s = None
     if distill:
       s = sample_guidance(rng_s, obj.guidance_scale, x0.shape[0])
-      dxdt = teacher_velocity(frozen['teacher'], x_t, t, cond, s)
+      dxdt = teacher_velocity(inputs['teacher'], x_t, t, cond, s)
     else:
       dxdt = bcast(jnp.cos(t), x0) * z - bcast(jnp.sin(t), x0) * x0
     r = tangent_warmup(step, obj.tangent_warmup_steps)
@@ -235,7 +235,7 @@ def make_cm_continuous(config, model, edm: EDM, distill: bool) -> Objective:
   model32 = float32_model(model)
   rho = config.parameterization.rho
 
-  def loss(params, extra, frozen, batch, rng, step):
+  def loss(params, extra, inputs, batch, rng, step):
     del extra, step
     x0 = batch['image']
     cond = labels(batch, config.model)
@@ -244,7 +244,7 @@ def make_cm_continuous(config, model, edm: EDM, distill: bool) -> Objective:
     z = jax.random.normal(rng_z, x0.shape)
     x = x0 + bcast(sigma, x0) * z
     if distill:
-      teacher = network(model32, frozen['teacher'], cond)
+      teacher = network(model32, inputs['teacher'], cond)
       dx_dsigma = solvers.pf_ode_derivative(lambda y, s: edm.denoise(teacher, y, s), x, sigma)
     else:
       dx_dsigma = z

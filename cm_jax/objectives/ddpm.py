@@ -20,8 +20,8 @@ def make_ddpm(config, model, vp: VP) -> Objective:
   if not isinstance(vp, VP):
     raise ValueError("objective.name='ddpm' needs parameterization.name='vp'.")
 
-  def loss(params, extra, frozen, batch, rng, step):
-    del extra, frozen, step
+  def loss(params, extra, inputs, batch, rng, step):
+    del extra, inputs, step
     x0 = batch['image']
     rng_t, rng_eps, rng_drop = jax.random.split(rng, 3)
     t = jax.random.randint(rng_t, (x0.shape[0],), 0, vp.num_timesteps)

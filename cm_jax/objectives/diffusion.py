@@ -16,8 +16,8 @@ def make_edm(config, model, edm: EDM) -> Objective:
   """E_{sigma, z} lambda(sigma) ||D(x0 + sigma z, sigma) - x0||^2, ln sigma ~ N(P_mean, P_std^2)."""
   obj = config.objective
 
-  def loss(params, extra, frozen, batch, rng, step):
-    del extra, frozen, step
+  def loss(params, extra, inputs, batch, rng, step):
+    del extra, inputs, step
     x0 = batch['image']
     rng_sigma, rng_z, rng_drop = jax.random.split(rng, 3)
     sigma = schedules.sample_lognormal_sigma(rng_sigma, (x0.shape[0],), obj.p_mean, obj.p_std)
@@ -39,8 +39,8 @@ def make_trigflow_diffusion(config, model, tf: TrigFlow) -> Objective:
     raise ValueError("objective.name='trigflow' needs parameterization.name='trigflow'.")
   weighting = AdaptiveWeighting(bool(obj.adaptive_weighting))
 
-  def loss(params, extra, frozen, batch, rng, step):
-    del frozen, step
+  def loss(params, extra, inputs, batch, rng, step):
+    del inputs, step
     x0 = batch['image']
     rng_t, rng_z, rng_drop = jax.random.split(rng, 3)
     t = tf.sample_t(rng_t, (x0.shape[0],), obj.p_mean, obj.p_std)

@@ -63,7 +63,7 @@ def make_discrete(config, model, edm: EDM, sample_levels, estimate_x_n, weight, 
   """The shared loss E[lambda(sigma_n) d(f_theta(x_{n+1}, sigma_{n+1}), sg f_theta-(x_hat_n, sigma_n))].
 
   sample_levels(rng, step, batch) -> (n, N): per-sample pair indices n of the N-point Karras grid (adjacent levels
-  sigma_n < sigma_{n+1}). estimate_x_n(frozen, cond, x0, z, x_next, sigma_n, sigma_next) -> x_hat_n.
+  sigma_n < sigma_{n+1}). estimate_x_n(inputs, cond, x0, z, x_next, sigma_n, sigma_next) -> x_hat_n.
   weight(sigma_n, sigma_next) -> lambda; target_rate: None for theta- = sg(theta), else mu(step) of the EMA target.
   """
   obj = config.objective
@@ -78,7 +78,7 @@ def make_discrete(config, model, edm: EDM, sample_levels, estimate_x_n, weight, 
     raise ValueError(f'objective.diffusion_loss_fraction={fraction} must be in (0, 1].')
   grid = _grid(config, edm)
 
-  def loss(params, extra, frozen, batch, rng, step):
+  def loss(params, extra, inputs, batch, rng, step):
     del extra
     x0 = batch['image']
     cond = labels(batch, config.model)
@@ -88,15 +88,15 @@ def make_discrete(config, model, edm: EDM, sample_levels, estimate_x_n, weight, 
     z = couplings.couple(coupling, x0, jax.random.normal(rng_z, x0.shape), jax.random.fold_in(rng, 3),
                          float(obj.sinkhorn_epsilon))
     x_next = x0 + bcast(sigma_next, x0) * z
-    x_hat = estimate_x_n(frozen, cond, x0, z, x_next, sigma, sigma_next)
-    theta_minus = params if target_rate is None else frozen['target']
+    x_hat = estimate_x_n(inputs, cond, x0, z, x_next, sigma, sigma_next)
+    theta_minus = params if target_rate is None else inputs['target']
 
     student = network(model, params, cond, rng_drop)
     target_net = network(model, jax.lax.stop_gradient(theta_minus), cond, rng_drop)
     pred = edm.consistency(student, x_next, sigma_next)
     target = jax.lax.stop_gradient(edm.consistency(target_net, jax.lax.stop_gradient(x_hat), sigma))
     c = scale(num_scales, math.prod(x0.shape[1:]))
-    loss = jnp.mean(weight(sigma, sigma_next) * distance(pred, target, c, frozen))
+    loss = jnp.mean(weight(sigma, sigma_next) * distance(pred, target, c, inputs))
     metrics = {'num_scales': jnp.asarray(num_scales, jnp.float32)}
     if c is not None:
       metrics['distance_c'] = jnp.asarray(c, jnp.float32)
@@ -122,9 +122,9 @@ def _uniform_levels(num_scales_fn):
   return sample_levels
 
 
-def _data_estimate(frozen, cond, x0, z, x_next, sigma, sigma_next):
+def _data_estimate(inputs, cond, x0, z, x_next, sigma, sigma_next):
   """CT / iCT: x_hat_n = x0 + sigma_n z with the z of x_{n+1} (the one-sample estimate of the ODE step)."""
-  del frozen, cond, x_next, sigma_next
+  del inputs, cond, x_next, sigma_next
   return x0 + bcast(sigma, x0) * z
 
 
@@ -153,9 +153,9 @@ def make_cd(config, model, edm: EDM) -> Objective:
   num_scales = jnp.int32(obj.num_scales)
   model = without_label_dropout(model)
 
-  def estimate_x_n(frozen, cond, x0, z, x_next, sigma, sigma_next):
+  def estimate_x_n(inputs, cond, x0, z, x_next, sigma, sigma_next):
     del x0, z
-    return teacher_ode_step(obj.solver, edm, network(model, frozen['teacher'], cond), x_next, sigma_next, sigma)
+    return teacher_ode_step(obj.solver, edm, network(model, inputs['teacher'], cond), x_next, sigma_next, sigma)
 
   mu = float(obj.target_ema)
   target_rate = None if mu == 0.0 else (lambda step: jnp.float32(mu))

@@ -38,8 +38,8 @@ def make_ect(config, model, edm: EDM) -> Objective:
     raise ValueError(f'objective.stage_steps={obj.stage_steps} must be positive and objective.q={obj.q} above 1.')
   distance, weight = distances.get_distance(obj.distance), weightings[obj.weighting]
 
-  def loss(params, extra, frozen, batch, rng, step):
-    del extra, frozen
+  def loss(params, extra, inputs, batch, rng, step):
+    del extra, inputs
     x0 = batch['image']
     cond = labels(batch, config.model)
     rng_t, rng_z, rng_drop = jax.random.split(rng, 3)

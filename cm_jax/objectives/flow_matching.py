@@ -33,8 +33,8 @@ def make_flow_matching(config, model, fm: FlowMatching) -> Objective:
                      "model.second_time=False (a two-time network is trained by objective.name='meanflow').")
   obj = config.objective
 
-  def loss(params, extra, frozen, batch, rng, step):
-    del extra, frozen, step
+  def loss(params, extra, inputs, batch, rng, step):
+    del extra, inputs, step
     x = batch['image']
     rng_t, rng_e, rng_drop = jax.random.split(rng, 3)
     t = fm.sample_t(rng_t, (x.shape[0],), obj.p_mean, obj.p_std)

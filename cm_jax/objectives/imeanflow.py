@@ -75,8 +75,8 @@ def make_imeanflow(config, model, fm: FlowMatching) -> Objective:
                      'set cfg_scale_max > 0 (official: 7), or model.guidance_embedding=False.')
   jvp_model = forward_mode(float32_model(model))
 
-  def loss(params, extra, frozen, batch, rng, step):
-    del extra, frozen, step
+  def loss(params, extra, inputs, batch, rng, step):
+    del extra, inputs, step
     x = batch['image']
     cond = labels(batch, config.model)
     rng_draw, rng_omega, rng_net = jax.random.split(rng, 3)

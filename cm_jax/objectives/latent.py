@@ -60,15 +60,15 @@ def make_latent_consistency(config, model, vp: VP, distill: bool) -> Objective:
   teacher_model = without_guidance(student_model)
   mu = float(obj.target_ema)
 
-  def estimate(frozen, cond, x0, eps, x_t, t, t_prev, s):
+  def estimate(inputs, cond, x0, eps, x_t, t, t_prev, s):
     """x_hat at t_prev: the guided teacher's DDIM step (LCD) or alpha x0 + sigma eps (LCF)."""
     if not distill:
       return vp.noise(x0, eps, t_prev)
-    x0_g, eps_g = sampling.guided_prediction(vp, teacher_model, frozen['teacher'], cond, x_t, t,
+    x0_g, eps_g = sampling.guided_prediction(vp, teacher_model, inputs['teacher'], cond, x_t, t,
                                              s if guided else None)
     return vp.ddim_step(x0_g, eps_g, t_prev)
 
-  def loss(params, extra, frozen, batch, rng, step):
+  def loss(params, extra, inputs, batch, rng, step):
     del extra, step
     x0 = batch['image']
     cond = labels(batch, config.model)
@@ -77,12 +77,12 @@ def make_latent_consistency(config, model, vp: VP, distill: bool) -> Objective:
     eps = jax.random.normal(rng_eps, x0.shape)
     s = sample_guidance(rng_s, obj.guidance_scale, x0.shape[0])
     x_t = vp.noise(x0, eps, t)
-    x_hat = jax.lax.stop_gradient(estimate(frozen, cond, x0, eps, x_t, t, t_prev, s))
-    theta_minus = jax.lax.stop_gradient(params if mu == 0.0 else frozen['target'])
+    x_hat = jax.lax.stop_gradient(estimate(inputs, cond, x0, eps, x_t, t, t_prev, s))
+    theta_minus = jax.lax.stop_gradient(params if mu == 0.0 else inputs['target'])
     pred = vp.consistency(network(student_model, params, cond, rng_drop, guidance=s), x_t, t)
     target = jax.lax.stop_gradient(
         vp.consistency(network(student_model, theta_minus, cond, rng_drop, guidance=s), x_hat, t_prev))
-    loss = jnp.mean(distance(pred, target, c, frozen))
+    loss = jnp.mean(distance(pred, target, c, inputs))
     return loss, {'loss': loss, 'guidance_scale': jnp.mean(s)}
 
   return Objective(loss=loss, sampler=sampling.LCM, target_rate=None if mu == 0.0 else (lambda step: jnp.float32(mu)),

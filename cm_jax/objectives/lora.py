@@ -50,11 +50,11 @@ def with_lora(objective: Objective, config, model) -> Objective:
     base = jax.eval_shape(lambda: objective.init_params(model_, rng, sample_input))
     return lora.init(rng, base, lora.select(base, rules), c.rank)
 
-  def loss(adapters, extra, frozen, batch, rng, step):
-    base = frozen['teacher']
-    if frozen.get('target') is not None:
-      frozen = dict(frozen, target=lora.LoRAParams(base, frozen['target'], scale, merged))
-    return objective.loss(lora.LoRAParams(base, adapters, scale, merged), extra, frozen, batch, rng, step)
+  def loss(adapters, extra, inputs, batch, rng, step):
+    base = inputs['teacher']
+    if inputs.get('target') is not None:
+      inputs = dict(inputs, target=lora.LoRAParams(base, inputs['target'], scale, merged))
+    return objective.loss(lora.LoRAParams(base, adapters, scale, merged), extra, inputs, batch, rng, step)
 
   return dataclasses.replace(objective, loss=loss, init_params=init_params,
-                             sample_params=lambda adapters, frozen: lora.merge(frozen['teacher'], (adapters, scale)))
+                             sample_params=lambda adapters, inputs: lora.merge(inputs['teacher'], (adapters, scale)))

@@ -134,8 +134,8 @@ def make_meanflow(config, model, fm: FlowMatching) -> Objective:
                      'velocity, which needs class labels: set model.num_classes > 0, or cfg_omega=1, cfg_kappa=0.')
   jvp_model = forward_mode(float32_model(model))
 
-  def loss(params, extra, frozen, batch, rng, step):
-    del extra, frozen, step
+  def loss(params, extra, inputs, batch, rng, step):
+    del extra, inputs, step
     x = batch['image']
     cond = labels(batch, config.model)
     rng_draw, rng_net = jax.random.split(rng)
