@@ -3,11 +3,15 @@
   python benchmarks/step_time.py [--config=configs/digits_ict.py] [--steps=10] [--rounds=5] [--batch_size=128] \
       [--unet_channels=0]
   python benchmarks/step_time.py --family=t2i [--batch_size=64]
+  python benchmarks/step_time.py --family=flow [--unet_channels=0]
 
 --family=t2i times the text-to-image steps of configs/digits_t2i_*.py on the digits pipeline's UNet2DConditionModel
 (cross-attention on the frozen text tower, encoded in the step): DDPM, LCD (one student forward and backward, one
 target forward, two teacher forwards for the guided target; goal <= 2.5x DDPM) and LCM-LoRA (goal <= LCD), ratios to
 DDPM, the pipeline's UNet as the teacher.
+--family=flow times flow matching, MeanFlow and improved MeanFlow (configs/digits_{flow_matching,meanflow,imeanflow}.py:
+their objectives, on digits_meanflow's MLP, or with --unet_channels a UNet; two-time for MeanFlow and iMF): one
+forward-mode jax.jvp per MeanFlow / iMF step (goal <= 1.3x the flow-matching step); ratios to flow_matching.
 
 Every objective's step is compiled first; then the steps are timed in interleaved rounds (each round runs --steps
 steps of every objective in turn), so a change of machine load during the run shifts all objectives alike. Prints,
@@ -30,6 +34,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from cm_jax import experiment
+from configs import digits_flow_matching, digits_imeanflow, digits_meanflow
 from configs import digits_t2i_ddpm, digits_t2i_lcd, digits_t2i_lcm_lora
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits_ict.py', 'Network, data and batch to time.')
@@ -51,12 +56,14 @@ OBJECTIVES = {  # name -> (parameterization, objective config, distils a teacher
 
 
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved timing rounds.')
-_FAMILY = flags.DEFINE_enum('family', 'pixel', ['pixel', 't2i'], 'pixel: OBJECTIVES on --config; t2i: T2I.')
+_FAMILY = flags.DEFINE_enum('family', 'pixel', ['pixel', 't2i', 'flow'],
+                            'pixel: OBJECTIVES on --config; t2i: T2I; flow: FLOW.')
 _UNET = flags.DEFINE_integer('unet_channels', 0, 'If > 0, time a two-level UNet of this width (one block per level, '
                              'attention at 4x4) instead of the config\'s network.')
 
 
 T2I = {'ddpm': digits_t2i_ddpm, 'lcd': digits_t2i_lcd, 'lcm_lora': digits_t2i_lcm_lora}
+FLOW = {'flow_matching': digits_flow_matching, 'meanflow': digits_meanflow, 'imeanflow': digits_imeanflow}
 
 
 class Timed:
@@ -98,10 +105,32 @@ def _timed_t2i() -> dict:
   return timed
 
 
+def _timed_flow() -> dict:
+  timed = {}
+  model = digits_meanflow.get_config().model if not _UNET.value else _unet(_UNET.value)
+  for name, module in FLOW.items():
+    config = module.get_config()
+    config.teacher.workdir = ''
+    config.train.batch_size = _BATCH.value
+    # One network for all three; flow matching's without the interval embedding it would not read.
+    config.model = ml_collections.ConfigDict(dict(model.to_dict(), second_time=name != 'flow_matching'))
+    timed[name] = Timed(config)
+  return timed
+
+
+def _unet(channels: int) -> ml_collections.ConfigDict:
+  """A two-level UNet of `channels` (one block per level, attention at 4x4)."""
+  return ml_collections.ConfigDict(dict(name='unet', channels=channels, channel_mult=(1, 2), num_res_blocks=1,
+                                        attn_resolutions=(4,), num_classes=0))
+
+
 def main(argv):
   del argv
   if _FAMILY.value == 't2i':
     report(_timed_t2i(), 'ddpm')
+    return
+  if _FAMILY.value == 'flow':
+    report(_timed_flow(), 'flow_matching')
     return
   timed = {}
   for name, (parameterization, objective, distill) in OBJECTIVES.items():
@@ -110,9 +139,7 @@ def main(argv):
     config.objective = ml_collections.ConfigDict(objective)
     config.train.batch_size = _BATCH.value
     if _UNET.value:
-      config.model = ml_collections.ConfigDict(dict(
-          name='unet', channels=_UNET.value, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-          num_classes=0))
+      config.model = _unet(_UNET.value)
     timed[name] = Timed(config, 'initial' if distill else None)
   report(timed, 'edm')
 
