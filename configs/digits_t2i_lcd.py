@@ -6,6 +6,12 @@ Commands (the teacher first):
   python -m cm_jax.main --config=configs/digits_t2i_ddpm.py --workdir=runs/digits_t2i_ddpm
   python -m cm_jax.main --config=configs/digits_t2i_lcd.py --workdir=runs/digits_t2i_lcd \
       --config.teacher.workdir=runs/digits_t2i_ddpm
+Or from a latent cache (--mode=encode once: each record's image, caption and the caption's text states, float16; the
+step then runs no text tower; digits_t2i_ddpm and digits_t2i_lcm_lora can read the same cache: same data, pipeline):
+  python -m cm_jax.main --config=configs/digits_t2i_lcd.py --workdir=runs/digits_t2i_lcd --mode=encode \
+      --config.latent.cache=runs/digits_t2i_cache
+  python -m cm_jax.main --config=configs/digits_t2i_lcd.py --workdir=runs/digits_t2i_lcd \
+      --config.teacher.workdir=runs/digits_t2i_ddpm --config.latent.cache=runs/digits_t2i_cache
 Hardware: 2 CPU cores (BUILD_NOTES.md).
 Expected: the digits-proxy table of the teacher (DDIM) and LCD at 1, 2 and 4 LCM steps, at guidance 2.
 """

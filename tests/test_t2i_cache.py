@@ -91,6 +91,11 @@ def test_the_cached_batch_is_the_on_the_fly_batch(folders, caches, family, poste
   ours = jax.jit(cached_space.prepare)(cached_space.params, cached.get(indices), rng)
   theirs = jax.jit(space.prepare)(space.params, source.get(indices), rng)
   assert sorted(ours) == sorted(theirs) == ['image', 'label', 'text']
+  nan = lambda tree: jax.tree.map(lambda a: np.full(a.shape, np.nan, a.dtype), tree)
+  poisoned = dict(cached_space.params, autoencoder=nan(cached_space.params['autoencoder']),
+                  text_encoders=nan(cached_space.params['text_encoders']))
+  again = jax.jit(cached_space.prepare)(poisoned, cached.get(indices), rng)
+  jax.tree.map(np.testing.assert_array_equal, again, ours)  # the step runs neither the VAE nor the text encoders
   np.testing.assert_allclose(ours['image'], theirs['image'], rtol=1e-5, atol=1e-5)
   mean = np.asarray(space.latent.autoencoder.encode(source.get(indices)['image'].astype(np.float32) / 127.5 - 1))
   assert (np.abs(np.asarray(theirs['image']) - mean).max() > 1e-3) == (posterior == 'sample')
