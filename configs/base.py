@@ -84,9 +84,9 @@ def get_config():
 
   # The data space. autoencoder '': pixels. Else a diffusers AutoencoderKL folder or a cm_jax autoencoder run: the
   # model works on its latents, encoded on the fly in the train step, or read from `cache` (a directory written once
-  # by --mode=encode). posterior: 'mean' or 'sample' of the encoder (on the fly only). normalization:
-  # 'scaling_factor' ((z - shift) * scale, the autoencoder's own), 'per_channel' / 'per_element' ((z - mu) / s * 0.5
-  # with the cache's statistics).
+  # by --mode=encode). posterior: 'mean' or 'sample' of the encoder (on the fly, or from a text-to-image cache's
+  # moments). normalization: 'scaling_factor' ((z - shift) * scale, the autoencoder's own), 'per_channel' /
+  # 'per_element' ((z - mu) / s * 0.5 with the cache's statistics).
   # pipeline: a diffusers Stable Diffusion pipeline folder instead (cm_jax/text_latents.py): its VAE's latents, its
   # text encoder(s) conditioning model.name='sd_unet' on the captions of a captioned data set, each caption dropped
   # to the empty prompt with probability caption_dropout in the train step.
