@@ -7,7 +7,8 @@ Command:
   python -m cm_jax.main --config=configs/sd15_lcf.py --workdir=runs/sd15_lcf \
       --config.latent.pipeline=/path/to/lcm-pipeline --config.data.name=captioned_folder \
       --config.data.path=/data/my_captioned_images
-Hardware: one v5p-8 slice or 8 GPUs, 512 px, batch 12 per chip, bf16, remat.
+Hardware: 8 GPUs (batch 96 = 12 per device) or one v5p-8 slice (4 chips: --config.train.batch_size=48 for 12 per
+chip), 512 px, bf16, remat; the step is an LCD step without its two teacher forwards (not pre-flighted).
 Published: the LCM paper shows LCF qualitatively (Pokemon / Simpsons) only.
 """
 

@@ -7,7 +7,10 @@ Commands:
       --config.latent.pipeline=/path/to/sd21-base --config.data.path='/data/laion/{00000..00999}.tar'
   python -m cm_jax.main --config=configs/sd21_lcd.py --workdir=runs/sd21_lcd --mode=export \
       --config.latent.pipeline=/path/to/sd21-base     # -> runs/sd21_lcd/export: a diffusers LCM pipeline folder
-Hardware: a v5p-8 slice or 8 A100s, 1000+ iterations, bf16, remat (the paper: 32 A100 GPU hours for its 768 px LCM).
+Hardware: 8 A100s (batch 96 = 12 per device) or a v5p-8 slice (4 chips: --config.train.batch_size=48 for 12 per
+chip, --config.model.attention_kernel=flash), 1000+ iterations, bf16, remat (the paper: 32 A100 GPU hours for its
+768 px LCM). Pre-flight (BUILD_NOTES, session 10): v5p:2x2x1, 12 per chip, flash: 28.5 / 95 GiB per chip, 318 ms
+per step, 151 images/s, 51% MFU (remat included; --sd_architecture=sd21_base without a pipeline folder).
 Published: the LCM paper's Table 1 (LAION-5B-Aesthetics, 512 px, w = 8) gives FID and CLIP score at 1 / 2 / 4 / 8
 steps against DDIM, DPM-Solver and Guided-Distill; not reproduced here (no SD weights on this machine), and the
 numbers are not copied into this file unchecked.
