@@ -76,7 +76,11 @@ class TextLatentSpace:
   side: int  # the data's pixel resolution (SDXL's time ids)
   caption_dropout: float
   params: Any = None
-  cached: bool = False  # batches from a latent cache: text states instead of caption ids (params[NULL_TEXT])
+
+  @property
+  def cached(self) -> bool:
+    """Whether batches come from a latent cache: text states instead of caption ids (params hold NULL_TEXT)."""
+    return NULL_TEXT in (self.params or {})
 
   @property
   def shape(self) -> tuple:
@@ -281,5 +285,4 @@ def build(config, mesh=None):
   else:
     space = latents.LatentSpace(pipe.autoencoder, _latent_shape(pipe, image_shape), 'scaling_factor',
                                 not latent.cache, latent.posterior, None, params['autoencoder'])
-  return TextLatentSpace(space, pipe, int(image_shape[0]), float(latent.caption_dropout), params,
-                         bool(latent.cache)), source
+  return TextLatentSpace(space, pipe, int(image_shape[0]), float(latent.caption_dropout), params), source

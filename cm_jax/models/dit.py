@@ -23,7 +23,7 @@ import numpy as np
 
 from cm_jax.models import attention as attention_lib
 from cm_jax.models.blocks import remat_block
-from cm_jax.models.layers import Conditioned, NoiseLabelEmbedding, check_condition
+from cm_jax.models.layers import Conditioned, NoiseLabelEmbedding, check_condition, drop_labels
 
 # The DiT paper's Table 1: model.size -> (depth, hidden, heads).
 SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
@@ -142,12 +142,10 @@ class DiT(Conditioned):
                             name='time_embed')(c_noise, guidance=guidance)
     c = c + self.interval_embedding(interval, c_noise, hidden, TIME_FEATURES, dtype)
     if self.num_classes:
-      drop = cond < 0
-      if train and self.label_dropout > 0:
-        drop = drop | jax.random.bernoulli(self.make_rng('dropout'), self.label_dropout, cond.shape)
+      cond = drop_labels(self, cond, self.label_dropout, train)
       table = nn.Embed(self.num_classes + 1, hidden, embedding_init=nn.initializers.normal(0.02), dtype=dtype,
                        name='label_embed')
-      c = c + table(jnp.where(drop, self.num_classes, cond))
+      c = c + table(jnp.where(cond < 0, self.num_classes, cond))  # "no label": the learned null class
 
     rows, cols = height // p, width // p
     patch_init = nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1)  # DiT's: of the [p p C, hidden] map
