@@ -21,7 +21,9 @@ it does not fit. The last line is machine-readable:
 A text-to-image config (latent.pipeline, or model.name='sd_unet') needs no weights either: its VAE, text encoders
 and UNet are built from the pipeline folder's config files, or without latent.pipeline from the public SD 1.5 /
 2.1-base / SDXL architectures of cm_jax/models/sd_configs.py (--sd_architecture; empty: guessed from data.image_size
-and the prediction), and its batch holds caption ids [k, 77]. E.g. (12 images per chip, as diffusers' LCM scripts):
+and the prediction), and its batch holds caption ids [k, 77] (with latent.cache: the records --mode=encode writes,
+VAE moments and text states, so that the step runs no encoder; no cache need exist). E.g. (12 images per chip, as
+diffusers' LCM scripts):
 
   python -m cm_jax.preflight --config=configs/sd15_sample.py --topology=v5p:2x2x1 --config.train.batch_size=48 \
       --config.model.attention_kernel=flash --nosampler
@@ -131,12 +133,13 @@ def topology(name: str) -> Topology:
 # The experiment, abstract: nothing is read.
 # ----------------------------------------------------------------------------------------------------------
 class ShapeSource(NamedTuple):
-  """A data source known by its record shape and dtype alone (what experiment.Experiment reads of a source); a captioned
-  source's records also hold 'caption_ids' int32 `caption_shape` ([k, 77]: one row per tokenizer)."""
+  """A data source known by its record shape and dtype alone (what experiment.Experiment reads of a source); `fields`:
+  the other arrays its records hold, (key, shape, dtype) each (a captioned source's 'caption_ids' int32 [k, 77], one
+  row per tokenizer; a text-to-image cache's log-variances and text states)."""
   shape: tuple
   dtype: np.dtype
   num_classes: int
-  caption_shape: Optional[tuple] = None
+  fields: tuple = ()
 
 
 CAPTIONED_PIXELS = ('captioned_folder', 'webdataset')  # uint8 images of data.image_size, with captions
@@ -219,16 +222,10 @@ def pipeline_configs(config, sd_architecture: str = '') -> tuple[dict, str, bool
                scheduler=diffusers_format.read_json(folder / diffusers_format.SCHEDULER_CONFIG)), str(folder), True)
 
 
-def abstract_text_space(config, mesh, sd_architecture: str = ''):
-  """(text_latents.TextLatentSpace, ShapeSource) of a text-to-image run (latent.pipeline or model.name='sd_unet')
-  with nothing read but config files: the VAE and the text encoders built from their configs with abstract
-  (replicated) parameters, the UNet config the network's (models.build_model), captions as [k, 77] ids."""
+def _abstract_pipeline(config, mesh, sd_architecture: str) -> latents.Pipeline:
+  """The pipeline of a text-to-image run from its config files (pipeline_configs): the VAE and the text encoders
+  with abstract (replicated) parameters, the UNet config the network's (models.build_model), no tokenizer."""
   from cm_jax import text_latents  # pylint: disable=g-import-not-at-top
-  latent = config.latent
-  if latent.get('autoencoder') or latent.get('cache') or latent.get('normalization',
-                                                                    'scaling_factor') != 'scaling_factor':
-    raise ValueError('a text-to-image run brings its pipeline\'s VAE, encoded on the fly: leave latent.autoencoder '
-                     'and latent.cache empty and latent.normalization=scaling_factor.')
   configs, where, from_folder = pipeline_configs(config, sd_architecture)
   replicated = sharding.replicated(mesh)
   place = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), tree)
@@ -252,18 +249,52 @@ def abstract_text_space(config, mesh, sd_architecture: str = ''):
                       timestep_spacing=configs['scheduler'].get('timestep_spacing', 'leading'))
   if from_folder:
     text_latents.check_process(config, pipe)
-  shape, dtype = data_record(config.data)
+  return pipe
+
+
+def _cached_text(pipe: latents.Pipeline, text_params, replicated) -> tuple[tuple, tuple]:
+  """(params[NULL_TEXT]: the empty prompt's states, replicated; the ShapeSource fields of a cached record's text
+  states) of a text-to-image cache (text_latents.cache_encoding: TEXT_DTYPE, SDXL's pooled too), abstractly."""
+  from cm_jax import text_latents  # pylint: disable=g-import-not-at-top
+  null = jax.eval_shape(pipe.text_features, text_params, jnp.asarray(pipe.tokenize([''])))
+  place = lambda a: None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated)
+  states = zip((text_latents.HIDDEN, text_latents.POOLED), null)
+  fields = tuple((key, a.shape[1:], np.dtype(text_latents.TEXT_DTYPE)) for key, a in states if a is not None)
+  return tuple(place(a) for a in null), fields
+
+
+def abstract_text_space(config, mesh, sd_architecture: str = ''):
+  """(text_latents.TextLatentSpace, ShapeSource) of a text-to-image run (latent.pipeline or model.name='sd_unet')
+  with nothing read but config files (_abstract_pipeline): on the fly, records of pixels and caption ids [k, 77]
+  encoded in the step; with latent.cache, records as --mode=encode writes them (text_latents.cache_encoding: the
+  VAE's moments float32, or a pixel pipeline's image as stored, and the text states), the empty prompt's states in
+  params[NULL_TEXT], so that the step runs neither the VAE encoder nor the text encoders."""
+  from cm_jax import text_latents  # pylint: disable=g-import-not-at-top
+  latent = config.latent
+  if latent.get('autoencoder') or latent.get('normalization', 'scaling_factor') != 'scaling_factor':
+    raise ValueError('a text-to-image run brings its pipeline\'s VAE (encoded on the fly, or read from latent.cache): '
+                     'leave latent.autoencoder empty and latent.normalization=scaling_factor.')
+  pipe, cache = _abstract_pipeline(config, mesh, sd_architecture), latent.get('cache', '')
+  autoencoder, (shape, dtype) = pipe.autoencoder, data_record(config.data)
   if autoencoder is None:  # a pixel pipeline: the UNet's channels
-    shape = shape[:2] + (int(configs['unet'].get('in_channels', 4)),)
-  params = {'autoencoder': autoencoder and autoencoder.params, 'text_encoders': tuple(e.params for e in encoders)}
+    shape = shape[:2] + (int(pipe.unet_config.get('in_channels', 4)),)
+  params = {'autoencoder': autoencoder and autoencoder.params,
+            'text_encoders': tuple(e.params for e in pipe.text_encoders)}
+  fields = ((text_latents.CAPTION_IDS, (len(pipe.text_encoders), CAPTION_LENGTH), np.dtype(np.int32)),)
+  if cache:
+    params[text_latents.NULL_TEXT], fields = _cached_text(pipe, params['text_encoders'], sharding.replicated(mesh))
   if autoencoder is None:
     space = latents.PixelSpace(shape)
   else:
-    space = latents.LatentSpace(autoencoder, autoencoder.module.latent_shape(shape), 'scaling_factor', True,
+    space = latents.LatentSpace(autoencoder, autoencoder.module.latent_shape(shape), 'scaling_factor', not cache,
                                 latent.get('posterior', 'mean'), None, params['autoencoder'])
   text = text_latents.TextLatentSpace(space, pipe, int(shape[0]), float(latent.get('caption_dropout', 0.0)), params)
   num_classes = int(config.model.get('num_classes', 0))
-  return text, ShapeSource(shape, dtype, num_classes, (len(encoders), CAPTION_LENGTH))
+  if not cache:
+    return text, ShapeSource(shape, dtype, num_classes, fields)
+  if autoencoder is not None:  # the posterior's mean as the image, its log-variance beside it
+    dtype, fields = np.dtype(np.float32), ((latents.LOGVAR, space.shape, np.dtype(np.float32)),) + fields
+  return text, ShapeSource(space.shape, dtype, num_classes, fields)
 
 
 def text_to_image(config) -> bool:
@@ -328,14 +359,13 @@ def abstract_teacher(exp: Experiment):
 
 
 def abstract_batch(exp: Experiment) -> dict:
-  """One global batch as the pipeline gives it: {'image', 'label'} (and a captioned source's 'caption_ids'), split
-  over the mesh."""
+  """One global batch as the pipeline gives it: {'image', 'label'} and the source's other fields (a captioned source's
+  'caption_ids', a text-to-image cache's states), split over the mesh."""
   size, where = exp.config.train.batch_size, exp.batch_sharding
   batch = {'image': jax.ShapeDtypeStruct((size,) + tuple(exp.source.shape), exp.source.dtype, sharding=where),
            'label': jax.ShapeDtypeStruct((size,), jnp.int32, sharding=where)}
-  caption_shape = getattr(exp.source, 'caption_shape', None)
-  if caption_shape is not None:
-    batch['caption_ids'] = jax.ShapeDtypeStruct((size,) + tuple(caption_shape), jnp.int32, sharding=where)
+  for key, shape, dtype in getattr(exp.source, 'fields', ()):
+    batch[key] = jax.ShapeDtypeStruct((size,) + tuple(shape), dtype, sharding=where)
   return batch
 
 
@@ -524,7 +554,9 @@ def describe(report: Report) -> list[str]:
   if exp.text_conditioned:
     lines.append(f'text-to-image: the networks of {exp.space.pipe.path}; model.dtype={c.model.get("dtype")} '
                  f'remat={c.model.get("remat")} attention_kernel={c.model.get("attention_kernel")}; the '
-                 f'{len(exp.space.pipe.text_encoders)} text encoder(s) and the VAE encoder run inside the step')
+                 + ('VAE moments and text states are read from latent.cache (no encoder in the step)'
+                    if exp.space.cached else f'{len(exp.space.pipe.text_encoders)} text encoder(s) and the VAE '
+                    'encoder run inside the step'))
   step = report.step
   if step is None:
     lines.append(f'train step: the compiler refused it: {report.refused}')

@@ -5,12 +5,19 @@ tiny sd_unet ddpm train step compiled for the host CPU with finite memory and FL
 import json
 
 import jax
+import ml_collections
 import numpy as np
+from PIL import Image
 import pytest
 
+from cm_jax import digits_pipeline
+from cm_jax import modes
 from cm_jax import preflight
+from cm_jax import text_latents
 from cm_jax.models import sd_configs
+from configs import digits_t2i_ddpm
 from configs import sd15_sample
+import sd_fixtures
 
 # A pipeline folder holding config files only: no safetensors anywhere, so nothing but configs can be read.
 TINY = dict(
@@ -57,7 +64,7 @@ def test_public_architectures_build_abstractly(name):
   space, source = preflight.abstract_space(c, mesh, name)
   unet = sd_configs.ARCHITECTURES[name]['unet']
   assert space.shape == (unet['sample_size'],) * 2 + (4,)
-  assert source.caption_shape == (len(sd_configs.ARCHITECTURES[name]['text_encoders']), 77)
+  assert source.fields == (('caption_ids', (len(sd_configs.ARCHITECTURES[name]['text_encoders']), 77), np.int32),)
   assert source.shape == (sd_configs.ARCHITECTURES[name]['resolution'],) * 2 + (3,)
   assert space.unet_config['cross_attention_dim'] == unet['cross_attention_dim']
   leaves = jax.tree.leaves(space.params)
@@ -91,3 +98,45 @@ def test_tiny_sd_unet_train_step_compiles_from_config_files(tmp_path):
   assert np.isfinite(report.step_seconds()) and 0 < report.mfu() <= 1.0
   lines = preflight.describe(report)
   assert 'text-to-image' in lines[1] and lines[-1].startswith('preflight: fits=yes')
+
+
+def _cached_config(root, family: str):
+  """digits_t2i_ddpm (the pixel pipeline) or a tiny SDXL pipeline (VAE moments, pooled states) on four captioned
+  16x16 images, with latent.cache written by --mode=encode."""
+  if family == 'digits':
+    c = digits_t2i_ddpm.get_config()
+  else:
+    c = sd15_sample.sd_sampling(16)
+    data = root / 'data'
+    data.mkdir()
+    with open(data / 'metadata.jsonl', 'w') as f:
+      for i in range(4):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(data / f'{i}.png')
+        f.write(json.dumps({'file_name': f'{i}.png', 'text': f'a photo of {i} cats'}) + '\n')
+    c.data = ml_collections.ConfigDict(dict(c.data, name='captioned_folder', path=str(data), workers=0))
+    c.latent.pipeline = str(sd_fixtures.write_pipeline(root / 'sdxl', 'sdxl'))
+    c.model.dtype = 'float32'
+  c.latent.cache, c.latent.caption_dropout, c.train.batch_size = str(root / 'cache'), 0.5, 4
+  modes.encode(c, '')
+  return c
+
+
+@pytest.mark.parametrize('family', ['digits', 'sdxl'])
+def test_a_cached_text_to_image_space_and_batch_are_the_cached_runs(tmp_path, monkeypatch, family):
+  """latent.cache: the abstract batch holds the fields the cache's records hand the step (shapes and dtypes of a real
+  batch), and the abstract space's parameters are the cached run's (the empty prompt's states in NULL_TEXT)."""
+  monkeypatch.setattr(digits_pipeline, 'CACHE_DIR', str(tmp_path / 'pipelines'))
+  c = _cached_config(tmp_path, family)
+  space, source = text_latents.build(c)
+  exp = preflight.abstract_experiment(c, jax.devices('cpu')[:1])
+  real = source.get(np.arange(c.train.batch_size))
+  batch = preflight.abstract_batch(exp)
+  assert {k: (v.shape, np.dtype(v.dtype)) for k, v in batch.items()} == {k: (v.shape, v.dtype) for k, v in real.items()}
+  extra = {'logvar', text_latents.POOLED} if family == 'sdxl' else set()  # the VAE's log-variances, SDXL's pooled
+  assert set(batch) == {'image', 'label', text_latents.HIDDEN} | extra
+  assert batch[text_latents.HIDDEN].dtype == np.float16
+  assert exp.space.cached and space.cached and exp.space.shape == space.shape
+  assert getattr(exp.space.latent, 'online', False) is False
+  shapes = lambda tree: jax.tree.map(lambda a: (tuple(a.shape), np.dtype(a.dtype)), tree)
+  assert shapes(exp.space.params) == shapes(space.params)
+  assert all(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(exp.space.params))
