@@ -15,8 +15,10 @@ import numpy as np
 import optax
 import pytest
 
-from cm_jax.models import build_model
-from cm_jax.objectives import make_objective
+from cm_jax.formats import diffusers
+from cm_jax.models import build_model, checkpoints
+from cm_jax.objectives import make_objective, meanflow
+from cm_jax.parameterization import FlowMatching
 from configs import cifar10_meanflow, imagenet256_imeanflow
 
 # One level on 8x8 images (the conditioning under test is the same at every level, and compiles stay short).
@@ -134,9 +136,10 @@ def test_a_one_time_network_refuses_an_interval(name):
     jax.eval_shape(lambda: bad.init({'params': jax.random.key(0)}, x, C_NOISE))
 
 
-@pytest.mark.parametrize('name,layout', [('ncsnpp', 'edm'), ('adm', 'edm'), ('adm', 'guided_diffusion')])
+@pytest.mark.parametrize('name,layout', [('adm', 'edm'), ('adm', 'guided_diffusion')])
 def test_the_released_weight_layouts_have_no_second_time(name, layout):
-  """EDM's SongUNet / DhariwalUNet and guided-diffusion's UNet are their files' networks: no second time there."""
+  """EDM's DhariwalUNet and guided-diffusion's UNet are their files' networks: no second time there (EDM's SongUNet
+  has the MeanFlow port's, tested below)."""
   x = _x(name)
   model = _model(name, second_time=True, layout=layout)
   with pytest.raises(ValueError, match=rf"model.second_time=True is an option of model.layout='cm_jax'; "
@@ -168,6 +171,153 @@ def test_a_meanflow_train_step_on_the_convolutional_networks(name):
   updates, _ = tx.update(grads, tx.init(params), params)
   (after, _), _ = value_and_grad(optax.apply_updates(params, updates))
   assert float(after) < float(value)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# NCSNpp's 'edm' layout with the second time is the MeanFlow PyTorch port's SongUNet (Gsunshine/py-meanflow
+# models/unet.py): its reference here is test_checkpoints' PyTorch EDM SongUNet with the port's mapping.
+
+PORT_RES = 8
+PORT_CASES = {  # SongUNet constructor arguments
+    # The port's CIFAR-10 network (models/model_configs.py 'unet') in small: positional sinusoids (endpoint=True),
+    # channel_mult_noise 2, the [1, 3, 3, 1] filter, EDM's augmentation input (use_edm_aug: augment_dim 6).
+    'ddpmpp': dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], channel_mult_noise=2,
+                   resample_filter=[1, 3, 3, 1], augment_dim=6),
+    # NCSN++: t and h through the same Fourier frequencies (map_noise.freqs), the residual encoder.
+    'ncsnpp': dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
+                   embedding_type='fourier', channel_mult_noise=2, encoder_type='residual',
+                   resample_filter=[1, 3, 3, 1]),
+}
+PORT_ONE_LEVEL = dict(channel_mult=(1,), attn_resolutions=(8,))  # where the mapping alone is under test
+# (t, r) with t - r != r in every example (one r = t, one r = 0).
+PORT_T, PORT_R = np.array([0.9, 0.6, 0.35, 1.0], np.float32), np.array([0.2, 0.6, 0.05, 0.0], np.float32)
+
+
+def _port_network(case, seed=0):
+  """The port's SongUNet: EDM's (test_checkpoints.SongUNet) with map_layer0 and map_augment on [map_noise(t),
+  map_noise(h)], called as the port's MeanFlow calls it, net(x, (t, h), aug_cond) with h = t - r."""
+  import test_checkpoints as tc  # pylint: disable=g-import-not-at-top
+  torch, F = tc.torch, tc.F
+
+  class PortSongUNet(tc.SongUNet):
+
+    def __init__(self, **kwargs):
+      super().__init__(**kwargs)
+      emb, noise = self.map_layer0.weight.shape
+      self.map_layer0 = tc.Linear(2 * noise, emb)
+      if self.map_augment is not None:
+        self.map_augment = tc.Linear(self.map_augment.in_features, 2 * noise, bias=False)
+
+    def forward(self, x, time_steps, aug_cond=None):
+      t, h = time_steps
+      swap = lambda e: e.reshape(e.shape[0], 2, -1).flip(1).reshape(*e.shape)  # sin/cos swap
+      emb = torch.cat([swap(self.map_noise(t)), swap(self.map_noise(h))], dim=1)
+      if self.map_augment is not None and aug_cond is not None:
+        emb = emb + self.map_augment(aug_cond)
+      emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+      skips, aux = [], x  # from here on EDM's SongUNet.forward (the reference's)
+      for name, block in self.enc.items():
+        if 'aux_residual' in name:
+          x = skips[-1] = aux = (x + block(aux)) / np.sqrt(2)
+        else:
+          x = block(x, emb) if isinstance(block, tc.UNetBlock) else block(x)
+          skips.append(x)
+      aux = tmp = None
+      for name, block in self.dec.items():
+        if 'aux_norm' in name:
+          tmp = block(x)
+        elif 'aux_conv' in name:
+          tmp = block(F.silu(tmp))
+          aux = tmp if aux is None else tmp + aux
+        else:
+          if x.shape[1] != block.in_channels:
+            x = torch.cat([x, skips.pop()], dim=1)
+          x = block(x, emb)
+      return aux
+
+  torch.manual_seed(seed)
+  return PortSongUNet(img_resolution=PORT_RES, in_channels=3, out_channels=3, **PORT_CASES[case]).eval()
+
+
+def _port_fields(case, **fields):
+  """The NCSNpp(layout='edm') config of the case's SongUNet arguments (as models.checkpoints reads EDM's)."""
+  return dict(checkpoints._song_config(dict(checkpoints._SONG_DEFAULTS, **PORT_CASES[case])), **fields)
+
+
+def _abstract(model):
+  x = jnp.zeros((1, PORT_RES, PORT_RES, 3))
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), x, jnp.zeros((1,))))['params']
+
+
+@pytest.mark.parametrize('case', sorted(PORT_CASES))
+def test_the_edm_layout_with_second_time_is_the_meanflow_port(case):
+  """u(z, r, t) = F(z, t, t - r) through objectives.meanflow.two_time, against the port's net(z, (t, t - r)) in
+  float64 with its state dict read 1:1 (every tensor named as the port names it, no other), with and without
+  augmentation labels; the reference tells t - r from r, so a network embedding r would fail."""
+  torch = pytest.importorskip('torch')
+  import test_checkpoints as tc  # pylint: disable=g-import-not-at-top
+  net = _port_network(case)
+  model = build_model(_port_fields(case, second_time=True))
+  state = {k: v.numpy() for k, v in net.state_dict().items() if not k.endswith('resample_filter')}
+  params = diffusers.from_diffusers(state, _abstract(model), 'the port network')  # raises on any name or shape
+  assert len(_flat(params)) == len(state)
+  rng = np.random.default_rng(7)
+  z = rng.standard_normal((4, 3, PORT_RES, PORT_RES)).astype(np.float32)
+  augment = rng.standard_normal((4, 6)).astype(np.float32)
+  reference = _port_network(case).double()  # the same draws
+  for aug in [None, augment] if net.map_augment is not None else [None]:
+    extra = {} if aug is None else {'augment_labels': jnp.asarray(aug)}
+    apply = lambda z, c_noise, interval: model.apply({'params': params}, z, c_noise, interval=interval, **extra)
+    u = meanflow.two_time(FlowMatching(), apply)
+    got = np.asarray(u(jnp.asarray(z.transpose(0, 2, 3, 1)), PORT_R, PORT_T)).transpose(0, 3, 1, 2)
+    with torch.no_grad():
+      t, r, a, zz = tc._torch(PORT_T, PORT_R, aug, z)
+      want = reference(zz, (t, t - r), a).numpy()
+      wrong = reference(zz, (t, r), a).numpy()  # r in place of t - r
+      t32, r32, a32, z32 = tc._torch(PORT_T, PORT_R, aug, z, dtype=torch.float32)
+      float32 = net(z32, (t32, t32 - r32), a32).numpy()
+    for i in range(4):
+      error, tolerance = tc._relative_error(got[i], want[i]), tc._tolerance(tc._relative_error(float32[i], want[i]))
+      assert error < tolerance, (case, aug is not None, i, error, tolerance)
+      assert tc._relative_error(wrong[i], want[i]) > 100 * tolerance, (case, i)
+
+
+def test_the_edm_layout_zeros_interval_init_starts_as_the_one_time_network():
+  """interval_init='zeros': at the same init map_layer0's kernel is the one-time network's with zero rows for h's
+  sinusoids, all else the same; with the rest trained (random) and those rows fresh, F is the one-time network's
+  for every h. A fresh 'normal' map_layer0 already moves F with h; a one-time 'edm' network refuses an interval."""
+  one = build_model(_port_fields('ddpmpp', **PORT_ONE_LEVEL))
+  x = jnp.zeros((1, PORT_RES, PORT_RES, 3))
+  init = lambda model: jax.jit(lambda: model.init({'params': jax.random.key(0)}, x, C_NOISE[:1])['params'])()
+  one_params = _flat(init(one))
+  fresh = _flat(init(build_model(_port_fields('ddpmpp', **PORT_ONE_LEVEL, second_time=True, interval_init='zeros'))))
+  noise = one_params['map_layer0/kernel'].shape[0]
+  assert set(fresh) == set(one_params) and fresh['map_layer0/kernel'].shape == (2 * noise, 64)
+  np.testing.assert_array_equal(fresh['map_layer0/kernel'][:noise], one_params['map_layer0/kernel'])
+  assert not np.any(fresh['map_layer0/kernel'][noise:])
+  for k, v in one_params.items():
+    if k not in ('map_layer0/kernel', 'map_augment/kernel'):  # map_augment's output widens with the sinusoids
+      np.testing.assert_array_equal(fresh[k], v, err_msg=k)
+
+  trained = _flat(_randomised(flax.traverse_util.unflatten_dict(fresh, sep='/'), seed=5))
+  trained['map_layer0/kernel'] = trained['map_layer0/kernel'].at[noise:].set(0.0)
+  one_trained = dict(trained, **{'map_layer0/kernel': trained['map_layer0/kernel'][:noise],
+                                 'map_augment/kernel': trained['map_augment/kernel'][:, :noise]})
+  x = jnp.asarray(np.random.default_rng(6).standard_normal((2, PORT_RES, PORT_RES, 3)), jnp.float32)
+  unflat = lambda p: flax.traverse_util.unflatten_dict(p, sep='/')
+  reference = _apply(one, unflat(one_trained), x)
+  two = build_model(_port_fields('ddpmpp', **PORT_ONE_LEVEL, second_time=True, interval_init='zeros'))
+  for h in (None, jnp.array([0.3, 0.9])):
+    np.testing.assert_allclose(_apply(two, unflat(trained), x, h), reference, rtol=1e-6, atol=1e-6)
+
+  normal = build_model(_port_fields('ddpmpp', **PORT_ONE_LEVEL, second_time=True))
+  params = _flat(init(normal))
+  assert np.all(np.abs(np.asarray(params['map_layer0/kernel'][noise:])).max(0) > 0)
+  params = unflat(dict(trained, **{'map_layer0/kernel': params['map_layer0/kernel']}))
+  a, b = _apply(normal, params, x, jnp.array([0.1, 0.2])), _apply(normal, params, x, jnp.array([0.5, 0.7]))
+  assert np.all(np.abs(np.asarray(a - b)).reshape(2, -1).max(1) > 1e-4)
+  with pytest.raises(ValueError, match='set model.second_time=True'):
+    jax.eval_shape(lambda: one.init({'params': jax.random.key(0)}, x, C_NOISE, interval=jnp.zeros(2)))
 
 
 def _count(model, shape):

@@ -16,6 +16,12 @@ from cm_jax's own layout (models/blocks.py) this follows EDM:
   * The attention's qkv channels are ordered (head, channel, q|k|v), as EDM's reshape reads them; a block at a width
     below channels_per_head has no attention (EDM's num_heads = 0); DhariwalUNet's first conv has channels *
     channel_mult[0] outputs.
+With model.second_time, SongUNet is the MeanFlow PyTorch port's (Gsunshine/py-meanflow models/unet.py, the CIFAR-10
+network of MeanFlow, Geng et al. 2025): the second time h = t - r goes through the same map_noise as c_noise = t
+(the same sinusoids, swap and Fourier frequencies, no scale of its own), and [map_noise(t), map_noise(h)] is the
+input of map_layer0 (and the width of map_augment's output); the port adds no tensor, so its state dicts keep EDM's
+names ('net.map_layer0.weight' is [E, 2 * noise features]). The port has no class labels; here map_label takes the
+same doubled width.
 """
 
 from collections.abc import Sequence
@@ -241,29 +247,57 @@ class SongDecoder(nn.Module):
     return aux if self.song else h
 
 
-def song_unet(net, x, c_noise, cond, train, guidance, augment_labels):
-  """EDM's SongUNet on the fields of `net` (an NCSNpp with layout='edm', inside its compact call)."""
+def _song_sinusoids(net, features):
+  """EDM's map_noise as a function of a time [B] -> [B, features], its sinusoids ordered [sin, cos] (EDM's swap)."""
+  if net.time_embedding == 'fourier':
+    embed = FourierFrequencies(features, net.time_scale, name='map_noise')  # one module: t and h share its freqs
+  elif net.time_embedding == 'positional':
+    embed = lambda c: _positional(net.time_scale * c, features, endpoint=True)
+  else:
+    raise ValueError(f"Unknown model.time_embedding {net.time_embedding!r}; known: ['fourier', 'positional'].")
+  return lambda c: jnp.concatenate(jnp.split(embed(c), 2, axis=-1)[::-1], axis=-1)
+
+
+def _zero_rows_after(rows):
+  """A kernel init: the default (lecun-normal) for the first `rows` rows, as a kernel of only those rows would be
+  drawn, and zeros for the rest."""
+  def init(rng, shape, dtype=jnp.float32):
+    head = nn.linear.default_kernel_init(rng, (rows,) + tuple(shape[1:]), dtype)
+    return jnp.concatenate([head, jnp.zeros((shape[0] - rows,) + tuple(shape[1:]), dtype)])
+  return init
+
+
+def _song_mapping(net, c_noise, cond, train, augment_labels, interval, batch, dtype):
+  """SongUNet's mapping of c_noise (and labels, augmentation labels) to the blocks' embedding [B, E]. With
+  model.second_time, the MeanFlow port's: [map_noise(c_noise), map_noise(h)] of h = interval (None: 0), the width
+  of map_label, map_augment and map_layer0's input doubled (interval_init 'zeros': map_layer0's rows of h start at
+  zero, its others as a one-time network's)."""
+  noise_features = net.channels * net.noise_mult
+  sinusoids = _song_sinusoids(net, noise_features)
+  emb, kernel_init = sinusoids(c_noise), nn.linear.default_kernel_init
+  if net.second_time:
+    emb = jnp.concatenate([emb, sinusoids(net.interval_input(interval, c_noise))], axis=-1)
+    kernel_init = _zero_rows_after(noise_features) if net.interval_init == 'zeros' else kernel_init
+  emb, width = emb.astype(dtype), emb.shape[-1]
+  onehot = _labels(net, cond, train)
+  if onehot is not None:
+    emb = emb + _dense(width, dtype, 'map_label')(onehot * np.sqrt(net.num_classes))
+  augment = _augment(net, augment_labels, batch, dtype)
+  if augment is not None:
+    emb = emb + _dense(width, dtype, 'map_augment', bias=False)(augment)
+  emb = nn.silu(nn.Dense(net.channels * net.emb_mult, kernel_init=kernel_init, dtype=dtype, name='map_layer0')(emb))
+  return nn.silu(_dense(net.channels * net.emb_mult, dtype, 'map_layer1')(emb))
+
+
+def song_unet(net, x, c_noise, cond, train, guidance, augment_labels, interval=None):
+  """EDM's SongUNet on the fields of `net` (an NCSNpp with layout='edm', inside its compact call); with
+  model.second_time the MeanFlow port's, of the second time `interval` [B] (None: 0)."""
   _check(net, guidance)
   _check_size(x, net.channel_mult)
   if net.decoder_type not in DECODER_TYPES:
     raise ValueError(f'model.decoder_type={net.decoder_type!r}; expected one of {DECODER_TYPES}.')
   dtype = jnp.dtype(net.dtype)
-  batch, noise_features = x.shape[0], net.channels * net.noise_mult
-  if net.time_embedding == 'fourier':
-    emb = FourierFrequencies(noise_features, net.time_scale, name='map_noise')(c_noise)
-  elif net.time_embedding == 'positional':
-    emb = _positional(net.time_scale * c_noise, noise_features, endpoint=True)
-  else:
-    raise ValueError(f"Unknown model.time_embedding {net.time_embedding!r}; known: ['fourier', 'positional'].")
-  emb = jnp.concatenate(jnp.split(emb, 2, axis=-1)[::-1], axis=-1).astype(dtype)  # EDM's sin/cos swap
-  onehot = _labels(net, cond, train)
-  if onehot is not None:
-    emb = emb + _dense(noise_features, dtype, 'map_label')(onehot * np.sqrt(net.num_classes))
-  augment = _augment(net, augment_labels, batch, dtype)
-  if augment is not None:
-    emb = emb + _dense(noise_features, dtype, 'map_augment', bias=False)(augment)
-  emb = nn.silu(_dense(net.channels * net.emb_mult, dtype, 'map_layer0')(emb))
-  emb = nn.silu(_dense(net.channels * net.emb_mult, dtype, 'map_layer1')(emb))
+  emb = _song_mapping(net, c_noise, cond, train, augment_labels, interval, x.shape[0], dtype)
 
   block = lambda features, **kw: _block_class(net.remat)(
       features, dropout=net.dropout, skip_scale=np.sqrt(0.5), eps=1e-6, resample_filter=tuple(net.resample_filter),

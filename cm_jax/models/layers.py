@@ -125,11 +125,12 @@ class Conditioned(nn.Module):
     second_time: a second time input, the interval h = t - r of a two-time network u(z_t, r, t) (MeanFlow's
       (t, t - r) conditioning): h [B] is embedded like c_noise (time_embedding, time_scale, the same widths) by its
       own embedding 'interval_embed' and added to the time embedding (h = 0 when not given), as the official
-      MeanFlow DiT sums two timestep embedders.
+      MeanFlow DiT sums two timestep embedders; NCSNpp's 'edm' layout embeds it as the MeanFlow PyTorch port's
+      SongUNet does instead (models/edm.py).
     interval_init: the interval embedding's initialisation: 'normal' (its dense layers as the time embedding's:
       lecun-normal kernels, the official MeanFlow's from-scratch setting) or 'zeros' (its last layer zero: a fresh
       interval input changes nothing, so a two-time student initialised from a one-time flow-matching teacher,
-      config.teacher.init, starts as that teacher).
+      config.teacher.init, starts as that teacher; in NCSNpp's 'edm' layout map_layer0's rows of h start at zero).
   """
   num_classes: int = 0
   label_dropout: float = 0.0
@@ -146,15 +147,23 @@ class Conditioned(nn.Module):
                                guidance=self.guidance_embedding, noise_features=noise_features, dtype=dtype,
                                name=name)
 
-  def check_second_time(self, interval, layout: str = 'cm_jax') -> None:
-    """An interval only to a network with model.second_time, and that only in cm_jax's own layout (the layouts of
-    released weights, EDM's and guided-diffusion's, have no second time)."""
+  def check_second_time(self, interval, layout: str = 'cm_jax', layouts: tuple = ('cm_jax',)) -> None:
+    """An interval only to a network with model.second_time, and that only in the layouts with a second time input
+    (cm_jax's own; NCSNpp's 'edm' too, as the MeanFlow port extends EDM's SongUNet; the other layouts of released
+    weights, EDM's DhariwalUNet and guided-diffusion's UNet, have none)."""
     if interval is not None and not self.second_time:
       raise ValueError('A second time (t - r) was given to a network without a second time input '
                        '(set model.second_time=True).')
-    if self.second_time and layout != 'cm_jax':
-      raise ValueError(f"model.second_time=True is an option of model.layout='cm_jax'; model.layout={layout!r} "
-                       'has no second time input.')
+    if self.second_time and layout not in layouts:
+      raise ValueError(f"model.second_time=True is an option of model.layout={' or '.join(map(repr, layouts))}; "
+                       f'model.layout={layout!r} has no second time input.')
+
+  def interval_input(self, interval, c_noise):
+    """The second time h [B] of a network with model.second_time: interval [B] (None: 0), model.interval_init
+    checked."""
+    if self.interval_init not in INTERVAL_INITS:
+      raise ValueError(f'model.interval_init={self.interval_init!r}; expected one of {INTERVAL_INITS}.')
+    return jnp.zeros_like(c_noise) if interval is None else jnp.broadcast_to(interval, c_noise.shape)
 
   def interval_embedding(self, interval, c_noise, features: int, noise_features: int = 0, dtype=None):
     """emb(h) [B, features] of the second time h = interval [B] (None: 0) by 'interval_embed' with model.second_time,
@@ -162,12 +171,9 @@ class Conditioned(nn.Module):
     self.check_second_time(interval)
     if not self.second_time:
       return 0.0
-    if self.interval_init not in INTERVAL_INITS:
-      raise ValueError(f'model.interval_init={self.interval_init!r}; expected one of {INTERVAL_INITS}.')
-    h = jnp.zeros_like(c_noise) if interval is None else jnp.broadcast_to(interval, c_noise.shape)
     return NoiseLabelEmbedding(features=features, kind=self.time_embedding, scale=self.time_scale,
                                noise_features=noise_features, zero_init=self.interval_init == 'zeros', dtype=dtype,
-                               name='interval_embed')(h)
+                               name='interval_embed')(self.interval_input(interval, c_noise))
 
 
 def adaptive_norm(mode, norm, h, emb, dtype=None):

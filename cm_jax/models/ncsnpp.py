@@ -22,7 +22,9 @@ class NCSNpp(Conditioned):
   """DDPM++ / NCSN++: F(x, c_noise, cond) with the shape of x. The defaults are CIFAR-10 DDPM++ (55.7M parameters).
 
   The conditioning fields are layers.Conditioned's (time_embedding 'positional' in DDPM++, 'fourier' with
-  time_scale 16 in NCSN++; second_time: the interval t - r embedded like c_noise and added, 'cm_jax' layout only).
+  time_scale 16 in NCSN++; second_time: the interval t - r, in the 'cm_jax' layout embedded like c_noise by a
+  mapping of its own and added, in the 'edm' layout as the MeanFlow PyTorch port's SongUNet: its sinusoids joined to
+  c_noise's before map_layer0, models/edm.py).
 
   Attributes:
     channels: base width; level i has channels * channel_mult[i] channels.
@@ -43,7 +45,8 @@ class NCSNpp(Conditioned):
       models/attention.py.
     layout: 'cm_jax' (models/blocks.py) or 'edm': EDM's SongUNet, parameter for parameter (models/edm.py: its
       mapping, label and augmentation placement, fused residual encoder); with 'edm' the Fourier frequencies are a
-      parameter (read from EDM's file) and guidance_embedding is unavailable.
+      parameter (read from EDM's file) and guidance_embedding is unavailable; with second_time it is the MeanFlow
+      port's SongUNet (Gsunshine/py-meanflow), named as its state dicts.
     augment_dim: EDM's augmentation-label input width (9 in its CIFAR-10 runs; 'edm' layout only); 0: none.
     decoder_type: EDM's decoder, 'standard' or 'skip' (progressive output; 'edm' layout only).
   """
@@ -70,9 +73,9 @@ class NCSNpp(Conditioned):
     """Maps x [B, H, W, C], c_noise [B], cond [B] int (< 0: no label) or None, guidance [B] or None (s = 1), EDM's
     augment_labels [B, augment_dim] or None (no augmentation) and interval [B] or None (the second time t - r,
     model.second_time; None: 0) to [B, H, W, C] (float32)."""
-    self.check_second_time(interval, self.layout)
+    self.check_second_time(interval, self.layout, layouts=('cm_jax', 'edm'))
     if self.layout == 'edm':
-      return edm.song_unet(self, x, c_noise, cond, train, guidance, augment_labels)
+      return edm.song_unet(self, x, c_noise, cond, train, guidance, augment_labels, interval)
     if self.layout != 'cm_jax':
       raise ValueError(f"model.layout={self.layout!r}; expected 'cm_jax' or 'edm'.")
     if self.augment_dim or augment_labels is not None or self.decoder_type != 'standard':
