@@ -193,9 +193,28 @@ PORT_ONE_LEVEL = dict(channel_mult=(1,), attn_resolutions=(8,))  # where the map
 PORT_T, PORT_R = np.array([0.9, 0.6, 0.35, 1.0], np.float32), np.array([0.2, 0.6, 0.05, 0.0], np.float32)
 
 
+def _port_block(block, x, emb):
+  """The port's UNetBlock.forward on an EDM reference block (test_checkpoints.UNetBlock): EDM's, but for its
+  attention, QKVAttention's, which splits the qkv channels as (q|k|v, head, channel)."""
+  import test_checkpoints as tc  # pylint: disable=g-import-not-at-top
+  torch, F = tc.torch, tc.F
+  orig = x
+  x = F.silu(block.norm1(block.conv0(F.silu(block.norm0(x))) + block.affine(emb)[:, :, None, None]))
+  x = (block.conv1(x) + (block.skip(orig) if block.skip is not None else orig)) * block.skip_scale
+  if block.num_heads:
+    b, c, hgt, wid = x.shape
+    q, k, v = (t.reshape(b * block.num_heads, c // block.num_heads, hgt * wid)
+               for t in block.qkv(block.norm2(x)).reshape(b, 3 * c, hgt * wid).chunk(3, dim=1))
+    weights = torch.einsum('bct,bcs->bts', q, k / np.sqrt(q.shape[1])).softmax(dim=-1)
+    a = torch.einsum('bts,bcs->bct', weights, v).reshape(b, c, hgt, wid)
+    x = (block.proj(a) + x) * block.skip_scale
+  return x
+
+
 def _port_network(case, seed=0):
   """The port's SongUNet: EDM's (test_checkpoints.SongUNet) with map_layer0 and map_augment on [map_noise(t),
-  map_noise(h)], called as the port's MeanFlow calls it, net(x, (t, h), aug_cond) with h = t - r."""
+  map_noise(h)] and the port's blocks, called as the port's MeanFlow calls it, net(x, (t, h), aug_cond) with
+  h = t - r."""
   import test_checkpoints as tc  # pylint: disable=g-import-not-at-top
   torch, F = tc.torch, tc.F
 
@@ -215,12 +234,12 @@ def _port_network(case, seed=0):
       if self.map_augment is not None and aug_cond is not None:
         emb = emb + self.map_augment(aug_cond)
       emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
-      skips, aux = [], x  # from here on EDM's SongUNet.forward (the reference's)
+      skips, aux = [], x  # from here on EDM's SongUNet.forward (the reference's) with the port's blocks
       for name, block in self.enc.items():
         if 'aux_residual' in name:
           x = skips[-1] = aux = (x + block(aux)) / np.sqrt(2)
         else:
-          x = block(x, emb) if isinstance(block, tc.UNetBlock) else block(x)
+          x = _port_block(block, x, emb) if isinstance(block, tc.UNetBlock) else block(x)
           skips.append(x)
       aux = tmp = None
       for name, block in self.dec.items():
@@ -232,7 +251,7 @@ def _port_network(case, seed=0):
         else:
           if x.shape[1] != block.in_channels:
             x = torch.cat([x, skips.pop()], dim=1)
-          x = block(x, emb)
+          x = _port_block(block, x, emb)
       return aux
 
   torch.manual_seed(seed)
@@ -253,7 +272,8 @@ def _abstract(model):
 def test_the_edm_layout_with_second_time_is_the_meanflow_port(case):
   """u(z, r, t) = F(z, t, t - r) through objectives.meanflow.two_time, against the port's net(z, (t, t - r)) in
   float64 with its state dict read 1:1 (every tensor named as the port names it, no other), with and without
-  augmentation labels; the reference tells t - r from r, so a network embedding r would fail."""
+  augmentation labels; the reference tells t - r from r, so a network embedding r would fail, and the port's qkv
+  split from EDM's."""
   torch = pytest.importorskip('torch')
   import test_checkpoints as tc  # pylint: disable=g-import-not-at-top
   net = _port_network(case)

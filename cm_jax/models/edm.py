@@ -19,9 +19,10 @@ from cm_jax's own layout (models/blocks.py) this follows EDM:
 With model.second_time, SongUNet is the MeanFlow PyTorch port's (Gsunshine/py-meanflow models/unet.py, the CIFAR-10
 network of MeanFlow, Geng et al. 2025): the second time h = t - r goes through the same map_noise as c_noise = t
 (the same sinusoids, swap and Fourier frequencies, no scale of its own), and [map_noise(t), map_noise(h)] is the
-input of map_layer0 (and the width of map_augment's output); the port adds no tensor, so its state dicts keep EDM's
-names ('net.map_layer0.weight' is [E, 2 * noise features]). The port has no class labels; here map_label takes the
-same doubled width.
+input of map_layer0 (and the width of map_augment's output); its attention splits the qkv channels as
+(q|k|v, head, channel) (its QKVAttention, guided-diffusion's order). The port adds no tensor, so its state dicts keep
+EDM's names ('net.map_layer0.weight' is [E, 2 * noise features]). The port has no class labels; here map_label takes
+the same doubled width.
 """
 
 from collections.abc import Sequence
@@ -43,7 +44,9 @@ class Block(nn.Module):
   """EDM's UNetBlock, its children named as EDM's (norm0, conv0, affine, norm1, conv1, skip, norm2, qkv, proj):
 
   h = conv1(dropout(SiLU(adaptive(conv0(resample(SiLU(norm0(x)))))))),  x <- (h + skip(x)) * skip_scale, then
-  x <- (x + proj(attention(norm2(x)))) * skip_scale with `heads` heads (0: no attention).
+  x <- (x + proj(attention(norm2(x)))) * skip_scale with `heads` heads (0: no attention), the qkv channels ordered
+  (head, channel, q|k|v) as EDM's reshape reads them, or with chunked_qkv (q|k|v, head, channel) as the MeanFlow
+  port's QKVAttention splits them.
   """
   features: int
   up: bool = False
@@ -58,6 +61,7 @@ class Block(nn.Module):
   attention_kernel: str = 'xla'
   dtype: Any = jnp.float32
   norm: str = 'group'
+  chunked_qkv: bool = False
 
   @nn.compact
   def __call__(self, x, emb, train):
@@ -80,8 +84,11 @@ class Block(nn.Module):
       b, hgt, wid, c = x.shape
       qkv = nn.Dense(3 * c, dtype=self.dtype, name='qkv')(
           feature_norm(self.norm, c, self.eps, self.dtype, 'norm2')(x))
-      qkv = qkv.reshape(b, hgt * wid, self.heads, c // self.heads, 3)
-      a = attention_lib.attention(qkv[..., 0], qkv[..., 1], qkv[..., 2], kernel=self.attention_kernel)
+      if self.chunked_qkv:
+        q, k, v = jnp.moveaxis(qkv.reshape(b, hgt * wid, 3, self.heads, c // self.heads), 2, 0)
+      else:
+        q, k, v = jnp.moveaxis(qkv.reshape(b, hgt * wid, self.heads, c // self.heads, 3), -1, 0)
+      a = attention_lib.attention(q, k, v, kernel=self.attention_kernel)
       a = nn.Dense(c, dtype=self.dtype, kernel_init=nn.initializers.zeros, name='proj')(a.reshape(b, hgt, wid, c))
       x = (x + a) * self.skip_scale
     return x
@@ -302,7 +309,7 @@ def song_unet(net, x, c_noise, cond, train, guidance, augment_labels, interval=N
   block = lambda features, **kw: _block_class(net.remat)(
       features, dropout=net.dropout, skip_scale=np.sqrt(0.5), eps=1e-6, resample_filter=tuple(net.resample_filter),
       resample_proj=True, adaptive_norm=net.adaptive_norm, attention_kernel=net.attention_kernel, dtype=dtype,
-      norm=net.norm, **kw)
+      norm=net.norm, chunked_qkv=net.second_time, **kw)
   heads = lambda features: 1
   shared = dict(channels=net.channels, channel_mult=tuple(net.channel_mult), num_blocks=net.num_res_blocks,
                 attn_resolutions=tuple(net.attn_resolutions), block=block, heads=heads,
