@@ -327,6 +327,11 @@ class CacheEncoding:
   shape: tuple
 
 
+def _autoencoder_made_with(autoencoder) -> dict:
+  """What an autoencoder's latent cache is made with, as cache.json records it: {'autoencoder': its path}."""
+  return {'autoencoder': str(autoencoder.path)}
+
+
 def autoencoder_encoding(config) -> CacheEncoding:
   """The unscaled posterior means (float32) of config.data under config.latent.autoencoder, with their labels."""
   source = data_lib.build_source(config.data)
@@ -336,7 +341,7 @@ def autoencoder_encoding(config) -> CacheEncoding:
     batch = source.get(indices)
     mean = autoencoder.posterior(source_lib.to_model_range(batch['image']))[0]
     return {LATENT: np.asarray(mean, np.float32), 'label': batch['label']}
-  return CacheEncoding(source, encode, {'autoencoder': str(autoencoder.path)},
+  return CacheEncoding(source, encode, _autoencoder_made_with(autoencoder),
                        autoencoder.module.latent_shape(source.shape))
 
 
@@ -354,7 +359,7 @@ def made_with(config) -> dict:
   if config.latent.get('pipeline'):
     from cm_jax import text_latents  # pylint: disable=g-import-not-at-top
     return text_latents.made_with(config.latent)
-  return {'autoencoder': str(load_autoencoder(config.latent.autoencoder).path)}
+  return _autoencoder_made_with(load_autoencoder(config.latent.autoencoder))
 
 
 def _record(fields: dict) -> bytes:
@@ -627,7 +632,7 @@ def build(config, mesh=None):
   check_latent_config(latent)
   autoencoder = load_autoencoder(latent.autoencoder)
   if latent.cache:
-    source = open_cache(latent.cache, {'autoencoder': str(autoencoder.path)}, autoencoder.module.latent_shape)
+    source = open_cache(latent.cache, _autoencoder_made_with(autoencoder), autoencoder.module.latent_shape)
     shape, online = source.shape, False
     stats = None
     if latent.normalization != 'scaling_factor':
