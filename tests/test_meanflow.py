@@ -3,13 +3,16 @@
 The network u(z, r, t | y, s) = z A + t b + (t - r) c + onehot(y) E + (s - 1) g is linear, so its velocity
 u(z, t, t), its total derivative du/dt = tangent A + b + c along (tangent, dr = 0, dt = 1) and the gradient of the
 loss in A (z^T times the residual: only the trained u carries A, the targets are stop-gradient) are written in numpy
-here. Every coefficient is nonzero and the options are off their neutral values (omega != 1, kappa != 0, a guidance
+here (also through the separate du/dt pass of a network with a non-float32 dtype: `Typed`). Every coefficient
+is nonzero and the options are off their neutral values (omega != 1, kappa != 0, a guidance
 interval that excludes some t, dropped labels), so a wrong sign, t for r, v for the tangent or a missing
-stop-gradient changes the numbers.
+stop-gradient changes the numbers. The step's one jax.jvp (u and du/dt together) is checked against the two-pass
+formulation on a small MLP, and the forward-mode attention kernel's primal against XLA's gradient.
 """
 
 import flax.linen as nn
 import jax
+from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -17,7 +20,8 @@ import pytest
 
 from cm_jax import experiment
 from cm_jax import sampling
-from cm_jax.models import build_model
+from cm_jax.models import attention, build_model
+from cm_jax.models.apply import network
 from cm_jax.objectives import imeanflow, make_objective, meanflow
 from cm_jax.parameterization import FlowMatching
 from configs import digits_imeanflow, digits_meanflow
@@ -40,6 +44,12 @@ class Linear(nn.Module):
     if self.guidance_embedding:
       out = out + (guidance - 1.0)[:, None] * p('g', (D,))
     return out
+
+
+class Typed(Linear):
+  """Linear with a bfloat16 `dtype` field (unused: it computes in float32), so the objective takes the separate
+  float32 du/dt pass of objective.jvp_dtype='float32'."""
+  dtype: str = 'bfloat16'
 
 
 def _params(seed=0):
@@ -80,12 +90,14 @@ def _weighted(delta, p, c):
   return np.mean(w * sq), w
 
 
-def test_meanflow_guided_target_and_loss_match_numpy():
+@pytest.mark.parametrize('module', [Linear, Typed])
+def test_meanflow_guided_target_and_loss_match_numpy(module):
   """u_tgt = v_g - (t - r) (v_g A + b + c), v_g = omega v + (1 - omega - kappa) u(z,t,t|none) + kappa u(z,t,t|y)
-  inside the interval, v outside it and for a dropped label (whose input label is none)."""
+  inside the interval, v outside it and for a dropped label (whose input label is none); by one JVP (Linear) and by
+  the separate float32 pass (Typed)."""
   omega, kappa, interval = 2.5, 0.4, (0.3, 0.8)
   config = _config('meanflow', cfg_omega=omega, cfg_kappa=kappa, cfg_interval=interval, class_dropout=0.3)
-  objective = make_objective(config, Linear())
+  objective = make_objective(config, module())
   params, batch, rng = _params(), _batch(), jax.random.PRNGKey(7)
   t, r, e, drop = (np.asarray(a, np.float64) for a in meanflow.draw(
       jax.random.split(rng)[0], batch['image'], config.objective, FM, True))
@@ -129,15 +141,15 @@ def test_meanflow_without_guidance_is_the_plain_target():
   np.testing.assert_allclose(value, expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize('s_max', [0.0, 3.0])
-def test_imeanflow_loss_matches_numpy(s_max):
+@pytest.mark.parametrize('s_max, module', [(0.0, Linear), (3.0, Linear), (3.0, Typed)])
+def test_imeanflow_loss_matches_numpy(s_max, module):
   """V = u(z, r, t | y_in, omega) + (t - r) (v_c A + b + c), v_c = u(z, t, t | y, w) the tangent (w = omega inside
   the interval, 1 outside), target v_g = v + (1 - 1/w) (v_c - u(z, t, t | none, 1)) (v for a dropped label); the
   gradient in A is that of u alone (du/dt stop-gradient)."""
   interval = (0.25, 0.85)
   config = _config('imeanflow', cfg_scale_max=s_max, cfg_interval=interval, class_dropout=0.3)
   guided = s_max > 0
-  model = Linear(guidance_embedding=guided)
+  model = module(guidance_embedding=guided)
   objective = make_objective(config, model)
   assert objective.sampler is sampling.MEANFLOW and objective.feeds_guidance == guided
   params, batch, rng = _params(4), _batch(5), jax.random.PRNGKey(9)
@@ -173,6 +185,75 @@ def test_imeanflow_loss_matches_numpy(s_max):
   assert np.abs(leak).max() > 1e-2
 
 
+def test_jvp_networks_share_the_trained_forward_unless_float32_is_asked_of_another_dtype():
+  """One JVP (None for the separate network) for a float32 network or jvp_dtype='model'; else a float32 clone."""
+  assert meanflow.jvp_networks(Linear(), 'float32') == (Linear(), None)
+  assert meanflow.jvp_networks(Typed(), 'model') == (Typed(), None)
+  assert meanflow.jvp_networks(Typed(), 'float32') == (Typed(), Typed(dtype='float32'))
+  flash = build_model(dict(name='dit', patch_size=2, hidden=8, depth=1, heads=2, attention_kernel='flash'))
+  assert meanflow.jvp_networks(flash, 'model')[0].attention_kernel == 'flash_jvp'
+
+
+def _two_pass(name, model, config, params, batch, rng):
+  """The loss of an unconditional, unguided MeanFlow (iMF) step written out with du/dt and u in separate passes:
+  du/dt = jax.jvp of u(sg(params)) along (tangent, 0, 1), then u(params) by a second forward (the former design)."""
+  obj = config.objective
+  rng_draw, *rest = jax.random.split(rng, 2 if name == 'meanflow' else 3)
+  t, r, e, _ = meanflow.draw(rng_draw, batch['image'], obj, FM, False)
+  z, v = FM.noise(batch['image'], e, t), FM.target_velocity(batch['image'], e)
+  u_fn = lambda p: meanflow.two_time(FM, network(model, p, None, rest[-1]))
+  sg = jax.lax.stop_gradient(params)
+  tangent = v if name == 'meanflow' else meanflow.two_time(FM, network(model, sg, None))(z, t, t)
+  _, dudt = jax.jvp(u_fn(sg), (z, r, t), (tangent, jnp.zeros_like(r), jnp.ones_like(t)))
+  u, gap = u_fn(params)(z, r, t), (t - r)[:, None]
+  delta = u - (v - gap * dudt) if name == 'meanflow' else u + gap * dudt - v
+  sq = jnp.sum(delta**2, -1)
+  return jnp.mean(jax.lax.stop_gradient(1.0 / (sq + NORM_C)) * sq)
+
+
+@pytest.mark.parametrize('name', ['meanflow', 'imeanflow'])
+def test_one_jvp_loss_and_gradient_equal_the_two_pass_formulation(name):
+  """On a small residual MLP (nonlinear: the tangent's second-order terms differ from u's gradient), the step's one
+  jax.jvp gives the loss and the gradient of the separate passes written out in `_two_pass` (float32, ~1e-6)."""
+  model = build_model(dict(name='mlp', hidden=16, depth=2, second_time=True, time_embedding='positional',
+                           time_scale=1.0))
+  config = _config(name, class_dropout=0.0)
+  config.model.num_classes = 0
+  batch = {'image': _batch(11)['image']}
+  times = (jnp.full((B,), 0.5), jnp.full((B,), 0.2))
+  params = model.init(jax.random.PRNGKey(3), batch['image'], times[0], interval=times[1])['params']
+  params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.PRNGKey(a.size), a.shape), params)
+  objective, rng = make_objective(config, model), jax.random.PRNGKey(12)
+  value, grad = jax.value_and_grad(lambda p: objective.loss(p, {}, {}, batch, rng, 0)[0])(params)
+  want, want_grad = jax.value_and_grad(lambda p: _two_pass(name, model, config, p, batch, rng))(params)
+  np.testing.assert_allclose(value, want, rtol=1e-6)
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(want_grad))
+  assert scale > 1e-3
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale), grad, want_grad)
+
+
+def test_forward_mode_attention_differentiates_its_primal(monkeypatch):
+  """The one-JVP step's jax.grad of the JVP's primal through 'flash_jvp' (Pallas, interpreted; 256 positions in two
+  blocks, the primal by 'flash' at >= 128 positions) equals XLA attention's, the tangent too; the tangent carries
+  no gradient (sg(dO) in the loss, as every objective has it)."""
+  monkeypatch.setattr(attention, 'FLASH_MIN_LENGTH', {'flash': 128, 'flash_jvp': 128})
+  monkeypatch.setattr(attention, 'FLASH_BLOCK', 128)
+  arrays = np.random.default_rng(0).standard_normal((6, 1, 256, 1, 16))
+  q, k, v, dq, dk, dv = (jnp.asarray(a, jnp.float32) for a in arrays)
+
+  def loss(q, k, v, kernel):
+    out, tangent = jax.jvp(lambda *a: attention.attention(*a, kernel=kernel), (q, k, v), (dq * q, dk, dv))
+    return jnp.sum(jnp.sin(out) * jax.lax.stop_gradient(tangent)), tangent
+
+  with pltpu.force_tpu_interpret_mode():
+    (_, tangent), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, 'flash_jvp')
+  (_, want_tangent), want = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, 'xla')
+  np.testing.assert_allclose(tangent, want_tangent, atol=2e-5)
+  for got, expected in zip(grads, want):
+    assert np.abs(expected).max() > 0.1
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
 @pytest.mark.parametrize('beta', [1.0, 0.5])
 def test_cfg_scale_has_the_power_density(beta):
   """omega in [1, 1 + s_max] with density ~ omega^-beta: its mean against the integral, and the range."""
@@ -200,6 +281,8 @@ def test_meanflow_sampler_feeds_the_guidance_scale():
 
 
 def test_bad_settings_raise_naming_the_option():
+  with pytest.raises(ValueError, match='jvp_dtype'):
+    make_objective(_config('meanflow', jvp_dtype='bfloat16'), Linear())
   with pytest.raises(ValueError, match='aux_v_head'):
     make_objective(_config('imeanflow', aux_v_head=True), Linear())
   with pytest.raises(ValueError, match='cfg_interval_sampling'):

@@ -14,9 +14,12 @@ S = q k^T / sqrt(d) and dS = (dq k^T + q dk^T) / sqrt(d):
 accumulating P V, P dV + (P o dS) V and rowsum(P o dS) with the online softmax's running maximum and sum.
 jax.grad cannot differentiate that kernel and jax.jvp cannot differentiate the flash kernel's custom VJP, so the
 network runs 'flash' and the network an objective JVPs runs 'flash_jvp' (`forward_mode`): the same parameters, the
-kernel that suits the derivative taken. XLA does not partition Mosaic kernels: traced under a mesh
-(jax.sharding.use_abstract_mesh, as the train step and the samplers are), each device runs them on its batch shard
-through jax.shard_map.
+kernel that suits the derivative taken. Under jax.jvp, 'flash_jvp' gives the tangent dO from the forward-mode kernel
+on stop-gradient inputs (dO carries no gradient: every objective stop-gradients its JVP's tangent) and O from
+'flash' (XLA below its FLASH_MIN_LENGTH), so jax.grad differentiates the JVP's primal: MeanFlow trains on it. The
+forward-mode kernel's own O is then discarded: an attention forward more per JVP. XLA does not partition Mosaic
+kernels: traced under a mesh (jax.sharding.use_abstract_mesh, as the train step and the samplers are), each device
+runs them on its batch shard through jax.shard_map.
 """
 
 import functools
@@ -51,12 +54,26 @@ def attention(q, k, v, kernel: str = 'xla'):
   length = q.shape[1]
   if kernel == 'xla' or length < FLASH_MIN_LENGTH[kernel] or length % _LANES:
     return jax.nn.dot_product_attention(q, k, v)
-  heads_first = lambda t: jnp.swapaxes(t, 1, 2)  # the Pallas kernels' [B, H, L, d]
-  if kernel == 'flash':
-    fn = functools.partial(tpu_flash.flash_attention, sm_scale=q.shape[-1] ** -0.5, block_sizes=_flash_blocks(length))
-  else:
-    fn = flash_attention_jvp
-  return heads_first(_per_shard(fn, *map(heads_first, (q, k, v))))
+  fn = _flash if kernel == 'flash' else flash_attention_jvp
+  return _heads_first(_per_shard(fn, *map(_heads_first, (q, k, v))))
+
+
+def _heads_first(t):
+  """[B, L, H, d] <-> the Pallas kernels' [B, H, L, d]."""
+  return jnp.swapaxes(t, 1, 2)
+
+
+def _flash(q, k, v):
+  """The Pallas flash-attention kernel (custom VJP) over [B, H, L, d]."""
+  return tpu_flash.flash_attention(q, k, v, sm_scale=q.shape[-1] ** -0.5, block_sizes=_flash_blocks(q.shape[2]))
+
+
+def _reverse_differentiable(q, k, v):
+  """softmax(q k^T / sqrt(d)) v over [B, H, L, d] by 'flash' where it applies (`attention`), else by XLA."""
+  length = q.shape[2]
+  if length < FLASH_MIN_LENGTH['flash'] or length % _LANES:
+    return _heads_first(jax.nn.dot_product_attention(*map(_heads_first, (q, k, v))))
+  return _flash(q, k, v)
 
 
 def _per_shard(fn, *arrays):
@@ -86,13 +103,16 @@ def _flash_blocks(length: int) -> tpu_flash.BlockSizes:
 
 @jax.custom_jvp
 def flash_attention_jvp(q, k, v):
-  """softmax(q k^T / sqrt(d)) v over [B, H, L, d]; its JVP is the forward-mode kernel (not reverse-differentiable)."""
+  """softmax(q k^T / sqrt(d)) v over [B, H, L, d]; its JVP's tangent is the forward-mode kernel's (module docstring)."""
   return _attention_and_tangent(q, k, v, None)[0]
 
 
 @flash_attention_jvp.defjvp
 def _flash_attention_jvp_rule(primals, tangents):
-  return _attention_and_tangent(*primals, tangents)
+  """(O, dO): dO by the forward-mode kernel on stop-gradient inputs (so dO carries no gradient), O by
+  `_reverse_differentiable`, so that jax.grad can differentiate a JVP's primal (MeanFlow's trained u)."""
+  sg = lambda arrays: [jax.lax.stop_gradient(a) for a in arrays]
+  return _reverse_differentiable(*primals), _attention_and_tangent(*sg(primals), sg(tangents))[1]
 
 
 def _attention_and_tangent(q, k, v, tangents):

@@ -6,6 +6,9 @@ way), regressed on the (guided) conditional velocity: sg(w) ||V - sg(v_g)||^2, w
 objective.norm_p, c = objective.norm_c; the official code's norm_eps = 0.01). du/dt is ONE jax.jvp of u along
 (dz, dr, dt) = (v_c, 0, 1), the tangent being the network's own velocity prediction v_c (a function of z_t alone),
 not the sample's e - x: here v_c = u(z_t, t, t | c, omega) (the boundary condition u(z, t, t) = v, paper Sec. 4.1).
+As in MeanFlow (meanflow.average_velocity; objective.jvp_dtype), that jax.jvp's primal is the trained u: the step is
+MeanFlow's plus the forward of v_c (without gradient), which the JVP needs as its input and so cannot share; the
+official imf.py computes it by a separate forward too (its v-head's v_cond_fn).
 (t, r): MeanFlow's sampler (objectives/meanflow.py) with r = t for objective.flow_share = 0.5 of the batch.
 
 Guidance as a condition (paper Sec. 5; official imf.py iMeanFlow.guidance_fn, sample_cfg_scale): on class-conditional
@@ -29,16 +32,14 @@ import jax.numpy as jnp
 
 from cm_jax import sampling
 from cm_jax.models.apply import network, null_condition, takes_guidance
-from cm_jax.models.attention import forward_mode
 from cm_jax.objectives import meanflow
 from cm_jax.objectives.base import Objective, labels
-from cm_jax.objectives.continuous import float32_model
 from cm_jax.parameterization import FlowMatching, bcast
 
 KEYS = meanflow.KEYS
 # The optional keys and their defaults (guidance off; the official code: cfg_scale_max = 7, cfg_beta = 1).
 OPTIONAL = {'cfg_scale_max': 0.0, 'cfg_beta': 1.0, 'cfg_interval': (0.0, 1.0), 'cfg_interval_sampling': False,
-            'class_dropout': 0.1, 'aux_v_head': False}
+            'class_dropout': 0.1, 'aux_v_head': False, 'jvp_dtype': 'float32'}
 
 
 
@@ -73,7 +74,7 @@ def make_imeanflow(config, model, fm: FlowMatching) -> Objective:
   if takes_guidance(model) and s_max == 0:
     raise ValueError('model.guidance_embedding=True but objective.cfg_scale_max=0 feeds the network no CFG scale: '
                      'set cfg_scale_max > 0 (official: 7), or model.guidance_embedding=False.')
-  jvp_model = forward_mode(float32_model(model))
+  u_model, jvp_model = meanflow.jvp_networks(model, obj.jvp_dtype)
 
   def loss(params, extra, inputs, batch, rng, step):
     del extra, inputs, step
@@ -91,10 +92,10 @@ def make_imeanflow(config, model, fm: FlowMatching) -> Objective:
       v_g = v + bcast(1.0 - 1.0 / w, v) * (v_c - velocity(null_condition(cond), jnp.ones_like(t)))
       v = jnp.where(bcast(drop, v), v, v_g)
     cond = meanflow.drop_labels(cond, drop)
-    u_sg = meanflow.two_time(fm, network(jvp_model, params_sg, cond, rng_net, guidance=omega))
-    _, dudt, _ = meanflow.meanflow_target(u_sg, z, r, t, v_c)
-    u = meanflow.two_time(fm, network(model, params, cond, rng_net, guidance=omega))(z, r, t)
-    V = u + bcast(t - r, u) * jax.lax.stop_gradient(dudt)
+    net = lambda m: None if m is None else lambda p: meanflow.two_time(fm, network(m, p, cond, rng_net,
+                                                                                   guidance=omega))
+    u, dudt = meanflow.average_velocity(net(u_model), net(jvp_model), params, z, r, t, v_c)
+    V = u + bcast(t - r, u) * dudt
     weighted, sq, weight = meanflow.weighted_sq(V - jax.lax.stop_gradient(v), obj.norm_p, obj.norm_c)
     loss = jnp.mean(weighted)
     return loss, {'loss': loss, 'mse': jnp.mean(sq) / (z.size // z.shape[0]), 'adaptive_weight': jnp.mean(weight),

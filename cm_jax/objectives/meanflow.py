@@ -3,10 +3,16 @@ z_t = (1 - t) x + t e, learned from scratch with one forward-mode JVP per step.
 
 The MeanFlow identity u = v - (t - r) du/dt, du/dt = v d_z u + d_t u (the total derivative along the flow, r fixed),
 gives the target u_tgt = v_g - (t - r) sg(du/dt) with du/dt ONE jax.jvp of u along the tangent (dz, dr, dt) =
-(v_g, 0, 1), v_g the (guided) velocity. (t, r): two logit-normal draws sorted so that t >= r, then r = t for a
-fraction objective.flow_share of the batch (flow matching: u(z, t, t) = v). Loss: sg(w) ||u - sg(u_tgt)||^2 with the
-adaptive weight w = 1 / (||delta||^2 + c)^p, ||delta||^2 summed over dimensions (paper Eq. 9-10; p = objective.norm_p,
-c = objective.norm_c). The network needs the second time input (model.second_time: it embeds t - r besides t).
+(v_g, 0, 1), v_g the (guided) velocity. That jax.jvp's primal is the trained u (`average_velocity`, as the official
+meanflow.py MeanFlow.forward): the step costs the primal, its tangent and the primal's backward. objective.jvp_dtype
+(sCT's key): 'model' runs that one JVP in the network's dtype; 'float32' (the default) runs it in float32, which for
+a network computing in another dtype (model.dtype='bfloat16') means a float32 clone for du/dt (on stop-gradient
+parameters) and a second, trained forward for u. A JVP runs the forward-mode attention kernel
+(models/attention.forward_mode), whose primal output is reverse-differentiable. (t, r): two logit-normal draws
+sorted so that t >= r, then r = t for a fraction objective.flow_share of the batch (flow matching: u(z, t, t) = v).
+Loss: sg(w) ||u - sg(u_tgt)||^2 with the adaptive weight w = 1 / (||delta||^2 + c)^p, ||delta||^2 summed over
+dimensions (paper Eq. 9-10; p = objective.norm_p, c = objective.norm_c).
+The network needs the second time input (model.second_time: it embeds t - r besides t).
 Sampling: sampling.MEANFLOW (1 NFE: x = e - u(e, 0, 1); 2 NFE through t = 0.5).
 
 Classifier-free guidance in the target (paper Eq. 13-14, its appendix's kappa form; official meanflow.py
@@ -28,14 +34,16 @@ from cm_jax import sampling
 from cm_jax.models.apply import NULL_LABEL, network, null_condition, takes_second_time
 from cm_jax.models.attention import forward_mode
 from cm_jax.objectives.base import Objective, labels
-from cm_jax.objectives.continuous import float32_model
+from cm_jax.objectives.continuous import JVP_DTYPES, float32_model
 from cm_jax.objectives.flow_matching import check_flow_matching
 from cm_jax.parameterization import FlowMatching, bcast
 
 KEYS = {'name', 'p_mean', 'p_std', 'flow_share', 'norm_p', 'norm_c'}
 # The optional keys and their defaults (guidance off): cfg_omega (omega), cfg_kappa (kappa), cfg_interval
 # ((t_start, t_end), the times guided), class_dropout (the label-drop rate of class-conditional runs; official 0.1).
-OPTIONAL = {'cfg_omega': 1.0, 'cfg_kappa': 0.0, 'cfg_interval': (0.0, 1.0), 'class_dropout': 0.1}
+# jvp_dtype: the dtype of the JVP ('float32' | 'model', the module docstring).
+OPTIONAL = {'cfg_omega': 1.0, 'cfg_kappa': 0.0, 'cfg_interval': (0.0, 1.0), 'class_dropout': 0.1,
+            'jvp_dtype': 'float32'}
 
 
 
@@ -84,6 +92,27 @@ def meanflow_target(u_fn, z, r, t, v):
   return u, dudt, v - bcast(t - r, v) * dudt
 
 
+def jvp_networks(model, jvp_dtype: str):
+  """(the network of u, the network of a separate du/dt pass or None): None, so ONE jax.jvp of the forward-mode
+  network gives both, when the JVP may run in the network's dtype (jvp_dtype='model', or a float32 network); else
+  (model, its float32 forward-mode clone)."""
+  if jvp_dtype == 'model' or jnp.dtype(getattr(model, 'dtype', jnp.float32)) == jnp.float32:
+    return forward_mode(model), None
+  return model, forward_mode(float32_model(model))
+
+
+def average_velocity(net, jvp_net, params, z, r, t, tangent):
+  """(u(z, r, t), sg(du/dt)), du/dt = jax.jvp of u along (dz, dr, dt) = (tangent, 0, 1); net(p), jvp_net(p): the u_fn
+  of parameters p (`jvp_networks`). jvp_net None: one jax.jvp of net(params), its primal the trained u; else du/dt
+  from jvp_net(sg(params)) and u from a second forward, net(params)(z, r, t)."""
+  if jvp_net is None:
+    u, dudt, _ = meanflow_target(net(params), z, r, t, tangent)
+  else:
+    _, dudt, _ = meanflow_target(jvp_net(jax.lax.stop_gradient(params)), z, r, t, tangent)
+    u = net(params)(z, r, t)
+  return u, jax.lax.stop_gradient(dudt)
+
+
 def adaptive_weight(sq_norm, p, c):
   """w = 1 / (||delta||^2 + c)^p (stop-gradient): sg(w) ||delta||^2 is the loss ||delta||^(2 (1 - p)) in value."""
   return jax.lax.stop_gradient(1.0 / (sq_norm + c) ** p)
@@ -113,6 +142,9 @@ def check_two_time(config, model, fm, name: str) -> None:
     raise ValueError(f'objective.flow_share={obj.flow_share} (the share of r = t samples) must be in [0, 1].')
   if not obj.norm_c > 0 or obj.norm_p < 0:
     raise ValueError(f'objective.norm_c={obj.norm_c} must be positive and objective.norm_p={obj.norm_p} >= 0.')
+  if obj.jvp_dtype not in JVP_DTYPES:
+    raise ValueError(f"objective.jvp_dtype={obj.jvp_dtype!r}; expected 'float32' (the JVP in float32 whatever the "
+                     "network's dtype) or 'model' (in model.dtype).")
   if not 0.0 <= obj.class_dropout < 1.0:
     raise ValueError(f"objective.class_dropout={obj.class_dropout} must be in [0, 1).")
   if getattr(model, 'label_dropout', 0.0) > 0:
@@ -132,7 +164,7 @@ def make_meanflow(config, model, fm: FlowMatching) -> Objective:
   if guiding and not conditional:
     raise ValueError(f'objective.cfg_omega={omega}, cfg_kappa={kappa} guide the target with the unconditional '
                      'velocity, which needs class labels: set model.num_classes > 0, or cfg_omega=1, cfg_kappa=0.')
-  jvp_model = forward_mode(float32_model(model))
+  u_model, jvp_model = jvp_networks(model, obj.jvp_dtype)
 
   def loss(params, extra, inputs, batch, rng, step):
     del extra, inputs, step
@@ -146,10 +178,10 @@ def make_meanflow(config, model, fm: FlowMatching) -> Objective:
       v_fn = lambda z, t, c: two_time(fm, network(model, params_sg, c))(z, t, t)
       v = jnp.where(bcast(drop, v), v, guided_velocity(v_fn, z, t, v, cond, omega, kappa, interval))
     cond = drop_labels(cond, drop)
-    u_sg = two_time(fm, network(jvp_model, params_sg, cond, rng_net))
-    _, dudt, u_tgt = meanflow_target(u_sg, z, r, t, v)
-    u = two_time(fm, network(model, params, cond, rng_net))(z, r, t)
-    weighted, sq, w = weighted_sq(u - jax.lax.stop_gradient(u_tgt), obj.norm_p, obj.norm_c)
+    net = lambda m: None if m is None else lambda p: two_time(fm, network(m, p, cond, rng_net))
+    u, dudt = average_velocity(net(u_model), net(jvp_model), params, z, r, t, v)
+    u_tgt = jax.lax.stop_gradient(v - bcast(t - r, v) * dudt)
+    weighted, sq, w = weighted_sq(u - u_tgt, obj.norm_p, obj.norm_c)
     loss = jnp.mean(weighted)
     return loss, {'loss': loss, 'mse': jnp.mean(sq) / (z.size // z.shape[0]), 'adaptive_weight': jnp.mean(w),
                   'dudt_norm': jnp.mean(jnp.sqrt(jnp.sum(jnp.reshape(dudt, (x.shape[0], -1)) ** 2, -1)))}
