@@ -17,15 +17,19 @@ linear warm-up over 200 epochs (9,765 steps) and then constant, EMA 0.9999 (samp
 0.9996 kept too; the port updates them every 16 steps with decay^16), dropout 0.2; (t, r) from two logit-normal
 (-2.0, 2.0) draws sorted so that t >= r (tr_sampler v0), r != t for 75% of the batch (ratio 0.75: flow_share 0.25),
 the adaptive weight p = 0.75 with c = 1e-3 (norm_eps); no guidance (unconditional).
-Network (model_configs.py 'unet': EDM's SongUNet as DDPM++ with NCSN++'s filter): 128 channels, mult (2, 2, 2), 4
-blocks per level, attention at 16x16, positional sinusoids of t itself (256 of them: noise_mult 2; time_scale 1,
-t in [0, 1]), the (1, 3, 3, 1) resampling filter, the standard encoder and decoder, 'shift' adaptive norm; the port
-embeds t and h = t - r by the same sinusoids and concatenates them before its one mapping MLP; here h has a mapping
-MLP of its own whose output is added to t's (model.second_time, layers.Conditioned; as the official JAX code's DiT
-sums two timestep embedders), 56.2M parameters.
-Deviations: EDM's augmentation pipeline (p = 0.12, its labels fed to the network: use_edm_aug, augment_dim 6) and the
-random horizontal flip of the port's data transform are not implemented (cm_jax has no augmentation key; cf.
-configs/cifar10_edm.py); cm_jax's positional frequencies are (1/10000)^(i / half), EDM's (1/10000)^(i / (half - 1)).
+Network (model_configs.py 'unet'): the port's SongUNet, EDM's DDPM++ with NCSN++'s filter, parameter for parameter
+(model.layout='edm' with model.second_time, models/edm.py): 128 channels, mult (2, 2, 2), 4 blocks per level,
+attention at 16x16, positional sinusoids of t itself (EDM's, endpoint=True; 256 of them: noise_mult 2; time_scale 1,
+t in [0, 1]), the (1, 3, 3, 1) resampling filter, the standard encoder and decoder, 'shift' adaptive norm; t and
+h = t - r through the same sinusoids, concatenated before map_layer0 (512 inputs), the attention's qkv split as the
+port's QKVAttention splits it; 55,929,347 parameters (the port's SongUNet with augment_dim 0; 55,932,419 with its
+map_augment). Its state dict's names are the Flax paths (net.map_layer0.weight -> map_layer0/kernel); cm_jax has no
+reader for the port's checkpoint files (a torch.save of dict(model=..., args=argparse.Namespace, ...)).
+Deviations: EDM's augmentation pipeline (p = 0.12, its labels fed to the network: use_edm_aug, augment_dim 6, so the
+port's map_augment is absent here) and the random horizontal flip of the port's data transform are not implemented
+(cm_jax has no augmentation key; cf. configs/cifar10_edm.py); the initialisation is flax's (lecun-normal kernels,
+conv1 / proj / aux_conv zero), the port's EDM's (xavier-uniform; conv1 / proj / aux_conv at 1e-5 of it, qkv at
+sqrt(0.2)).
 """
 
 import ml_collections
@@ -41,7 +45,7 @@ STEPS = 16_000 * 50_000 // BATCH
 def get_config():
   c = base.get_config()
   cifar10_edm.cifar10(c, 'ddpmpp', dropout=0.2)
-  c.model.update(noise_mult=2, resample_filter=(1, 3, 3, 1), second_time=True, interval_init='normal')
+  c.model.update(layout='edm', noise_mult=2, resample_filter=(1, 3, 3, 1), second_time=True, interval_init='normal')
   c.parameterization = ml_collections.ConfigDict(dict(name='flow_matching'))
   c.objective = objective_config(
       name='meanflow', p_mean=-2.0, p_std=2.0, flow_share=0.25, norm_p=0.75, norm_c=1e-3)

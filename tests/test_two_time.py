@@ -150,23 +150,27 @@ def test_the_released_weight_layouts_have_no_second_time(name, layout):
     jax.eval_shape(lambda: one_time.init({'params': jax.random.key(0)}, x, C_NOISE, interval=jnp.zeros(2)))
 
 
-@pytest.mark.parametrize('name', ['unet', 'ncsnpp', 'adm'])
+@pytest.mark.parametrize('name', ['unet', 'ncsnpp', 'adm', 'ncsnpp_edm'])
 def test_a_meanflow_train_step_on_the_convolutional_networks(name):
   """One MeanFlow loss of cifar10_meanflow's objective (one jax.jvp through the network), its gradient and an Adam
-  step: finite, the gradient reaches both layers of the interval embedding, and the step lowers the loss on its batch
-  (the same draws)."""
+  step: finite, the gradient reaches both layers of the interval embedding (in the 'edm' layout: map_layer0's rows of
+  h), and the step lowers the loss on its batch (the same draws)."""
+  base, layout = ('ncsnpp', dict(layout='edm')) if name == 'ncsnpp_edm' else (name, {})
   config = cifar10_meanflow.get_config()  # its objective: MeanFlow's CIFAR-10 setting
-  config.model = ml_collections.ConfigDict(dict(NETWORKS[name][0], second_time=True))
+  config.model = ml_collections.ConfigDict(dict(NETWORKS[base][0], second_time=True, **layout))
   model = build_model(config.model)
   objective = make_objective(config, model)
-  params = jax.tree.map(lambda p: 0.3 * p, _randomised(_init(name, second_time=True), seed=3))
+  params = jax.tree.map(lambda p: 0.3 * p, _randomised(_init(base, second_time=True, **layout), seed=3))
   batch = {'image': jnp.asarray(np.random.default_rng(4).uniform(-1, 1, (4, 8, 8, 3)), jnp.float32)}
   value_and_grad = jax.jit(jax.value_and_grad(
       lambda p: objective.loss(p, {}, {}, batch, jax.random.PRNGKey(5), 0), has_aux=True))
   (value, metrics), grads = value_and_grad(params)
   assert np.isfinite(float(value)) and float(value) > 0 and float(metrics['dudt_norm']) > 0
-  for layer in ('dense_0', 'dense_1'):
-    assert np.abs(np.asarray(grads['interval_embed'][layer]['kernel'])).max() > 0, layer
+  if layout:
+    assert np.abs(np.asarray(grads['map_layer0']['kernel'][NETWORKS[base][2][1]:])).max() > 0
+  else:
+    for layer in ('dense_0', 'dense_1'):
+      assert np.abs(np.asarray(grads['interval_embed'][layer]['kernel'])).max() > 0, layer
   tx = optax.adam(1e-4)
   updates, _ = tx.update(grads, tx.init(params), params)
   (after, _), _ = value_and_grad(optax.apply_updates(params, updates))
