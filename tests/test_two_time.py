@@ -309,7 +309,9 @@ def test_the_edm_layout_with_second_time_is_the_meanflow_port(case):
 def test_the_edm_layout_zeros_interval_init_starts_as_the_one_time_network():
   """interval_init='zeros': at the same init map_layer0's kernel is the one-time network's with zero rows for h's
   sinusoids, all else the same; with the rest trained (random) and those rows fresh, F is the one-time network's
-  for every h. A fresh 'normal' map_layer0 already moves F with h; a one-time 'edm' network refuses an interval."""
+  for every h, the one-time (EDM's) network holding the same tensors with map_layer0's rows of h dropped and the qkv
+  channels reordered from the port's (q|k|v, head, channel) to EDM's (head, channel, q|k|v). A fresh 'normal'
+  map_layer0 already moves F with h; a one-time 'edm' network refuses an interval."""
   one = build_model(_port_fields('ddpmpp', **PORT_ONE_LEVEL))
   x = jnp.zeros((1, PORT_RES, PORT_RES, 3))
   init = lambda model: jax.jit(lambda: model.init({'params': jax.random.key(0)}, x, C_NOISE[:1])['params'])()
@@ -325,13 +327,16 @@ def test_the_edm_layout_zeros_interval_init_starts_as_the_one_time_network():
 
   trained = _flat(_randomised(flax.traverse_util.unflatten_dict(fresh, sep='/'), seed=5))
   trained['map_layer0/kernel'] = trained['map_layer0/kernel'].at[noise:].set(0.0)
-  one_trained = dict(trained, **{'map_layer0/kernel': trained['map_layer0/kernel'][:noise],
-                                 'map_augment/kernel': trained['map_augment/kernel'][:, :noise]})
+  edm_qkv = lambda v: v.reshape(v.shape[:-1] + (3, v.shape[-1] // 3)).swapaxes(-1, -2).reshape(v.shape)
+  one_trained = {k: edm_qkv(v) if '/qkv/' in k else v for k, v in trained.items()}
+  assert sum('/qkv/' in k for k in one_trained) == 3 * 2  # enc block0, dec in0 and block1: kernel and bias
+  one_trained.update({'map_layer0/kernel': trained['map_layer0/kernel'][:noise],
+                      'map_augment/kernel': trained['map_augment/kernel'][:, :noise]})
   x = jnp.asarray(np.random.default_rng(6).standard_normal((2, PORT_RES, PORT_RES, 3)), jnp.float32)
   unflat = lambda p: flax.traverse_util.unflatten_dict(p, sep='/')
   reference = _apply(one, unflat(one_trained), x)
   two = build_model(_port_fields('ddpmpp', **PORT_ONE_LEVEL, second_time=True, interval_init='zeros'))
-  for h in (None, jnp.array([0.3, 0.9])):
+  for h in (jnp.zeros(2), jnp.array([0.3, 0.9])):  # arrays both: one compile
     np.testing.assert_allclose(_apply(two, unflat(trained), x, h), reference, rtol=1e-6, atol=1e-6)
 
   normal = build_model(_port_fields('ddpmpp', **PORT_ONE_LEVEL, second_time=True))

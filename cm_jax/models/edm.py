@@ -22,7 +22,8 @@ network of MeanFlow, Geng et al. 2025): the second time h = t - r goes through t
 input of map_layer0 (and the width of map_augment's output); its attention splits the qkv channels as
 (q|k|v, head, channel) (its QKVAttention, guided-diffusion's order). The port adds no tensor, so its state dicts keep
 EDM's names ('net.map_layer0.weight' is [E, 2 * noise features]). The port has no class labels; here map_label takes
-the same doubled width.
+the same doubled width. A one-time SongUNet is this network with map_layer0's rows of h zero (how
+interval_init='zeros' starts them) and its qkv channels reordered.
 """
 
 from collections.abc import Sequence
