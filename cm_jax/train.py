@@ -130,6 +130,7 @@ def loop(exp: Experiment, state, ckpt, writer, workdir, frozen, teacher_params=N
         preempted = preemption.reached(step)
         if preempted or ckpt.should_save(step) or step == config.train.num_steps:
           _check_finite(config, first_bad, ckpt)
+          writer.flush()  # the logged history up to this step is on disk before its checkpoint is
           ckpt.save(step, state, {'position': step, 'seed': config.seed}, force=True)
           progress.note('checkpoint')
         rate = progress.end_step(step, averages)

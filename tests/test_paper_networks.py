@@ -19,7 +19,7 @@ from cm_jax.state import create_state, make_optimizer
 # Parameter counts (BUILD_NOTES.md, "Paper networks and configs"), against the papers' 55.73M (EDM's DDPM++,
 # ECT's 55.7M), ~56M (CM and iCT's NCSN++) and 295.9M (EDM's ADM for ImageNet-64).
 NCSNPP, NCSNPP_DEEP, DDPMPP, ADM = 56_395_523, 97_610_499, 55_732_739, 295_899_267
-MEANFLOW_UNET = 56_192_515  # DDPM++ with 256 sinusoids and the interval's mapping MLP (configs/cifar10_meanflow.py)
+MEANFLOW_UNET = 55_929_347  # the port's SongUNet: t and t - r through one sinusoid map, concatenated (configs/cifar10_meanflow.py)
 # The published count and the relative tolerance each built network must meet (iCT's deep NCSN++ has none).
 PAPER_COUNTS = {DDPMPP: (55.73e6, 1e-4), NCSNPP: (56e6, 0.02), ADM: (295.9e6, 2e-4)}
 PAPER_CONFIGS = {
